@@ -1,0 +1,41 @@
+"""stepcache: make diffusion transformers generate faster by reusing what barely changes.
+
+The whole public API::
+
+    comps = stepcache.discover(pipe)                          # what can be cached
+    cal = stepcache.calibrate(pipe, inputs=[...], num_inference_steps=50)
+    schedule = stepcache.Schedule.from_calibration(cal, alpha=0.1)
+    with stepcache.cache(pipe, schedule) as handle:           # apply it
+        images = pipe(...)
+    print(handle.stats)
+"""
+
+from ._version import __version__
+from .cache import CacheHandle, CacheStats, TypeStats, cache, disable, enable
+from .calibration import Calibration, calibrate
+from .discovery import COMPONENT_TYPES, BlockLayout, Component, discover, register_layout
+from .errors import CalibrationError, DiscoveryError, ScheduleError, ScheduleLengthError, StepCacheError
+from .schedule import Schedule
+
+__all__ = [
+    "COMPONENT_TYPES",
+    "BlockLayout",
+    "CacheHandle",
+    "CacheStats",
+    "Calibration",
+    "CalibrationError",
+    "Component",
+    "DiscoveryError",
+    "Schedule",
+    "ScheduleError",
+    "ScheduleLengthError",
+    "StepCacheError",
+    "TypeStats",
+    "__version__",
+    "cache",
+    "calibrate",
+    "disable",
+    "discover",
+    "enable",
+    "register_layout",
+]

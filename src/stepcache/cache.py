@@ -1,0 +1,330 @@
+"""The runtime cache: apply a schedule while a model generates.
+
+``with stepcache.cache(target, schedule) as handle:`` intercepts every scheduled component. On a
+compute step the component runs and its output is kept (one per guidance branch); on a reuse step
+the kept output is returned without running the component. The block's gates, residual additions
+and norms still run, which is what makes reuse safe.
+
+The per-step decision is made once per step (when the step starts) and stored on each component's
+slot, so the intercepted call only reads a flag and a dict: near-zero overhead, nothing printed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._runtime import _ACTIVE, Session, StepTracker, count_macs, fingerprint, first_tensor_shape
+from .discovery import DEFAULT_TYPES, Component, denoiser_of, discover
+from .errors import ScheduleError, ScheduleLengthError, StepCacheError
+from .schedule import Schedule
+
+__all__ = ["CacheHandle", "CacheStats", "TypeStats", "cache", "disable", "enable"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TypeStats:
+    """Measured calls of one component type (all layers, all branches, all generations)."""
+
+    components: int
+    computed: int
+    reused: int
+    macs_saved: float | None
+
+    @property
+    def compute_fraction(self) -> float:
+        calls = self.computed + self.reused
+        return self.computed / calls if calls else 1.0
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the cache did: per type, computed vs reused calls and estimated MACs saved."""
+
+    by_type: dict[str, TypeStats]
+    generations: int
+
+    @property
+    def computed(self) -> int:
+        return sum(s.computed for s in self.by_type.values())
+
+    @property
+    def reused(self) -> int:
+        return sum(s.reused for s in self.by_type.values())
+
+    @property
+    def compute_fraction(self) -> float:
+        """Executed scheduled-component calls / all scheduled-component calls (as the schedule's)."""
+        calls = self.computed + self.reused
+        return self.computed / calls if calls else 1.0
+
+    @property
+    def macs_saved(self) -> float | None:
+        vals = [s.macs_saved for s in self.by_type.values()]
+        return None if any(v is None for v in vals) else float(sum(vals))  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generations": self.generations,
+            "computed": self.computed,
+            "reused": self.reused,
+            "compute_fraction": self.compute_fraction,
+            "macs_saved": self.macs_saved,
+            "by_type": {
+                k: {
+                    "components": s.components,
+                    "computed": s.computed,
+                    "reused": s.reused,
+                    "compute_fraction": s.compute_fraction,
+                    "macs_saved": s.macs_saved,
+                }
+                for k, s in self.by_type.items()
+            },
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'type':<11}{'layers':>7}{'computed':>10}{'reused':>9}{'fraction':>10}{'GMACs saved':>13}"]
+        for kind, s in self.by_type.items():
+            saved = "?" if s.macs_saved is None else f"{s.macs_saved / 1e9:.3f}"
+            lines.append(
+                f"{kind:<11}{s.components:>7}{s.computed:>10}{s.reused:>9}{s.compute_fraction:>10.3f}{saved:>13}"
+            )
+        return "\n".join(lines)
+
+
+class _Slot:
+    """Runtime state of one cached component."""
+
+    __slots__ = (
+        "compute_now",
+        "computed",
+        "count",
+        "macs",
+        "name",
+        "original",
+        "plan",
+        "reused",
+        "store",
+        "tracker",
+        "type",
+    )
+
+    def __init__(
+        self,
+        comp: Component,
+        plan: tuple[int, ...],
+        original: Callable[..., Any],
+        tracker: StepTracker,
+        count: bool,
+    ):
+        self.name, self.type, self.plan = comp.name, comp.type, plan
+        self.original, self.tracker, self.count = original, tracker, count
+        self.compute_now = True
+        self.store: dict[int, tuple[tuple[int, ...] | None, Any]] = {}
+        self.computed = self.reused = 0
+        self.macs: float | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        branch = self.tracker.branch
+        if not self.compute_now:
+            hit = self.store.get(branch)
+            # The shape check refuses an output kept for a differently shaped input (a new batch size).
+            if hit is not None and hit[0] == first_tensor_shape(args, kwargs):
+                self.reused += 1
+                return hit[1]
+        if self.count and self.macs is None:
+            out, self.macs = count_macs(self.original, *args, **kwargs)
+        else:
+            out = self.original(*args, **kwargs)
+        self.store[branch] = (first_tensor_shape(args, kwargs), out)
+        self.computed += 1
+        return out
+
+
+class CacheHandle:
+    """An active cache on one denoiser. A context manager; ``close()`` restores the model exactly.
+
+    Use :func:`cache` (or :func:`enable`) to make one.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        schedule: Schedule,
+        *,
+        blocks: Any = None,
+        components: Any = None,
+        types: Iterable[str] | None = None,
+        on_length_mismatch: str = "error",
+        timestep_arg: str | None = None,
+        strict: bool = True,
+        count_macs: bool = True,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise ScheduleError(f"schedule must be a stepcache.Schedule, got {type(schedule).__name__}.")
+        if on_length_mismatch not in ("error", "resample"):
+            raise StepCacheError(
+                f"on_length_mismatch must be 'error' or 'resample', got {on_length_mismatch!r}."
+            )
+        self.model = denoiser_of(target)
+        want = schedule.meta.get("fingerprint")
+        if strict and want and want != fingerprint(self.model):
+            raise ScheduleError(
+                f"this schedule was calibrated on {schedule.meta.get('model_class')} (fingerprint {want}), not on "
+                f"this {type(self.model).__name__} (fingerprint {fingerprint(self.model)}). Calibrate this model, "
+                "or pass strict=False to apply it anyway."
+            )
+        if types is None:
+            types = ("block",) if "block" in schedule.plans else DEFAULT_TYPES
+        found = discover(self.model, blocks=blocks, components=components, types=types)
+        plans = schedule.resolve(found)
+        if not plans:
+            raise ScheduleError(
+                "the schedule covers none of the discovered components; nothing would be cached."
+            )
+        self.schedule = schedule
+        self.components = [c for c in found if c.name in plans]
+        self._pipeline = None if target is self.model else target
+        self._resample = on_length_mismatch == "resample"
+        self.tracker = StepTracker(num_steps=schedule.num_steps)
+        self._slots: dict[str, _Slot] = {}
+        self._plans = plans
+        self._count = count_macs
+        self._generations = 0
+        self.tracker.on_step.append(self._on_step)
+        self.tracker.on_generation.append(self._on_generation)
+        self.tracker.on_reset.append(self._clear)
+        self._session = Session(
+            self.model, self.components, self._make_forward, self.tracker, timestep_arg=timestep_arg
+        )
+        self._session.owner = self
+
+    # ---------------------------------------------------------------- life cycle
+    def _make_forward(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
+        slot = _Slot(comp, self._plans[comp.name], original, self.tracker, self._count)
+        self._slots[comp.name] = slot
+        return slot.forward
+
+    def open(self) -> CacheHandle:
+        self._session.install()
+        logger.debug(
+            "cache enabled on %d components (compute fraction %.3f)",
+            len(self.components),
+            self.schedule.compute_fraction,
+        )
+        return self
+
+    def close(self) -> None:
+        """Remove every hook and stored output; the model is exactly as before."""
+        self._session.remove()
+        self._clear()  # drop stored outputs; counters stay readable through .stats
+
+    @property
+    def active(self) -> bool:
+        return self._session.open
+
+    def __enter__(self) -> CacheHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- explicit steps
+    def set_step(self, step: int, branch: int = 0) -> None:
+        """Declare the step (and guidance branch) of the next denoiser calls.
+
+        For models that receive no timestep, or are called through a path the denoiser's hooks do
+        not see (facebookresearch DiT's ``forward_with_cfg`` calls ``self.forward`` directly). Once
+        used, timesteps are ignored for the rest of this handle's life; step 0, branch 0 starts a
+        new generation.
+        """
+        self.tracker.set_step(step, branch)
+
+    def reset(self) -> None:
+        """Forget the current generation: the next call starts the schedule afresh."""
+        self.tracker.reset()
+
+    # ---------------------------------------------------------------- stats
+    @property
+    def stats(self) -> CacheStats:
+        by_type: dict[str, list[_Slot]] = {}
+        for slot in self._slots.values():
+            by_type.setdefault(slot.type, []).append(slot)
+        out = {}
+        for kind, slots in by_type.items():
+            macs = (
+                None
+                if any(s.macs is None for s in slots if s.reused)
+                else sum(s.reused * (s.macs or 0) for s in slots)
+            )
+            out[kind] = TypeStats(
+                len(slots), sum(s.computed for s in slots), sum(s.reused for s in slots), macs
+            )
+        return CacheStats(out, self._generations)
+
+    # ---------------------------------------------------------------- tracker callbacks
+    def _on_step(self, step: int) -> None:
+        for slot in self._slots.values():
+            slot.compute_now = bool(slot.plan[step])
+
+    def _on_generation(self) -> None:
+        self._clear()
+        n = _pipeline_steps(self._pipeline)
+        if n is not None and n != self.schedule.num_steps:
+            if not self._resample:
+                raise ScheduleLengthError(
+                    f"the schedule has {self.schedule.num_steps} steps but the pipeline is set up for {n}. Use a "
+                    f"schedule made for {n} steps, or cache(..., on_length_mismatch='resample')."
+                )
+            logger.info("resampling the schedule from %d to %d steps", self.schedule.num_steps, n)
+            self.schedule = self.schedule.resample(n)
+            self.tracker.num_steps = n
+            plans = self.schedule.resolve(self.components)
+            for name, slot in self._slots.items():
+                slot.plan = plans[name]
+        self._generations += 1
+
+    def _clear(self) -> None:
+        for slot in self._slots.values():
+            slot.store.clear()
+            slot.compute_now = True
+
+
+def _pipeline_steps(pipeline: Any) -> int | None:
+    """Distinct timesteps the pipeline's scheduler is set up for (known once the generation starts)."""
+    timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+    if timesteps is None or len(timesteps) == 0:
+        return None
+    return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
+
+
+def enable(target: Any, schedule: Schedule, **options: Any) -> CacheHandle:
+    """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
+
+    Options: ``blocks``, ``components``, ``types`` (discovery overrides), ``on_length_mismatch``
+    (``"error"`` or ``"resample"``), ``timestep_arg``, ``strict`` (refuse a schedule calibrated on
+    another model), ``count_macs``.
+    """
+    return CacheHandle(target, schedule, **options).open()
+
+
+def cache(target: Any, schedule: Schedule, **options: Any) -> CacheHandle:
+    """``with stepcache.cache(pipe, schedule) as handle:`` caches inside the block (see :func:`enable`)."""
+    return enable(target, schedule, **options)
+
+
+def disable(target: Any) -> None:
+    """Remove the cache from ``target`` (a handle, pipeline or module). A no-op if none is active."""
+    if isinstance(target, CacheHandle):
+        target.close()
+        return
+    session = _ACTIVE.get(denoiser_of(target))
+    if session is not None:
+        if session.owner is not None:
+            session.owner.close()
+        else:
+            session.remove()

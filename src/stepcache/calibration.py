@@ -1,0 +1,389 @@
+"""Calibration: how much each component's output changes between denoising steps.
+
+An uncached run records, for every component and step ``s``, the relative L1 change of its output
+against ``j = 1..k`` steps earlier, ``e(s, j) = |o_s - o_{s-j}|_1 / |o_s|_1``, per batch item. Items and
+guidance branches are averaged within a generation; generations are the samples, averaged with
+their spread kept. Only the ``k`` most recent outputs of each component are held, in float32.
+
+A :class:`Calibration` is a plain value: it saves to JSON with the metadata needed to refuse being
+applied to a different model, and turns into schedules through :class:`~stepcache.Schedule`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import dump, read_json
+from ._runtime import Session, StepTracker, count_macs, fingerprint
+from ._version import __version__
+from .discovery import Component, denoiser_of, discover
+from .errors import CalibrationError
+
+__all__ = ["Calibration", "calibrate"]
+
+logger = logging.getLogger(__name__)
+_FORMAT = "stepcache.calibration"
+_FORMAT_VERSION = 1
+
+
+def _flatten(output: Any) -> torch.Tensor | None:
+    """(batch, features) float32 view of a component's output (all tensors of a tuple joined)."""
+    if isinstance(output, torch.Tensor):
+        tensors = [output]
+    elif isinstance(output, (tuple, list)):
+        tensors = [o for o in output if isinstance(o, torch.Tensor)]
+    else:
+        tensors = []
+    if not tensors:
+        return None
+    b = tensors[0].shape[0] if tensors[0].dim() > 0 else 1
+    parts = [t.detach().reshape(b, -1).float() for t in tensors if t.dim() > 0 and t.shape[0] == b]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibrated per-step error curves of every component.
+
+    Attributes:
+        num_steps: denoising steps per generation.
+        lookahead: ``k``, the largest step distance measured.
+        num_samples: generations averaged.
+        components: component name -> type, in model order.
+        errors: name -> array ``(num_steps, lookahead)``; ``errors[s, j-1]`` is the mean relative L1
+            change of the output at step ``s`` against step ``s-j`` (NaN where ``s < j``).
+        spread: name -> standard deviation of the same quantity over generations.
+        macs: name -> multiply-accumulates of one call, as counted by torch's FLOP counter.
+        meta: model class, config fingerprint, scheduler, stepcache version, date.
+    """
+
+    num_steps: int
+    lookahead: int
+    num_samples: int
+    components: Mapping[str, str]
+    errors: Mapping[str, np.ndarray]
+    spread: Mapping[str, np.ndarray] = field(default_factory=dict)
+    macs: Mapping[str, float | None] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2 or self.lookahead < 1 or self.num_samples < 1:
+            raise CalibrationError(
+                f"calibration needs >= 2 steps, lookahead >= 1 and >= 1 sample "
+                f"(got {self.num_steps}, {self.lookahead}, {self.num_samples})."
+            )
+        if set(self.errors) != set(self.components):
+            raise CalibrationError("calibration errors and components name different sets of components.")
+        shape = (self.num_steps, self.lookahead)
+        for name, arr in self.errors.items():
+            if np.shape(arr) != shape:
+                raise CalibrationError(f"errors of {name} have shape {np.shape(arr)}, expected {shape}.")
+
+    # ---------------------------------------------------------------- views
+    def type_errors(self) -> dict[str, np.ndarray]:
+        """Type -> error table averaged over that type's layers (the paper's per-type curves)."""
+        by_type: dict[str, list[np.ndarray]] = {}
+        for name, kind in self.components.items():
+            by_type.setdefault(kind, []).append(np.asarray(self.errors[name], dtype=float))
+        return {kind: _nanmean(np.stack(arrs)) for kind, arrs in by_type.items()}
+
+    def provenance(self) -> dict[str, Any]:
+        """What a schedule made from this calibration records about where it came from."""
+        keys = ("model_class", "fingerprint", "scheduler")
+        return {k: self.meta[k] for k in keys if self.meta.get(k) is not None} | {
+            "lookahead": self.lookahead,
+            "calibration_samples": self.num_samples,
+        }
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise if ``model`` is not the architecture this calibration was recorded on."""
+        want, got = self.meta.get("fingerprint"), fingerprint(denoiser_of(model))
+        if want and want != got:
+            raise CalibrationError(
+                f"this calibration was recorded on {self.meta.get('model_class')} (fingerprint {want}) but "
+                f"the model is {type(denoiser_of(model)).__name__} (fingerprint {got}): recalibrate on this model."
+            )
+
+    def summary(self) -> str:
+        """A short table: per type, the mean 1-step change early, mid-way and late in sampling."""
+        n = self.num_steps
+        thirds = [(1, max(2, n // 3)), (n // 3, 2 * n // 3), (2 * n // 3, n)]
+        lines = [
+            f"Calibration: {self.meta.get('model_class', '?')}, {n} steps, {self.num_samples} sample(s), "
+            f"lookahead {self.lookahead}, scheduler {self.meta.get('scheduler') or '?'}",
+            f"{'type':<11}{'layers':>7}{'early':>10}{'middle':>10}{'late':>10}   (mean rel. L1 change vs previous step)",
+        ]
+        counts = {t: list(self.components.values()).count(t) for t in set(self.components.values())}
+        for kind, table in self.type_errors().items():
+            parts = [np.nanmean(table[a:b, 0]) if b > a else math.nan for a, b in thirds]
+            lines.append(f"{kind:<11}{counts[kind]:>7}" + "".join(f"{p:>10.4f}" for p in parts))
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path, *, schedule: Any = None) -> Path:
+        """Error curves per type (PNG). With ``schedule``, also its alpha and a compute/reuse strip."""
+        from .plots import plot_calibration
+
+        return plot_calibration(self, Path(path), schedule=schedule)
+
+    # ---------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        def arr(a: np.ndarray) -> list:
+            return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(a)]
+
+        return {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "stepcache_version": __version__,
+            "num_steps": self.num_steps,
+            "lookahead": self.lookahead,
+            "num_samples": self.num_samples,
+            "meta": dict(self.meta),
+            "components": {
+                name: {
+                    "type": kind,
+                    "macs": self.macs.get(name),
+                    "errors": arr(self.errors[name]),
+                    "spread": arr(self.spread[name]) if name in self.spread else None,
+                }
+                for name, kind in self.components.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "calibration") -> Calibration:
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise CalibrationError(f'{source} is not a stepcache calibration (no "format": "{_FORMAT}").')
+        if data.get("format_version", 0) > _FORMAT_VERSION:
+            raise CalibrationError(
+                f"{source} has format_version {data['format_version']}; upgrade stepcache."
+            )
+
+        def arr(rows: Any) -> np.ndarray:
+            return np.array([[math.nan if v is None else float(v) for v in row] for row in rows], dtype=float)
+
+        try:
+            comps = data["components"]
+            return cls(
+                num_steps=int(data["num_steps"]),
+                lookahead=int(data["lookahead"]),
+                num_samples=int(data["num_samples"]),
+                components={n: c["type"] for n, c in comps.items()},
+                errors={n: arr(c["errors"]) for n, c in comps.items()},
+                spread={n: arr(c["spread"]) for n, c in comps.items() if c.get("spread") is not None},
+                macs={n: c.get("macs") for n, c in comps.items()},
+                meta=dict(data.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CalibrationError(f"{source} is missing or has malformed field {e}.") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dump(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        return cls.from_dict(read_json(path, "calibration", CalibrationError), source=str(path))
+
+
+def _nanmean(stack: np.ndarray) -> np.ndarray:
+    # NaN corners (step < j) are expected: silence numpy's "mean of empty slice".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(stack, axis=0)
+
+
+class _Recorder:
+    """Interceptor that runs each component normally and records its step-to-step change."""
+
+    def __init__(self, components: Sequence[Component], lookahead: int, tracker: StepTracker) -> None:
+        self.k = lookahead
+        self.tracker = tracker
+        self.names = [c.name for c in components]
+        self.macs: dict[str, float | None] = {}
+        self.generations: list[dict[str, np.ndarray]] = []
+        self._hist: dict[tuple[str, int], deque] = {}
+        self._pending: list[tuple[str, int, int, torch.Tensor]] = []
+        self._max_step = -1
+
+    def intercept(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
+        name = comp.name
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if name in self.macs:
+                out = original(*args, **kwargs)
+            else:
+                out, self.macs[name] = count_macs(original, *args, **kwargs)
+            self._record(name, out)
+            return out
+
+        return forward
+
+    def _record(self, name: str, out: Any) -> None:
+        step, branch = self.tracker.step, self.tracker.branch
+        cur = _flatten(out)
+        if cur is None:
+            return
+        hist = self._hist.setdefault((name, branch), deque(maxlen=self.k))
+        for prev_step, prev in hist:
+            j = step - prev_step
+            if 1 <= j <= self.k and prev.shape == cur.shape:
+                err = (cur - prev).abs().sum(1) / cur.abs().sum(1).clamp_min(1e-12)
+                self._pending.append((name, step, j, err))
+        hist.append((step, cur))
+        self._max_step = max(self._max_step, step)
+
+    def finish_generation(self) -> None:
+        """Average the finished generation's errors over items and branches into one sample."""
+        if self._max_step < 0:
+            return
+        n = self._max_step + 1
+        sums = {name: np.zeros((n, self.k)) for name in self.names}
+        counts = {name: np.zeros((n, self.k)) for name in self.names}
+        if self._pending:
+            flat = torch.cat([e.reshape(-1) for *_, e in self._pending]).cpu().numpy()
+            at = 0
+            for name, step, j, e in self._pending:
+                vals = flat[at : at + e.numel()]
+                at += e.numel()
+                sums[name][step, j - 1] += vals.sum()
+                counts[name][step, j - 1] += vals.size
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.generations.append(
+                {name: np.where(counts[name] > 0, sums[name] / counts[name], np.nan) for name in self.names}
+            )
+        self.drop_generation()
+
+    def drop_generation(self) -> None:
+        self._hist.clear()
+        self._pending.clear()
+        self._max_step = -1
+
+
+def calibrate(
+    target: Any,
+    run: Callable[[], Any] | None = None,
+    *,
+    inputs: Iterable[Mapping[str, Any]] | None = None,
+    num_inference_steps: int | None = None,
+    lookahead: int = 3,
+    blocks: Any = None,
+    components: Any = None,
+    types: Iterable[str] | None = None,
+    timestep_arg: str | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Record per-step error curves of every cacheable component of ``target``.
+
+    Args:
+        target: a diffusers pipeline (its ``.transformer`` is calibrated) or the denoiser module.
+        run: a callable with no arguments that performs one or more generations with ``target``.
+            Each generation is one sample; they are averaged.
+        inputs: instead of ``run`` for a pipeline: a list of call kwargs, one generation each
+            (``[{"class_labels": [3]}, ...]``), run with ``num_inference_steps``.
+        lookahead: ``k``, the largest step distance to measure (the longest possible reuse run).
+        blocks, components, types: override discovery (see :func:`stepcache.discover`).
+        timestep_arg: name of the denoiser's timestep argument, if it is not found automatically.
+        scheduler: scheduler name to record (taken from the pipeline when there is one).
+        progress: show a progress bar over denoising steps.
+
+    Raises:
+        CalibrationError: bad arguments, no generation ran, or generations of different lengths.
+    """
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
+        raise CalibrationError(f"lookahead must be a positive integer, got {lookahead!r}.")
+    inputs = list(inputs) if inputs is not None else None
+    if run is None:
+        if inputs is None:
+            raise CalibrationError(
+                "pass run=<callable doing one or more generations>, or a pipeline and inputs=[{...}]."
+            )
+        if isinstance(target, nn.Module) or not callable(target):
+            raise CalibrationError(
+                "inputs=[...] needs a callable pipeline as target; for a module pass run=."
+            )
+        if not inputs:
+            raise CalibrationError("inputs is empty: give at least one set of call kwargs.")
+        extra = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+
+        def run() -> None:
+            for kwargs in inputs:
+                target(**{**extra, **kwargs})
+
+    elif inputs is not None:
+        raise CalibrationError("pass either run= or inputs=, not both.")
+
+    model = denoiser_of(target)
+    comps = discover(target, blocks=blocks, components=components, types=types)
+    tracker = StepTracker()
+    recorder = _Recorder(comps, lookahead, tracker)
+    tracker.on_generation.append(recorder.finish_generation)
+    tracker.on_reset.append(recorder.drop_generation)
+
+    total = len(inputs) * num_inference_steps if inputs is not None and num_inference_steps else None
+    bar = _progress(progress, total)
+    tracker.on_step.append(lambda _s: bar.update(1) if tracker.branch == 0 else None)
+    start = time.perf_counter()
+    try:
+        with Session(model, comps, recorder.intercept, tracker, timestep_arg=timestep_arg), torch.no_grad():
+            run()
+        recorder.finish_generation()
+    finally:
+        bar.close()
+    gens = recorder.generations
+    if not gens:
+        raise CalibrationError("no denoising step was observed: does `run` call the model?")
+    lengths = sorted({next(iter(g.values())).shape[0] for g in gens})
+    if len(lengths) != 1:
+        raise CalibrationError(
+            f"generations had different step counts {lengths}; calibrate one step count at a time."
+        )
+    n = lengths[0]
+    if n < 2:
+        raise CalibrationError("each generation made only one denoising step; nothing to compare.")
+    names = [c.name for c in comps]
+    stacked = {name: np.stack([g[name] for g in gens]) for name in names}
+    errors = {name: _nanmean(s) for name, s in stacked.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        spread = {name: np.nanstd(s, axis=0) for name, s in stacked.items()}
+    sched = scheduler or (type(target.scheduler).__name__ if hasattr(target, "scheduler") else None)
+    meta = {
+        "model_class": type(model).__name__,
+        "fingerprint": fingerprint(model),
+        "scheduler": sched,
+        "stepcache_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    logger.info("calibrated %d components over %d generation(s) of %d steps", len(names), len(gens), n)
+    return Calibration(
+        num_steps=n,
+        lookahead=lookahead,
+        num_samples=len(gens),
+        components={c.name: c.type for c in comps},
+        errors=errors,
+        spread=spread,
+        macs={name: recorder.macs.get(name) for name in names},
+        meta=meta,
+    )
+
+
+def _progress(enabled: bool, total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="calibrating", unit="step", disable=not enabled, leave=False)

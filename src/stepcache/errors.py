@@ -1,0 +1,35 @@
+"""Errors stepcache raises.
+
+Every error says what was wrong and what to do about it. They all derive from
+:class:`StepCacheError` (a ``ValueError``), so callers can catch one type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationError",
+    "DiscoveryError",
+    "ScheduleError",
+    "ScheduleLengthError",
+    "StepCacheError",
+]
+
+
+class StepCacheError(ValueError):
+    """Base class of every error stepcache raises on bad input or misuse."""
+
+
+class DiscoveryError(StepCacheError):
+    """No cacheable blocks or components could be found, or an override names nothing."""
+
+
+class ScheduleError(StepCacheError):
+    """A schedule is malformed, unreadable, or does not fit the model it is applied to."""
+
+
+class ScheduleLengthError(ScheduleError):
+    """The run made a different number of denoising steps than the schedule has."""
+
+
+class CalibrationError(StepCacheError):
+    """A calibration is malformed, unreadable, or was recorded on a different model."""

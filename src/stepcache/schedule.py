@@ -1,0 +1,416 @@
+"""Static caching schedules: which component computes at which denoising step.
+
+A :class:`Schedule` is a plain, versioned, serialisable value. Each entry maps a *selector* to a
+per-step plan (``1`` = compute and store, ``0`` = reuse the stored output). A selector is one of
+
+* a component type (``attn``, ``cross_attn``, ``ff``, ``block``): every component of that type;
+* a qualified component name (``transformer_blocks.3.ff``): that component only;
+* a glob pattern (``single_transformer_blocks.*.attn``).
+
+When a schedule is applied, each component takes the most specific selector that matches it
+(exact name, then pattern, then type); components that match none are not cached; a selector that
+matches no component is an error (the original package ignores such keys silently).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._io import dump as _dump
+from ._io import read_json
+from ._version import __version__
+from .discovery import COMPONENT_TYPES, DEFAULT_TYPES, Component
+from .errors import ScheduleError
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
+
+__all__ = ["Schedule"]
+
+COMPUTE, REUSE = 1, 0
+_FORMAT = "stepcache.schedule"
+_FORMAT_VERSION = 1
+# Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
+_SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>\d+))?$")
+# Our type -> the child name the original package uses for diffusers' BasicTransformerBlock.
+SMOOTHCACHE_NAMES = {"attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha) or alpha < 0:
+        raise ScheduleError(f"alpha must be a number >= 0 (a relative L1 error threshold), got {alpha!r}.")
+    return float(alpha)
+
+
+def smoothcache_rule(errors: np.ndarray, alpha: float) -> tuple[int, ...]:
+    """SmoothCache's greedy rule on one error table.
+
+    ``errors[s, j-1]`` is the calibrated relative L1 change of the output at step ``s`` against step
+    ``s-j``. From a computed step ``i`` take the largest ``j <= k`` with ``errors[i+j, j-1] <= alpha``,
+    reuse the output of ``i`` for steps ``i+1..i+j`` and compute ``i+j+1``; if no ``j`` qualifies, compute
+    ``i+1``. The first and last steps are always computed. Like the reference, it compares the single
+    error of the last reused step, and it is open loop.
+
+    The rule is greedy: when the error between two steps grows with their distance (what calibrations
+    show), it computes as few steps as possible for ``alpha``, so a larger ``alpha`` never computes more.
+    """
+    n, k = errors.shape
+    plan = [COMPUTE] * n
+    i = 0
+    while i < n:
+        for j in range(k, 0, -1):
+            if i + j < n and errors[i + j, j - 1] <= alpha:
+                plan[i + 1 : i + j + 1] = [REUSE] * j
+                i += j + 1
+                break
+        else:
+            i += 1
+    if n:
+        plan[0] = plan[-1] = COMPUTE
+    return tuple(plan)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-step compute/reuse plans keyed by selector (type, component name or glob pattern).
+
+    Attributes:
+        num_steps: denoising steps the plans cover.
+        plans: selector -> tuple of ``1`` (compute) / ``0`` (reuse), one entry per step.
+        counts: selector -> number of components it stood for when it was made; weights
+            :attr:`compute_fraction`. Missing selectors count once.
+        meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
+    """
+
+    num_steps: int
+    plans: Mapping[str, tuple[int, ...]]
+    counts: Mapping[str, int] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+            raise ScheduleError(f"num_steps must be a positive integer, got {self.num_steps!r}.")
+        if not self.plans:
+            raise ScheduleError("a schedule needs at least one entry (selector -> per-step plan).")
+        plans: dict[str, tuple[int, ...]] = {}
+        for key, plan in self.plans.items():
+            if not isinstance(key, str) or not key:
+                raise ScheduleError(f"schedule keys must be non-empty strings, got {key!r}.")
+            try:
+                values = tuple(int(v) for v in plan)
+            except (TypeError, ValueError):
+                raise ScheduleError(f"plan for {key!r} must be a list of 0/1, got {plan!r}.") from None
+            if any(v not in (COMPUTE, REUSE) for v in values):
+                raise ScheduleError(f"plan for {key!r} may hold only 1 (compute) and 0 (reuse).")
+            if len(values) != self.num_steps:
+                raise ScheduleError(
+                    f"plan for {key!r} has {len(values)} steps, the schedule {self.num_steps}."
+                )
+            if values[0] != COMPUTE:
+                raise ScheduleError(f"plan for {key!r} reuses at step 0, where nothing is stored yet.")
+            plans[key] = values
+        object.__setattr__(self, "plans", plans)
+        object.__setattr__(self, "counts", {k: int(v) for k, v in self.counts.items() if k in plans})
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_calibration(
+        cls, calibration: Calibration, alpha: float, *, granularity: str = "type"
+    ) -> Schedule:
+        """SmoothCache's schedule for threshold ``alpha`` (see :func:`smoothcache_rule`).
+
+        ``granularity="type"`` averages the error curves of all layers of a type (as the paper does)
+        and gives one plan per type; ``"layer"`` gives every component its own plan.
+        """
+        alpha = _check_alpha(alpha)
+        tables, counts = _tables(calibration, granularity)
+        plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
+        meta = {"rule": "smoothcache", "alpha": alpha, "granularity": granularity, **calibration.provenance()}
+        return cls(calibration.num_steps, plans, counts, meta)
+
+    @classmethod
+    def for_compute_fraction(
+        cls, calibration: Calibration, fraction: float, *, granularity: str = "type"
+    ) -> Schedule:
+        """The SmoothCache schedule with the smallest alpha whose compute fraction is <= ``fraction``.
+
+        The compute fraction only changes where alpha crosses a calibrated error value, so the search
+        bisects over those values; the schedule returned records the alpha it used.
+        """
+        if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
+            raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
+        tables, counts = _tables(calibration, granularity)
+        values = np.unique(
+            np.concatenate([t[np.isfinite(t)].ravel() for t in tables.values()] + [np.zeros(1)])
+        )
+        values = values[values >= 0]
+
+        def make(alpha: float) -> Schedule:
+            plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
+            meta = {
+                "rule": "smoothcache",
+                "alpha": float(alpha),
+                "granularity": granularity,
+                "target_compute_fraction": float(fraction),
+                **calibration.provenance(),
+            }
+            return cls(calibration.num_steps, plans, counts, meta)
+
+        best = make(float(values[-1]))
+        if best.compute_fraction > fraction + 1e-12:
+            raise ScheduleError(
+                f"compute fraction {fraction:g} is out of reach: with lookahead {calibration.lookahead} the "
+                f"smallest this calibration allows is {best.compute_fraction:.3f} (first and last steps "
+                "always compute). Calibrate with a larger lookahead, or ask for more compute."
+            )
+        lo, hi = 0, len(values) - 1  # invariant: values[hi] meets the budget
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if make(float(values[mid])).compute_fraction <= fraction + 1e-12:
+                hi = mid
+            else:
+                lo = mid + 1
+        return make(float(values[hi]))
+
+    @classmethod
+    def fora(cls, num_steps: int, interval: int, *, types: Sequence[str] = DEFAULT_TYPES) -> Schedule:
+        """FORA's uniform schedule: compute every ``interval``-th step (and the last), reuse between."""
+        if not isinstance(interval, int) or interval < 1:
+            raise ScheduleError(f"interval must be a positive integer, got {interval!r}.")
+        plan = [COMPUTE if s % interval == 0 else REUSE for s in range(num_steps)]
+        plan[-1] = COMPUTE
+        return cls(num_steps, dict.fromkeys(types, tuple(plan)), meta={"rule": "fora", "interval": interval})
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def compute_fraction(self) -> float:
+        """Executed component calls / all component calls over one run (weighted by ``counts``)."""
+        total = executed = 0
+        for key, plan in self.plans.items():
+            w = self.counts.get(key, 1)
+            total += w * self.num_steps
+            executed += w * sum(plan)
+        return executed / total
+
+    def resample(self, num_steps: int) -> Schedule:
+        """The same schedule stretched or squeezed to ``num_steps`` steps.
+
+        The share of computes and their placement over time are kept; the first and last steps stay
+        computed; no reuse run exceeds the calibration's lookahead (or, without one, the longest run
+        of the original, scaled by the stretch).
+        """
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ScheduleError(f"num_steps must be a positive integer, got {num_steps!r}.")
+        if num_steps == self.num_steps:
+            return self
+        scale = (num_steps - 1) / max(self.num_steps - 1, 1)
+        plans = {}
+        for key, plan in self.plans.items():
+            longest = max((len(r) for r in "".join(map(str, plan)).split("1")), default=0)
+            bound = int(self.meta.get("lookahead") or max(longest, round(longest * scale)))
+            plans[key] = _resample_plan(plan, num_steps, scale, bound)
+        meta = {**self.meta, "resampled_from": self.num_steps}
+        return Schedule(num_steps, plans, self.counts, meta)
+
+    def resolve(self, components: Iterable[Component]) -> dict[str, tuple[int, ...]]:
+        """Component name -> plan, for the components this schedule covers.
+
+        Raises:
+            ScheduleError: a selector matches no component, or a component matches two patterns.
+        """
+        components = list(components)
+        patterns = [k for k in self.plans if any(ch in k for ch in "*?[")]
+        used: set[str] = set()
+        out: dict[str, tuple[int, ...]] = {}
+        for comp in components:
+            if comp.name in self.plans:
+                key = comp.name
+            else:
+                hits = [p for p in patterns if fnmatch.fnmatchcase(comp.name, p)]
+                if len(hits) > 1:
+                    raise ScheduleError(
+                        f"{comp.name} matches several schedule patterns {hits}; make them disjoint."
+                    )
+                key = hits[0] if hits else (comp.type if comp.type in self.plans else None)
+            if key is not None:
+                used.add(key)
+                out[comp.name] = self.plans[key]
+        unused = [k for k in self.plans if k not in used]
+        if unused:
+            names = [c.name for c in components]
+            example = names[:3] + (["..."] if len(names) > 3 else [])
+            raise ScheduleError(
+                f"schedule key(s) {unused} match no component of this model. Keys are component types "
+                f"{list(COMPONENT_TYPES)}, component names such as {example}, or glob patterns. "
+                "For files of the original SmoothCache package use Schedule.from_smoothcache()."
+            )
+        return out
+
+    # ---------------------------------------------------------------- text
+    def render(self) -> str:
+        """One line per selector: ``#`` computes, ``.`` reuses; step numbers on top."""
+        width = max(len(k) for k in self.plans)
+        ruler = "".join(str((s // 10) % 10) if s % 10 == 0 else " " for s in range(self.num_steps))
+        lines = [f"{'step':<{width}}  {ruler}"]
+        for key, plan in self.plans.items():
+            bar = "".join("#" if v else "." for v in plan)
+            lines.append(f"{key:<{width}}  {bar}  {sum(plan)}/{self.num_steps}")
+        desc = ", ".join(
+            f"{k}={v}" for k, v in self.meta.items() if k in ("rule", "alpha", "granularity", "interval")
+        )
+        lines.append(f"compute fraction {self.compute_fraction:.3f}" + (f"  ({desc})" if desc else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    # ---------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "stepcache_version": __version__,
+            "num_steps": self.num_steps,
+            "plans": {k: list(v) for k, v in self.plans.items()},
+            "counts": dict(self.counts),
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "schedule") -> Schedule:
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ScheduleError(
+                f'{source} is not a stepcache schedule (no "format": "{_FORMAT}"). A file of the original '
+                "SmoothCache package loads with Schedule.from_smoothcache()."
+            )
+        if data.get("format_version", 0) > _FORMAT_VERSION:
+            raise ScheduleError(
+                f"{source} has format_version {data['format_version']}; upgrade stepcache to read it."
+            )
+        try:
+            return cls(int(data["num_steps"]), data["plans"], data.get("counts", {}), data.get("meta", {}))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ScheduleError(f"{source} is missing or has malformed field {e}.") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_dump(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        return cls.from_dict(read_json(path, "schedule", ScheduleError), source=str(path))
+
+    # ---------------------------------------------------------------- the original package's format
+    def to_smoothcache(
+        self, path: str | Path | None = None, *, names: Mapping[str, str] | None = None
+    ) -> dict:
+        """The schedule in the original package's format (``{"attn1": [...], "ff-3": [...]}``).
+
+        ``names`` maps our types to the child names the original uses (default: diffusers'
+        ``BasicTransformerBlock``: attn -> attn1, cross_attn -> attn2, ff -> ff). Layer selectors
+        ``<stack>.<i>.<child>`` become ``<child>-<i>``.
+        """
+        names = dict(SMOOTHCACHE_NAMES if names is None else names)
+        out: dict[str, list[int]] = {}
+        for key, plan in self.plans.items():
+            if key in names:
+                out[names[key]] = list(plan)
+                continue
+            m = re.match(r"^.*\.(\d+)\.([A-Za-z_][A-Za-z0-9_]*)$", key)
+            if m is None:
+                raise ScheduleError(f"{key!r} has no equivalent in the original package's format.")
+            out[f"{m.group(2)}-{m.group(1)}"] = list(plan)
+        if path is not None:
+            Path(path).write_text(_dump(out))
+        return out
+
+    @classmethod
+    def from_smoothcache(
+        cls,
+        source: str | Path | Mapping[str, Sequence[int]],
+        *,
+        key_map: Mapping[str, str] | None = None,
+        stack: str = "transformer_blocks",
+    ) -> Schedule:
+        """Read the original package's schedule (a file or a dict).
+
+        Its keys are child names (``attn1``, ``ff``, ``mlp``) for every block, or ``<child>-<i>`` for
+        block ``i``. ``key_map`` maps a child name to one of our selectors (a type or pattern); by
+        default a child name becomes the pattern ``*.<child>``, which matches that child in every block,
+        and ``<child>-<i>`` becomes ``<stack>.<i>.<child>``. Keys that match no component of the model
+        are reported when the schedule is applied, never ignored.
+        """
+        data = (
+            read_json(source, "SmoothCache schedule", ScheduleError)
+            if isinstance(source, (str, Path))
+            else source
+        )
+        if not isinstance(data, Mapping) or not data:
+            raise ScheduleError(
+                'a SmoothCache schedule is a non-empty JSON object {"attn1": [1, 0, ...], ...}.'
+            )
+        key_map = dict(key_map or {})
+        plans: dict[str, Sequence[int]] = {}
+        for key, plan in data.items():
+            m = _SMOOTHCACHE_KEY.match(str(key))
+            if m is None:
+                raise ScheduleError(
+                    f"{key!r} is not a SmoothCache key (a child name, or <child>-<block index>)."
+                )
+            child, index = m.group("child"), m.group("index")
+            if index is not None:
+                plans[f"{stack}.{index}.{child}"] = plan
+            else:
+                plans[key_map.get(child, f"*.{child}")] = plan
+        lengths = {len(p) if isinstance(p, Sequence) else -1 for p in plans.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise ScheduleError(
+                f"SmoothCache schedule plans must be lists of one common length, got lengths {lengths}."
+            )
+        return cls(lengths.pop(), plans, meta={"rule": "smoothcache-file"})
+
+
+def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) -> tuple[int, ...]:
+    """Keep the share of computes, their placement over time and the endpoints; cap reuse runs."""
+    target = max(min(n, 2), round(sum(plan) * n / len(plan)))
+    picks = sorted({round(s * scale) for s, v in enumerate(plan) if v == COMPUTE})
+    if len(picks) > target:  # fewer steps: keep evenly spaced members of the mapped positions
+        picks = sorted({picks[round(q * (len(picks) - 1) / max(target - 1, 1))] for q in range(target)})
+    while len(picks) < target:  # more steps: split the widest gap
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(picks)]
+        width, a, b = max(gaps) if gaps else (0, 0, 0)
+        if width < 2:
+            break
+        picks = sorted({*picks, (a + b) // 2})
+    new = [REUSE] * n
+    for p in picks:
+        new[p] = COMPUTE
+    new[0] = new[-1] = COMPUTE
+    run = 0
+    for s in range(n):
+        run = 0 if new[s] == COMPUTE else run + 1
+        if run > longest:
+            new[s], run = COMPUTE, 0
+    return tuple(new)
+
+
+def _tables(calibration: Calibration, granularity: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    if granularity == "type":
+        tables = calibration.type_errors()
+        counts = {t: sum(1 for v in calibration.components.values() if v == t) for t in tables}
+        return tables, counts
+    if granularity == "layer":
+        return dict(calibration.errors), dict.fromkeys(calibration.errors, 1)
+    raise ScheduleError(f"granularity must be 'type' or 'layer', got {granularity!r}.")

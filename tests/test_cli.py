@@ -1,0 +1,66 @@
+"""The command line, end to end on the built-in tiny DiT."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from stepcache import Calibration, Schedule
+from stepcache.cli import app
+
+runner = CliRunner()
+
+
+def test_info():
+    result = runner.invoke(app, ["info", "tiny-dit"])
+    assert result.exit_code == 0, result.output
+    assert "transformer_blocks: 4 blocks of BasicTransformerBlock" in result.output
+    assert "attn1=attn, ff=ff" in result.output
+
+
+def test_calibrate_then_schedule(tmp_path):
+    cal_path, sched_path, orig = tmp_path / "cal.json", tmp_path / "s.json", tmp_path / "orig.json"
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "tiny-dit",
+            "--steps",
+            "8",
+            "--samples",
+            "2",
+            "-o",
+            str(cal_path),
+            "--plot",
+            str(tmp_path / "c.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert Calibration.load(cal_path).num_samples == 2
+    assert (tmp_path / "c.png").exists()
+    result = runner.invoke(
+        app,
+        [
+            "schedule",
+            str(cal_path),
+            "--compute-fraction",
+            "0.7",
+            "-o",
+            str(sched_path),
+            "--smoothcache-out",
+            str(orig),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert Schedule.load(sched_path).compute_fraction <= 0.7
+    assert "compute fraction" in result.output and orig.exists()
+
+
+def test_errors_are_clean(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = runner.invoke(app, ["schedule", str(bad), "--alpha", "0.1"])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    result = runner.invoke(app, ["schedule", str(bad)])
+    assert result.exit_code == 2 and "exactly one of" in result.output
+    result = runner.invoke(app, ["info", "no_such_module:factory"])
+    assert result.exit_code == 2 and "cannot load" in result.output
