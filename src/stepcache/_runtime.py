@@ -94,6 +94,7 @@ class StepTracker:
         self.on_step: list[Callable[[int], None]] = []
         self.on_generation: list[Callable[[], None]] = []
         self.on_reset: list[Callable[[], None]] = []
+        self.on_call_end: list[Callable[[], None]] = []
 
     # -- automatic mode -------------------------------------------------------------------------
     def begin_call(self, t: float | None) -> None:
@@ -125,6 +126,8 @@ class StepTracker:
 
     def end_call(self) -> None:
         self._in_call = False
+        for fn in self.on_call_end:
+            fn()
 
     # -- manual mode ----------------------------------------------------------------------------
     def set_step(self, step: int, branch: int = 0) -> None:

@@ -7,6 +7,9 @@ and norms still run, which is what makes reuse safe.
 
 The per-step decision is made once per step (when the step starts) and stored on each component's
 slot, so the intercepted call only reads a flag and a dict: near-zero overhead, nothing printed.
+Nothing in the intercepted call mutates a Python number either: calls are counted after each
+denoiser call, outside the hot path, by checking which stored outputs were replaced. So under
+``torch.compile`` the hot path adds no graph break and no value-dependent recompilation.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class _Slot:
         "original",
         "plan",
         "reused",
+        "seen",
         "store",
         "tracker",
         "type",
@@ -125,6 +129,7 @@ class _Slot:
         self.original, self.tracker, self.count = original, tracker, count
         self.compute_now = True
         self.store: dict[int, tuple[tuple[int, ...] | None, Any]] = {}
+        self.seen: dict[int, Any] = {}  # the store entry last counted, per branch
         self.computed = self.reused = 0
         self.macs: float | None = None
 
@@ -134,15 +139,24 @@ class _Slot:
             hit = self.store.get(branch)
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
             if hit is not None and hit[0] == first_tensor_shape(args, kwargs):
-                self.reused += 1
                 return hit[1]
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
         else:
             out = self.original(*args, **kwargs)
         self.store[branch] = (first_tensor_shape(args, kwargs), out)
-        self.computed += 1
         return out
+
+    def tally(self, branch: int) -> None:
+        """After a denoiser call: a new store entry means the component ran, the same one a reuse."""
+        entry = self.store.get(branch)
+        if entry is None:
+            return
+        if entry is self.seen.get(branch):
+            self.reused += 1
+        else:
+            self.computed += 1
+            self.seen[branch] = entry
 
 
 class CacheHandle:
@@ -198,6 +212,7 @@ class CacheHandle:
         self.tracker.on_step.append(self._on_step)
         self.tracker.on_generation.append(self._on_generation)
         self.tracker.on_reset.append(self._clear)
+        self.tracker.on_call_end.append(self._tally)
         self._session = Session(
             self.model, self.components, self._make_forward, self.tracker, timestep_arg=timestep_arg
         )
@@ -288,9 +303,15 @@ class CacheHandle:
                 slot.plan = plans[name]
         self._generations += 1
 
+    def _tally(self) -> None:
+        branch = self.tracker.branch
+        for slot in self._slots.values():
+            slot.tally(branch)
+
     def _clear(self) -> None:
         for slot in self._slots.values():
             slot.store.clear()
+            slot.seen.clear()
             slot.compute_now = True
 
 
