@@ -13,8 +13,9 @@ The whole public API::
 from ._version import __version__
 from .cache import CacheHandle, CacheStats, TypeStats, cache, disable, enable
 from .calibration import Calibration, calibrate
-from .discovery import COMPONENT_TYPES, BlockLayout, Component, discover, register_layout
+from .discovery import COMPONENT_TYPES, Component, discover, register_layout
 from .errors import CalibrationError, DiscoveryError, ScheduleError, ScheduleLengthError, StepCacheError
+from .layouts import BlockLayout
 from .schedule import Schedule
 
 __all__ = [
