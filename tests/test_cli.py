@@ -15,6 +15,7 @@ def test_info():
     assert result.exit_code == 0, result.output
     assert "transformer_blocks: 4 blocks of BasicTransformerBlock" in result.output
     assert "attn1=attn, ff=ff" in result.output
+    assert "share of the denoiser's MACs per step" in result.output
 
 
 def test_calibrate_then_schedule(tmp_path):

@@ -1,8 +1,8 @@
-"""The ``stepcache`` command line: info, calibrate, schedule (and, later, demo and bench).
+"""The ``stepcache`` command line: info, calibrate, schedule, demo.
 
-``MODEL`` is ``tiny-dit`` (a built-in random-weight DiT pipeline, no download), a diffusers model
-id or local folder (loading a hub id needs hub access), or ``module:factory`` (a function returning
-a pipeline or a denoiser module).
+``MODEL`` is ``reference`` (the shipped trained 16x16-digits DiT), ``tiny-dit`` (a built-in
+random-weight DiT pipeline), a diffusers model id or local folder (loading a hub id needs hub
+access), or ``module:factory`` (a function returning a pipeline or a denoiser module).
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelArg = Annotated[str, typer.Argument(help="tiny-dit, a diffusers model id or folder, or module:factory")]
+ModelArg = Annotated[
+    str, typer.Argument(help="reference, tiny-dit, a diffusers model id or folder, or module:factory")
+]
 
 
 def load_target(spec: str, *, scheduler: str = "ddim") -> Any:
     """Resolve a MODEL argument to a pipeline or module."""
+    if spec == "reference":
+        from .demo import ReferencePipeline
+
+        return ReferencePipeline(scheduler)
     if spec == "tiny-dit":
         from .integrations.diffusers import tiny_dit_pipeline
 
@@ -57,7 +63,9 @@ def load_target(spec: str, *, scheduler: str = "ddim") -> Any:
         ) from None
 
 
-def _inputs_for(pipe: Any, samples: int, prompts: list[str], seed: int, guidance: float | None) -> list[dict]:
+def _inputs_for(
+    pipe: Any, samples: int, prompts: list[str], seed: int, guidance: float | None, batch: int = 1
+) -> list[dict]:
     """One call's kwargs per calibration sample, from what the pipeline's __call__ accepts."""
     import torch
 
@@ -68,15 +76,15 @@ def _inputs_for(pipe: Any, samples: int, prompts: list[str], seed: int, guidance
         kw: dict[str, Any] = {"generator": torch.Generator().manual_seed(seed + i)}
         if "class_labels" in params:
             classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 1000) or 1000)
-            kw["class_labels"] = [rng.randrange(classes)]
+            kw["class_labels"] = [rng.randrange(classes) for _ in range(batch)]
         elif "prompt" in params:
             if not prompts:
                 raise StepCacheError("this pipeline takes prompts: pass --prompt (repeatable).")
-            kw["prompt"] = prompts[i % len(prompts)]
+            kw["prompt"] = [prompts[(i + b) % len(prompts)] for b in range(batch)]
         if guidance is not None and "guidance_scale" in params:
             kw["guidance_scale"] = guidance
         if "output_type" in params:
-            kw["output_type"] = "latent" if "latent" in str(params.get("output_type")) else "pt"
+            kw["output_type"] = "pt"
         out.append(kw)
     return out
 
@@ -99,8 +107,11 @@ def _main(
 def info(
     model: ModelArg,
     types: Annotated[str, typer.Option(help="Comma-separated component types.")] = "attn,cross_attn,ff",
+    macs: Annotated[
+        bool, typer.Option(help="Measure MAC shares with a 2-step generation (pipelines).")
+    ] = True,
 ) -> None:
-    """List the blocks and cacheable components stepcache finds in MODEL."""
+    """List the blocks and cacheable components stepcache finds in MODEL, and their share of MACs."""
     from .discovery import denoiser_of, discover
 
     try:
@@ -111,11 +122,19 @@ def info(
     denoiser = denoiser_of(target)
     params = sum(p.numel() for p in denoiser.parameters())
     covered = sum(p.numel() for c in comps for p in c.module.parameters())
+    shares = _mac_shares(target, denoiser, comps) if macs and target is not denoiser else None
     typer.echo(
-        f"{type(denoiser).__name__}: {params / 1e6:.2f} M parameters, {covered / params:.0%} inside cached components"
+        f"{type(denoiser).__name__}: {params / 1e6:.2f} M parameters, {covered / params:.0%} of them in cached components"
     )
-    stacks = Counter(c.stack for c in comps)
-    for stack in stacks:
+    if shares is not None:
+        by_type = Counter()
+        for c in comps:
+            by_type[c.type] += shares[1].get(c.name, 0.0)
+        parts = ", ".join(f"{k} {v / shares[0]:.1%}" for k, v in by_type.items())
+        typer.echo(
+            f"  share of the denoiser's MACs per step: {sum(by_type.values()) / shares[0]:.1%} ({parts})"
+        )
+    for stack in Counter(c.stack for c in comps):
         blocks = sorted({c.index for c in comps if c.stack == stack})
         kinds = Counter(c.type for c in comps if c.stack == stack)
         example = next(c for c in comps if c.stack == stack)
@@ -126,6 +145,25 @@ def info(
         )
 
 
+def _mac_shares(target: Any, denoiser: Any, comps: list) -> tuple[float, dict[str, float]] | None:
+    """(denoiser MACs, component name -> MACs) over a 2-step generation, from torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        kwargs = _inputs_for(target, 1, ["a photo"], 0, None)[0]
+        with FlopCounterMode(display=False) as counter:
+            target(**kwargs, num_inference_steps=2)
+    except Exception as e:  # any pipeline may need inputs we cannot guess: say so, do not fail
+        logging.getLogger(__name__).info("MAC shares not measured: %s", e)
+        return None
+    counts = counter.get_flop_counts()
+    root = type(denoiser).__name__
+    total = sum(counts.get(root, {}).values()) / 2
+    if not total:
+        return None
+    return total, {c.name: sum(counts.get(f"{root}.{c.name}", {}).values()) / 2 for c in comps}
+
+
 @app.command()
 def calibrate(
     model: ModelArg,
@@ -134,8 +172,9 @@ def calibrate(
     ),
     steps: Annotated[int, typer.Option(help="Denoising steps per generation.")] = 50,
     samples: Annotated[int, typer.Option(help="Generations to average.")] = 4,
+    batch: Annotated[int, typer.Option(help="Class labels or prompts per generation.")] = 1,
     lookahead: Annotated[int, typer.Option(help="Longest reuse run to measure (k).")] = 3,
-    scheduler: Annotated[str, typer.Option(help="tiny-dit only: ddim or dpm.")] = "ddim",
+    scheduler: Annotated[str, typer.Option(help="reference and tiny-dit: ddim or dpm.")] = "ddim",
     prompt: Annotated[
         list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")
     ] = None,
@@ -150,7 +189,7 @@ def calibrate(
 
     try:
         target = load_target(model, scheduler=scheduler)
-        inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale)
+        inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
         cal = run_calibration(target, inputs=inputs, num_inference_steps=steps, lookahead=lookahead)
     except StepCacheError as e:
         _fail(e)
@@ -195,6 +234,58 @@ def schedule(
     if out:
         sched.save(out)
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for grid.png, curves.png, report.json.")
+    ] = Path("stepcache-demo"),
+    scheduler: Annotated[str, typer.Option(help="ddim or dpm (DPM-Solver++ 2M).")] = "ddim",
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    per_class: Annotated[int, typer.Option(help="Samples per class.")] = 20,
+    classes: Annotated[str, typer.Option(help="Comma-separated digits.")] = "0,1,2,3,4,5,6,7,8,9",
+    alpha: Annotated[
+        float | None, typer.Option(help="SmoothCache threshold of the first cached variant.")
+    ] = None,
+    compute_fraction: Annotated[
+        float, typer.Option(help="Compute budget of the second cached variant.")
+    ] = 0.5,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance (default: the model card's).")
+    ] = None,
+    seed: int = 0,
+    calibration_samples: Annotated[
+        int, typer.Option(help="Generations to calibrate when nothing is shipped.")
+    ] = 8,
+) -> None:
+    """Uncached vs SmoothCache on the shipped reference model: images, curves, metrics. Offline."""
+    from .demo import DEFAULT_ALPHA, DemoConfig, format_report, run_demo
+
+    try:
+        picked = [int(c) for c in classes.split(",") if c.strip()]
+    except ValueError:
+        _fail(StepCacheError(f"--classes must be comma-separated digits, got {classes!r}."))
+    if not picked or any(not 0 <= c <= 9 for c in picked):
+        _fail(StepCacheError(f"--classes must name digits 0..9, got {classes!r}."))
+    cfg = DemoConfig(
+        out=out,
+        scheduler=scheduler,
+        steps=steps,
+        per_class=per_class,
+        classes=picked,
+        alpha=DEFAULT_ALPHA if alpha is None else alpha,
+        compute_fraction=compute_fraction,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        calibration_samples=calibration_samples,
+    )
+    try:
+        report = run_demo(cfg)
+    except (StepCacheError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(format_report(report))
+    typer.echo(f"wrote {out / 'grid.png'}, {out / 'curves.png'}, {out / 'report.json'}")
 
 
 def main() -> None:
