@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with stepcache and everything its demo and tests need.
 #
+# The peers (dit-smoothcache, cache-dit) come with the `bench` extra, so the side-by-side tests run;
+# they cannot change torch either (see below).
+#
 # torch: a torch that is already importable (from the venv, or the base interpreter seen through
 # --system-site-packages) is kept exactly as it is: a constraint pins it while the rest installs, so
 # pip can neither upgrade nor downgrade it. Only when there is no torch at all is `torch==2.13.0`
@@ -9,7 +12,7 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS:-dev,bench}
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv --system-site-packages "$VENV"
