@@ -295,3 +295,29 @@ def test_stats_report_types_and_macs(plain_dit):
     assert stats.by_type["ff"].components == 3
     assert stats.macs_saved and stats.macs_saved > 0
     assert "ff" in str(stats) and stats.as_dict()["compute_fraction"] == stats.compute_fraction
+
+
+def test_forecast_extrapolates_from_the_last_two_computes(plain_dit):
+    plan = (1, 2, 1, 2, 2, 1, 2, 1)
+    seen = []
+    hook = plain_dit.blocks[1].mlp.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with stepcache.cache(plain_dit, Schedule(len(plan), {"attn": plan, "ff": plan})) as handle:
+        sample(plain_dit, torch.tensor([0, 3]), len(plan))
+    hook.remove()
+    assert handle.stats.computed == 3 * 2 * plan.count(1)
+    # Step 1: only one computed output yet, so a copy. Later: last + (s - a) / (a - b) * (last - prev).
+    assert torch.equal(seen[1], seen[0])
+    torch.testing.assert_close(seen[3], seen[2] + 0.5 * (seen[2] - seen[0]))
+    torch.testing.assert_close(seen[4], seen[2] + 1.0 * (seen[2] - seen[0]))
+    torch.testing.assert_close(seen[6], seen[5] + (1 / 3) * (seen[5] - seen[2]))
+    # The forecast is not a copy: it moves the output.
+    assert not torch.allclose(seen[4], seen[2])
+
+
+def test_forecast_only_plan_with_one_compute_equals_copying(plain_dit):
+    copy = Schedule(4, {"attn": (1, 0, 0, 1), "ff": (1, 0, 0, 1)})
+    with stepcache.cache(plain_dit, copy):
+        a = sample(plain_dit, torch.tensor([1]), 4)
+    with stepcache.cache(plain_dit, copy.with_forecast()):
+        b = sample(plain_dit, torch.tensor([1]), 4)
+    assert torch.equal(a, b)

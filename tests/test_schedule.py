@@ -118,7 +118,7 @@ def test_compute_fraction_and_render():
 @pytest.mark.parametrize(
     "plans, match",
     [
-        ({"attn": (1, 0, 2)}, "only 1"),
+        ({"attn": (1, 0, 3)}, "only 1"),
         ({"attn": (1, 0)}, "2 steps"),
         ({"attn": (0, 1, 1)}, "reuses at step 0"),
         ({}, "at least one"),
@@ -192,3 +192,12 @@ def test_original_format_keys_resolve_against_a_model(tiny_pipe):
     assert "transformer_blocks.0.ff" not in plans  # no key for it: not cached
     with pytest.raises(ScheduleError, match=r"\*\.mlp"):
         Schedule.from_smoothcache({"mlp": [1, 0, 1]}).resolve(comps)
+
+
+def test_forecast_schedules():
+    fora = Schedule.fora(10, 3, forecast=True)
+    assert fora.plans["attn"] == (1, 2, 2, 1, 2, 2, 1, 2, 2, 1)
+    assert fora.compute_fraction == Schedule.fora(10, 3).compute_fraction == 0.4
+    assert "#~~#" in fora.render()
+    assert fora.to_smoothcache()["attn1"] == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert set(fora.resample(20).plans["attn"]) == {1, 2}

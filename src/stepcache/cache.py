@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ._runtime import _ACTIVE, Session, StepTracker, count_macs, fingerprint, first_tensor_shape
 from .discovery import DEFAULT_TYPES, Component, denoiser_of, discover
 from .errors import ScheduleError, ScheduleLengthError, StepCacheError
-from .schedule import Schedule
+from .schedule import COMPUTE, FORECAST, Schedule
 
 __all__ = ["CacheHandle", "CacheStats", "TypeStats", "cache", "disable", "enable"]
 
@@ -100,13 +102,21 @@ class CacheStats:
 
 
 class _Slot:
-    """Runtime state of one cached component."""
+    """Runtime state of one cached component.
+
+    ``store[branch]`` is ``(input shape, last output, previous output or None)``: the two most recent
+    computed outputs, so a reuse step can copy the last one or extrapolate from both. What to do at
+    the current step (``mode``) and the extrapolation weight (``coef``) are set once per step.
+    """
 
     __slots__ = (
-        "compute_now",
+        "coef",
+        "coefs",
         "computed",
         "count",
+        "keep_two",
         "macs",
+        "mode",
         "name",
         "original",
         "plan",
@@ -125,26 +135,45 @@ class _Slot:
         tracker: StepTracker,
         count: bool,
     ):
-        self.name, self.type, self.plan = comp.name, comp.type, plan
+        self.name, self.type = comp.name, comp.type
         self.original, self.tracker, self.count = original, tracker, count
-        self.compute_now = True
-        self.store: dict[int, tuple[tuple[int, ...] | None, Any]] = {}
+        self.set_plan(plan)
+        self.mode, self.coef = COMPUTE, 0.0
+        self.store: dict[int, tuple[tuple[int, ...] | None, Any, Any]] = {}
         self.seen: dict[int, Any] = {}  # the store entry last counted, per branch
         self.computed = self.reused = 0
         self.macs: float | None = None
 
+    def set_plan(self, plan: tuple[int, ...]) -> None:
+        self.plan = plan
+        self.keep_two = FORECAST in plan  # plain reuse needs only the last output: half the memory
+        # First-order extrapolation weight per step: (s - a) / (a - b) for the last two computes a > b.
+        self.coefs = [0.0] * len(plan)
+        a = b = None
+        for s, v in enumerate(plan):
+            if v == COMPUTE:
+                a, b = s, a
+            elif a is not None and b is not None:
+                self.coefs[s] = (s - a) / (a - b)
+
+    def start_step(self, step: int) -> None:
+        self.mode, self.coef = self.plan[step], self.coefs[step]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         branch = self.tracker.branch
-        if not self.compute_now:
-            hit = self.store.get(branch)
+        entry = self.store.get(branch)
+        if self.mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
-            if hit is not None and hit[0] == first_tensor_shape(args, kwargs):
-                return hit[1]
+            if self.mode == FORECAST and entry[2] is not None and self.coef:
+                return _extrapolate(entry[1], entry[2], self.coef)
+            return entry[1]
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
         else:
             out = self.original(*args, **kwargs)
-        self.store[branch] = (first_tensor_shape(args, kwargs), out)
+        shape = first_tensor_shape(args, kwargs)
+        previous = entry[1] if self.keep_two and entry is not None and entry[0] == shape else None
+        self.store[branch] = (shape, out, previous)
         return out
 
     def tally(self, branch: int) -> None:
@@ -157,6 +186,15 @@ class _Slot:
         else:
             self.computed += 1
             self.seen[branch] = entry
+
+
+def _extrapolate(last: Any, previous: Any, coef: float) -> Any:
+    """last + coef * (last - previous), through tuples of tensors (two-stream attention)."""
+    if isinstance(last, tuple):
+        return tuple(_extrapolate(a, b, coef) for a, b in zip(last, previous, strict=True))
+    if isinstance(last, torch.Tensor):
+        return last + coef * (last - previous)
+    return last
 
 
 class CacheHandle:
@@ -284,7 +322,7 @@ class CacheHandle:
     # ---------------------------------------------------------------- tracker callbacks
     def _on_step(self, step: int) -> None:
         for slot in self._slots.values():
-            slot.compute_now = bool(slot.plan[step])
+            slot.start_step(step)
 
     def _on_generation(self) -> None:
         self._clear()
@@ -300,7 +338,7 @@ class CacheHandle:
             self.tracker.num_steps = n
             plans = self.schedule.resolve(self.components)
             for name, slot in self._slots.items():
-                slot.plan = plans[name]
+                slot.set_plan(plans[name])
         self._generations += 1
 
     def _tally(self) -> None:
@@ -312,7 +350,7 @@ class CacheHandle:
         for slot in self._slots.values():
             slot.store.clear()
             slot.seen.clear()
-            slot.compute_now = True
+            slot.mode = COMPUTE
 
 
 def _pipeline_steps(pipeline: Any) -> int | None:

@@ -1,7 +1,8 @@
 """Static caching schedules: which component computes at which denoising step.
 
 A :class:`Schedule` is a plain, versioned, serialisable value. Each entry maps a *selector* to a
-per-step plan (``1`` = compute and store, ``0`` = reuse the stored output). A selector is one of
+per-step plan (``1`` = compute and store, ``0`` = reuse the stored output, ``2`` = forecast it from
+the last two computed outputs by first-order extrapolation). A selector is one of
 
 * a component type (``attn``, ``cross_attn``, ``ff``, ``block``): every component of that type;
 * a qualified component name (``transformer_blocks.3.ff``): that component only;
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Schedule"]
 
-COMPUTE, REUSE = 1, 0
+COMPUTE, REUSE, FORECAST = 1, 0, 2
 _FORMAT = "stepcache.schedule"
 _FORMAT_VERSION = 1
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
@@ -109,8 +110,10 @@ class Schedule:
                 values = tuple(int(v) for v in plan)
             except (TypeError, ValueError):
                 raise ScheduleError(f"plan for {key!r} must be a list of 0/1, got {plan!r}.") from None
-            if any(v not in (COMPUTE, REUSE) for v in values):
-                raise ScheduleError(f"plan for {key!r} may hold only 1 (compute) and 0 (reuse).")
+            if any(v not in (COMPUTE, REUSE, FORECAST) for v in values):
+                raise ScheduleError(
+                    f"plan for {key!r} may hold only 1 (compute), 0 (reuse) and 2 (forecast)."
+                )
             if len(values) != self.num_steps:
                 raise ScheduleError(
                     f"plan for {key!r} has {len(values)} steps, the schedule {self.num_steps}."
@@ -183,13 +186,17 @@ class Schedule:
         return make(float(values[hi]))
 
     @classmethod
-    def fora(cls, num_steps: int, interval: int, *, types: Sequence[str] = DEFAULT_TYPES) -> Schedule:
-        """FORA's uniform schedule: compute every ``interval``-th step (and the last), reuse between."""
+    def fora(
+        cls, num_steps: int, interval: int, *, types: Sequence[str] = DEFAULT_TYPES, forecast: bool = False
+    ) -> Schedule:
+        """FORA's uniform schedule: compute every ``interval``-th step (and the last), reuse between
+        (or, with ``forecast=True``, extrapolate from the last two computed outputs)."""
         if not isinstance(interval, int) or interval < 1:
             raise ScheduleError(f"interval must be a positive integer, got {interval!r}.")
         plan = [COMPUTE if s % interval == 0 else REUSE for s in range(num_steps)]
         plan[-1] = COMPUTE
-        return cls(num_steps, dict.fromkeys(types, tuple(plan)), meta={"rule": "fora", "interval": interval})
+        sched = cls(num_steps, dict.fromkeys(types, tuple(plan)), meta={"rule": "fora", "interval": interval})
+        return sched.with_forecast() if forecast else sched
 
     # ---------------------------------------------------------------- properties
     @property
@@ -199,8 +206,16 @@ class Schedule:
         for key, plan in self.plans.items():
             w = self.counts.get(key, 1)
             total += w * self.num_steps
-            executed += w * sum(plan)
+            executed += w * plan.count(COMPUTE)
         return executed / total
+
+    def with_forecast(self) -> Schedule:
+        """The same compute steps, with every reuse replaced by a first-order forecast.
+
+        Where fewer than two outputs have been computed yet, the runtime falls back to copying.
+        """
+        plans = {k: tuple(FORECAST if v == REUSE else v for v in plan) for k, plan in self.plans.items()}
+        return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": "first-order"})
 
     def resample(self, num_steps: int) -> Schedule:
         """The same schedule stretched or squeezed to ``num_steps`` steps.
@@ -258,13 +273,13 @@ class Schedule:
 
     # ---------------------------------------------------------------- text
     def render(self) -> str:
-        """One line per selector: ``#`` computes, ``.`` reuses; step numbers on top."""
+        """One line per selector: ``#`` computes, ``.`` reuses, ``~`` forecasts; step numbers on top."""
         width = max(len(k) for k in self.plans)
         ruler = "".join(str((s // 10) % 10) if s % 10 == 0 else " " for s in range(self.num_steps))
         lines = [f"{'step':<{width}}  {ruler}"]
         for key, plan in self.plans.items():
-            bar = "".join("#" if v else "." for v in plan)
-            lines.append(f"{key:<{width}}  {bar}  {sum(plan)}/{self.num_steps}")
+            bar = "".join("#.~"[(COMPUTE, REUSE, FORECAST).index(v)] for v in plan)
+            lines.append(f"{key:<{width}}  {bar}  {plan.count(COMPUTE)}/{self.num_steps}")
         desc = ", ".join(
             f"{k}={v}" for k, v in self.meta.items() if k in ("rule", "alpha", "granularity", "interval")
         )
@@ -326,12 +341,12 @@ class Schedule:
         out: dict[str, list[int]] = {}
         for key, plan in self.plans.items():
             if key in names:
-                out[names[key]] = list(plan)
+                out[names[key]] = [int(v == COMPUTE) for v in plan]
                 continue
             m = re.match(r"^.*\.(\d+)\.([A-Za-z_][A-Za-z0-9_]*)$", key)
             if m is None:
                 raise ScheduleError(f"{key!r} has no equivalent in the original package's format.")
-            out[f"{m.group(2)}-{m.group(1)}"] = list(plan)
+            out[f"{m.group(2)}-{m.group(1)}"] = [int(v == COMPUTE) for v in plan]
         if path is not None:
             Path(path).write_text(_dump(out))
         return out
@@ -384,7 +399,7 @@ class Schedule:
 
 def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) -> tuple[int, ...]:
     """Keep the share of computes, their placement over time and the endpoints; cap reuse runs."""
-    target = max(min(n, 2), round(sum(plan) * n / len(plan)))
+    target = max(min(n, 2), round(plan.count(COMPUTE) * n / len(plan)))
     picks = sorted({round(s * scale) for s, v in enumerate(plan) if v == COMPUTE})
     if len(picks) > target:  # fewer steps: keep evenly spaced members of the mapped positions
         picks = sorted({picks[round(q * (len(picks) - 1) / max(target - 1, 1))] for q in range(target)})
@@ -394,7 +409,7 @@ def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) ->
         if width < 2:
             break
         picks = sorted({*picks, (a + b) // 2})
-    new = [REUSE] * n
+    new = [FORECAST if FORECAST in plan else REUSE] * n
     for p in picks:
         new[p] = COMPUTE
     new[0] = new[-1] = COMPUTE
