@@ -67,8 +67,10 @@ def _timestep_slot(module: nn.Module, timestep_arg: str | None) -> tuple[str, in
 
 
 def _to_float(value: Any) -> float | None:
+    """The step's noise level. The maximum, not the first element: Wan 2.2 TI2V passes per-token
+    timesteps that are 0 on the conditioning frame's tokens and t elsewhere."""
     if isinstance(value, torch.Tensor):
-        return None if value.numel() == 0 else float(value.reshape(-1)[0])
+        return None if value.numel() == 0 else float(value.max())
     if isinstance(value, (int, float)):
         return float(value)
     return None
