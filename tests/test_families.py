@@ -402,12 +402,9 @@ def test_two_expert_wan_cached_one_module_at_a_time() -> None:
     assert h1.stats.reused == h2.stats.reused == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: cache(pipe) caches pipe.transformer only; Wan 2.2's transformer_2 (low-noise "
-    "expert) is never discovered, calibrated or cached (see the family report)",
-)
 def test_two_expert_wan_pipeline_caches_both_experts() -> None:
+    """Wan 2.2 A14B: `transformer` runs the high-noise steps, `transformer_2` the rest; both are
+    cached through the pipeline, with one step count across the switch."""
     high, low = _two_experts()
     pipe = SimpleNamespace(transformer=high, transformer_2=low)
     n = len(BY_NAME["wan"].timesteps)
@@ -419,6 +416,8 @@ def test_two_expert_wan_pipeline_caches_both_experts() -> None:
         _run_two_experts(high, low)
     # steps 2 and 3 run on the low-noise expert: compute at 2, reuse at 3
     assert counter.counts == dict.fromkeys(low_weights, sum(REUSE_PLAN[2:]))
+    names = [c.name for c in stepcache.discover(pipe)]
+    assert any(n.startswith("transformer_2.") for n in names) and not names[0].startswith("transformer_2.")
 
 
 # ---------------------------------------------------------------- 6. the whole workflow

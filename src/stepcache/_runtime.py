@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .discovery import Component
+from .discovery import Component, denoisers_of
 from .errors import ScheduleLengthError, StepCacheError
 
 logger = logging.getLogger("stepcache")
@@ -35,8 +35,21 @@ _TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noi
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's architecture (its config, else parameter names and shapes)."""
+def fingerprint(target: object) -> str:
+    """A short hash of the architecture of every denoiser of ``target`` (module or pipeline)."""
+    models = denoisers_of(target)
+    if len(models) == 1:
+        return _fingerprint_one(models[0][1])
+    joined = "|".join(prefix + _fingerprint_one(m) for prefix, m in models)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def model_class(target: object) -> str:
+    """Class name(s) of the denoiser(s), for metadata and messages."""
+    return "+".join(type(m).__name__ for _, m in denoisers_of(target))
+
+
+def _fingerprint_one(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "items"):
         public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
@@ -175,7 +188,10 @@ Interceptor = Callable[[Component, Callable[..., Any]], Callable[..., Any]]
 
 
 class Session:
-    """Hooks on one denoiser: step tracking on the denoiser, an interceptor on each component.
+    """Hooks on the denoiser(s): step tracking on each, an interceptor on each component.
+
+    Several denoisers (Wan 2.2's two experts) share one tracker: the step count runs on across the
+    switch from one to the other.
 
     ``make_forward(component, original_forward)`` returns the callable installed as the component
     instance's ``forward``. Everything is validated before anything is installed, and a failure
@@ -184,18 +200,18 @@ class Session:
 
     def __init__(
         self,
-        model: nn.Module,
+        models: nn.Module | Sequence[nn.Module],
         components: Sequence[Component],
         make_forward: Interceptor,
         tracker: StepTracker,
         *,
         timestep_arg: str | None = None,
     ) -> None:
-        self.model = model
+        self.models = [models] if isinstance(models, nn.Module) else list(models)
         self.components = list(components)
         self.tracker = tracker
         self._make_forward = make_forward
-        self._slot = _timestep_slot(model, timestep_arg)
+        self._slots = {id(m): _timestep_slot(m, timestep_arg) for m in self.models}
         self.owner: Any = None  # the CacheHandle (or other object) that manages this session
         self._handles: list[Any] = []
         self._saved: list[tuple[nn.Module, Any]] = []
@@ -212,14 +228,16 @@ class Session:
         self.remove()
 
     def install(self) -> None:
-        if self.model in _ACTIVE:
-            raise StepCacheError(
-                f"{type(self.model).__name__} already has an active stepcache session; "
-                "disable it (or leave its `with` block) before enabling another."
-            )
+        for model in self.models:
+            if model in _ACTIVE:
+                raise StepCacheError(
+                    f"{type(model).__name__} already has an active stepcache session; "
+                    "disable it (or leave its `with` block) before enabling another."
+                )
         try:
-            self._handles.append(self.model.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(self._post))
+            for model in self.models:
+                self._handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self._handles.append(model.register_forward_hook(self._post))
             for comp in self.components:
                 mod = comp.module
                 self._saved.append((mod, mod.__dict__.get("forward", _MISSING)))
@@ -227,7 +245,8 @@ class Session:
         except BaseException:
             self.remove()
             raise
-        _ACTIVE[self.model] = self
+        for model in self.models:
+            _ACTIVE[model] = self
         self.open = True
 
     def remove(self) -> None:
@@ -240,8 +259,9 @@ class Session:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if _ACTIVE.get(self.model) is self:
-            del _ACTIVE[self.model]
+        for model in self.models:
+            if _ACTIVE.get(model) is self:
+                del _ACTIVE[model]
         self.open = False
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -249,8 +269,9 @@ class Session:
             self.tracker.begin_call(None)
             return
         t = None
-        if self._slot is not None:
-            name, index = self._slot
+        slot = self._slots.get(id(module))
+        if slot is not None:
+            name, index = slot
             if name in kwargs:
                 t = _to_float(kwargs[name])
             elif index is not None and index < len(args):

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from ._runtime import _ACTIVE, Session, StepTracker, count_macs, fingerprint, first_tensor_shape
-from .discovery import DEFAULT_TYPES, Component, denoiser_of, discover
+from ._runtime import _ACTIVE, Session, StepTracker, count_macs, fingerprint, first_tensor_shape, model_class
+from .discovery import DEFAULT_TYPES, Component, denoisers_of, discover
 from .errors import ScheduleError, ScheduleLengthError, StepCacheError
 from .schedule import COMPUTE, FORECAST, Schedule
 
@@ -222,17 +223,18 @@ class CacheHandle:
             raise StepCacheError(
                 f"on_length_mismatch must be 'error' or 'resample', got {on_length_mismatch!r}."
             )
-        self.model = denoiser_of(target)
+        self.models = [m for _, m in denoisers_of(target)]
+        self.model = self.models[0]
         want = schedule.meta.get("fingerprint")
-        if strict and want and want != fingerprint(self.model):
+        if strict and want and want != fingerprint(target):
             raise ScheduleError(
                 f"this schedule was calibrated on {schedule.meta.get('model_class')} (fingerprint {want}), not on "
-                f"this {type(self.model).__name__} (fingerprint {fingerprint(self.model)}). Calibrate this model, "
+                f"this {model_class(target)} (fingerprint {fingerprint(target)}). Calibrate this model, "
                 "or pass strict=False to apply it anyway."
             )
         if types is None:
             types = ("block",) if "block" in schedule.plans else DEFAULT_TYPES
-        found = discover(self.model, blocks=blocks, components=components, types=types)
+        found = discover(target, blocks=blocks, components=components, types=types)
         plans = schedule.resolve(found)
         if not plans:
             raise ScheduleError(
@@ -240,7 +242,7 @@ class CacheHandle:
             )
         self.schedule = schedule
         self.components = [c for c in found if c.name in plans]
-        self._pipeline = None if target is self.model else target
+        self._pipeline = None if isinstance(target, nn.Module) else target
         self._resample = on_length_mismatch == "resample"
         self.tracker = StepTracker(num_steps=schedule.num_steps)
         self._slots: dict[str, _Slot] = {}
@@ -252,7 +254,7 @@ class CacheHandle:
         self.tracker.on_reset.append(self._clear)
         self.tracker.on_call_end.append(self._tally)
         self._session = Session(
-            self.model, self.components, self._make_forward, self.tracker, timestep_arg=timestep_arg
+            self.models, self.components, self._make_forward, self.tracker, timestep_arg=timestep_arg
         )
         self._session.owner = self
 
@@ -381,7 +383,7 @@ def disable(target: Any) -> None:
     if isinstance(target, CacheHandle):
         target.close()
         return
-    session = _ACTIVE.get(denoiser_of(target))
+    session = _ACTIVE.get(denoisers_of(target)[0][1])
     if session is not None:
         if session.owner is not None:
             session.owner.close()

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ._io import dump, read_json
-from ._runtime import Session, StepTracker, count_macs, fingerprint
+from ._runtime import Session, StepTracker, count_macs, fingerprint, model_class
 from ._version import __version__
-from .discovery import Component, denoiser_of, discover
+from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError
 
 __all__ = ["Calibration", "calibrate"]
@@ -109,11 +109,11 @@ class Calibration:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise if ``model`` is not the architecture this calibration was recorded on."""
-        want, got = self.meta.get("fingerprint"), fingerprint(denoiser_of(model))
+        want, got = self.meta.get("fingerprint"), fingerprint(model)
         if want and want != got:
             raise CalibrationError(
                 f"this calibration was recorded on {self.meta.get('model_class')} (fingerprint {want}) but "
-                f"the model is {type(denoiser_of(model)).__name__} (fingerprint {got}): recalibrate on this model."
+                f"the model is {model_class(model)} (fingerprint {got}): recalibrate on this model."
             )
 
     def summary(self) -> str:
@@ -327,7 +327,7 @@ def calibrate(
     elif inputs is not None:
         raise CalibrationError("pass either run= or inputs=, not both.")
 
-    model = denoiser_of(target)
+    models = [m for _, m in denoisers_of(target)]
     comps = discover(target, blocks=blocks, components=components, types=types)
     tracker = StepTracker()
     recorder = _Recorder(comps, lookahead, tracker)
@@ -339,7 +339,7 @@ def calibrate(
     tracker.on_step.append(lambda _s: bar.update(1) if tracker.branch == 0 else None)
     start = time.perf_counter()
     try:
-        with Session(model, comps, recorder.intercept, tracker, timestep_arg=timestep_arg), torch.no_grad():
+        with Session(models, comps, recorder.intercept, tracker, timestep_arg=timestep_arg), torch.no_grad():
             run()
         recorder.finish_generation()
     finally:
@@ -363,8 +363,8 @@ def calibrate(
         spread = {name: np.nanstd(s, axis=0) for name, s in stacked.items()}
     sched = scheduler or (type(target.scheduler).__name__ if hasattr(target, "scheduler") else None)
     meta = {
-        "model_class": type(model).__name__,
-        "fingerprint": fingerprint(model),
+        "model_class": model_class(target),
+        "fingerprint": fingerprint(target),
         "scheduler": sched,
         "stepcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

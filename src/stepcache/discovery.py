@@ -16,6 +16,7 @@ import difflib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -28,6 +29,7 @@ __all__ = [
     "BlockLayout",
     "Component",
     "denoiser_of",
+    "denoisers_of",
     "discover",
     "register_layout",
 ]
@@ -72,6 +74,21 @@ def denoiser_of(target: object) -> nn.Module:
         f"{type(target).__name__} is neither an nn.Module nor a pipeline with a `.transformer`: "
         "pass the denoiser module itself."
     )
+
+
+def denoisers_of(target: object) -> list[tuple[str, nn.Module]]:
+    """Every denoiser of ``target`` with the prefix its component names get.
+
+    A module is its own only denoiser (prefix ``""``). A pipeline has ``.transformer`` and, in
+    two-expert pipelines such as Wan 2.2 A14B (high-noise and low-noise models), ``.transformer_2``,
+    whose components are named ``transformer_2.<...>``. All of them share one step count.
+    """
+    first = denoiser_of(target)
+    found = [("", first)]
+    second = None if isinstance(target, nn.Module) else getattr(target, "transformer_2", None)
+    if isinstance(second, nn.Module) and second is not first:
+        found.append(("transformer_2.", second))
+    return found
 
 
 def _layout_for(block: nn.Module) -> BlockLayout | None:
@@ -206,7 +223,6 @@ def discover(
     Raises:
         DiscoveryError: nothing matched. stepcache never caches nothing silently.
     """
-    model = denoiser_of(target)
     wanted = tuple(DEFAULT_TYPES if types is None else types)
     unknown = [t for t in wanted if t not in COMPONENT_TYPES]
     if unknown:
@@ -222,7 +238,18 @@ def discover(
         bad = {k: v for k, v in override.items() if v is not None and v not in COMPONENT_TYPES[:3]}
         if bad:
             raise DiscoveryError(f"components: unknown type(s) {bad}; choose from {COMPONENT_TYPES[:3]}.")
+    result: list[Component] = []
+    for prefix, model in denoisers_of(target):
+        for c in _discover_one(model, blocks, override, wanted):
+            result.append(
+                Component(prefix + c.name, c.type, prefix + c.block, prefix + c.stack, c.index, c.module)
+            )
+    return result
 
+
+def _discover_one(
+    model: nn.Module, blocks: Any, override: dict[str, str | None] | None, wanted: tuple[str, ...]
+) -> list[Component]:
     found_blocks = _resolve_blocks(model, blocks)
     if not found_blocks:
         raise DiscoveryError(
