@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_state import model_state
 from plain_models import reference_forward, sample
 
 import stepcache
@@ -15,14 +16,6 @@ PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)  # reuse runs of 2 and 2, and 1
 
 def fixed(plan=PLAN, types=("attn", "ff")):
     return Schedule(len(plan), dict.fromkeys(types, plan))
-
-
-def model_state(model):
-    """Everything a cache could leave behind: hooks, and any attribute (an instance `forward`) on any module."""
-    return [
-        (name, len(m._forward_hooks), len(m._forward_pre_hooks), sorted(m.__dict__))
-        for name, m in model.named_modules()
-    ]
 
 
 def gen_pipe(pipe, seed=0, steps=N, labels=(1, 2), guidance=4.0):

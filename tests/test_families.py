@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from family_models import FAMILIES, Family
+from model_state import model_state
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -45,18 +46,6 @@ def params(families: list[Family] | tuple[Family, ...]) -> list[Any]:
 
 
 # ---------------------------------------------------------------- helpers
-def model_state(model: nn.Module) -> list[tuple[str, int, int, int, list[str]]]:
-    """Everything a cache could leave behind: hooks of all kinds and instance attributes."""
-    return [
-        (
-            name,
-            len(m._forward_hooks),
-            len(m._forward_pre_hooks),
-            len(m._forward_hooks_with_kwargs),
-            sorted(m.__dict__),
-        )
-        for name, m in model.named_modules()
-    ]
 
 
 def uniform(num_steps: int, types: set[str], plan: tuple[int, ...] | None = None) -> Schedule:

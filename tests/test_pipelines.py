@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_state import model_state
 from pipeline_models import (
     CASES,
     PROMPTS,
@@ -44,20 +45,6 @@ STEPS = 5
 PLAN = (1, 0, 1, 0, 1)  # compute, reuse, compute, reuse, compute
 OTHER_STEPS = (3, 7)  # pipeline calls with a step count the schedule was not made for
 SEED = 7
-
-
-def model_state(model: nn.Module) -> list[tuple[str, int, int, int, list[str]]]:
-    """Everything a cache could leave behind: hooks of all kinds and instance attributes."""
-    return [
-        (
-            name,
-            len(m._forward_hooks),
-            len(m._forward_pre_hooks),
-            len(m._forward_hooks_with_kwargs),
-            sorted(m.__dict__),
-        )
-        for name, m in model.named_modules()
-    ]
 
 
 def generate(case: PipelineCase, pipe: Any, steps: int = STEPS, seed: int = SEED) -> torch.Tensor:

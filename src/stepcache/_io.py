@@ -19,6 +19,14 @@ def dump(data: Any) -> str:
     )
 
 
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as readable JSON, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump(data))
+    return path
+
+
 def read_json(path: str | Path, what: str, error: type[StepCacheError]) -> Any:
     path = Path(path)
     try:

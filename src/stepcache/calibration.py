@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import dump, read_json
+from ._io import read_json, write_json
 from ._runtime import Session, StepTracker, count_macs, fingerprint, model_class
 from ._version import __version__
 from .discovery import Component, denoisers_of, discover
@@ -189,10 +189,7 @@ class Calibration:
             raise CalibrationError(f"{source} is missing or has malformed field {e}.") from None
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dump(self.to_dict()))
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

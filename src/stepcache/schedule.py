@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._io import dump as _dump
-from ._io import read_json
+from ._io import read_json, write_json
 from ._version import __version__
 from .discovery import COMPONENT_TYPES, DEFAULT_TYPES, Component
 from .errors import ScheduleError
@@ -318,10 +318,7 @@ class Schedule:
             raise ScheduleError(f"{source} is missing or has malformed field {e}.") from None
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_dump(self.to_dict()))
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
