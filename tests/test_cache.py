@@ -314,3 +314,13 @@ def test_forecast_only_plan_with_one_compute_equals_copying(plain_dit):
     with stepcache.cache(plain_dit, copy.with_forecast()):
         b = sample(plain_dit, torch.tensor([1]), 4)
     assert torch.equal(a, b)
+
+
+def test_fora_schedule_fits_any_model(plain_dit, tiny_pipe):
+    for target, run in (
+        (plain_dit, lambda: sample(plain_dit, torch.tensor([0]), N)),
+        (tiny_pipe, lambda: gen_pipe(tiny_pipe)),
+    ):
+        with stepcache.cache(target, Schedule.fora(N, 2)) as handle:
+            run()
+        assert handle.stats.compute_fraction == Schedule.fora(N, 2).compute_fraction == 0.6

@@ -195,9 +195,10 @@ def test_original_format_keys_resolve_against_a_model(tiny_pipe):
 
 
 def test_forecast_schedules():
-    fora = Schedule.fora(10, 3, forecast=True)
+    fora = Schedule.fora(10, 3, forecast=True, types=("attn", "ff"))
     assert fora.plans["attn"] == (1, 2, 2, 1, 2, 2, 1, 2, 2, 1)
     assert fora.compute_fraction == Schedule.fora(10, 3).compute_fraction == 0.4
     assert "#~~#" in fora.render()
     assert fora.to_smoothcache()["attn1"] == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
     assert set(fora.resample(20).plans["attn"]) == {1, 2}
+    assert set(Schedule.fora(10, 2).plans) == {"*"}  # by default: every component of any model

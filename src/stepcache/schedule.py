@@ -29,7 +29,7 @@ import numpy as np
 from ._io import dump as _dump
 from ._io import read_json, write_json
 from ._version import __version__
-from .discovery import COMPONENT_TYPES, DEFAULT_TYPES, Component
+from .discovery import COMPONENT_TYPES, Component
 from .errors import ScheduleError
 
 if TYPE_CHECKING:
@@ -187,15 +187,20 @@ class Schedule:
 
     @classmethod
     def fora(
-        cls, num_steps: int, interval: int, *, types: Sequence[str] = DEFAULT_TYPES, forecast: bool = False
+        cls, num_steps: int, interval: int, *, types: Sequence[str] | None = None, forecast: bool = False
     ) -> Schedule:
         """FORA's uniform schedule: compute every ``interval``-th step (and the last), reuse between
-        (or, with ``forecast=True``, extrapolate from the last two computed outputs)."""
+        (or, with ``forecast=True``, extrapolate from the last two computed outputs).
+
+        By default one plan for every discovered component (the pattern ``*``), so the schedule fits
+        any model; ``types`` restricts it to those component types.
+        """
         if not isinstance(interval, int) or interval < 1:
             raise ScheduleError(f"interval must be a positive integer, got {interval!r}.")
         plan = [COMPUTE if s % interval == 0 else REUSE for s in range(num_steps)]
         plan[-1] = COMPUTE
-        sched = cls(num_steps, dict.fromkeys(types, tuple(plan)), meta={"rule": "fora", "interval": interval})
+        keys = ("*",) if types is None else tuple(types)
+        sched = cls(num_steps, dict.fromkeys(keys, tuple(plan)), meta={"rule": "fora", "interval": interval})
         return sched.with_forecast() if forecast else sched
 
     # ---------------------------------------------------------------- properties
