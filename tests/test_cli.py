@@ -65,3 +65,15 @@ def test_errors_are_clean(tmp_path):
     assert result.exit_code == 2 and "exactly one of" in result.output
     result = runner.invoke(app, ["info", "no_such_module:factory"])
     assert result.exit_code == 2 and "cannot load" in result.output
+
+
+def test_model_from_a_local_pipeline_folder(tmp_path):
+    """The real loading code (DiffusionPipeline.from_pretrained) on a folder, nothing downloaded."""
+    from stepcache.integrations.diffusers import tiny_dit_pipeline
+
+    tiny_dit_pipeline(num_layers=2).save_pretrained(tmp_path / "pipe")
+    result = runner.invoke(app, ["info", str(tmp_path / "pipe"), "--no-macs"])
+    assert result.exit_code == 0, result.output
+    assert "transformer_blocks: 2 blocks of BasicTransformerBlock" in result.output
+    result = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "cannot load" in result.output
