@@ -282,6 +282,7 @@ def calibrate(
     types: Iterable[str] | None = None,
     timestep_arg: str | None = None,
     scheduler: str | None = None,
+    meta: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Calibration:
     """Record per-step error curves of every cacheable component of ``target``.
@@ -296,6 +297,7 @@ def calibrate(
         blocks, components, types: override discovery (see :func:`stepcache.discover`).
         timestep_arg: name of the denoiser's timestep argument, if it is not found automatically.
         scheduler: scheduler name to record (taken from the pipeline when there is one).
+        meta: extra metadata to record (for instance the guidance scale the runs used).
         progress: show a progress bar over denoising steps.
 
     Raises:
@@ -359,7 +361,8 @@ def calibrate(
         warnings.simplefilter("ignore", RuntimeWarning)
         spread = {name: np.nanstd(s, axis=0) for name, s in stacked.items()}
     sched = scheduler or (type(target.scheduler).__name__ if hasattr(target, "scheduler") else None)
-    meta = {
+    info = {
+        **dict(meta or {}),
         "model_class": model_class(target),
         "fingerprint": fingerprint(target),
         "scheduler": sched,
@@ -376,7 +379,7 @@ def calibrate(
         errors=errors,
         spread=spread,
         macs={name: recorder.macs.get(name) for name in names},
-        meta=meta,
+        meta=info,
     )
 
 
