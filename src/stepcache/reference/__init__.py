@@ -1,0 +1,42 @@
+"""A small trained class-conditional DiT on 16x16 digits, shipped so step-caching demos run offline.
+
+Everything here works without network access: the data ship with scikit-learn and the weights ship in
+``weights/``. ``import stepcache.reference`` only imports torch; diffusers, scikit-learn and safetensors are
+imported when first needed.
+
+Public API:
+    load_model, load_classifier, load_digits, make_scheduler, sample,
+    NUM_CLASSES, IMAGE_SIZE, NULL_CLASS, DEFAULT_GUIDANCE_SCALE, ReferenceWeightsError.
+"""
+
+from __future__ import annotations
+
+from stepcache.reference._classifier import DigitClassifier, load_classifier
+from stepcache.reference._data import IMAGE_SIZE, NUM_CLASSES, load_digits
+from stepcache.reference._model import (
+    DEFAULT_GUIDANCE_SCALE,
+    NULL_CLASS,
+    SCHEDULER_NAMES,
+    load_model,
+    load_model_metadata,
+    make_scheduler,
+    sample,
+)
+from stepcache.reference._weights import DEFAULT_WEIGHTS_DIR, ReferenceWeightsError
+
+__all__ = [
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEFAULT_WEIGHTS_DIR",
+    "IMAGE_SIZE",
+    "NULL_CLASS",
+    "NUM_CLASSES",
+    "SCHEDULER_NAMES",
+    "DigitClassifier",
+    "ReferenceWeightsError",
+    "load_classifier",
+    "load_digits",
+    "load_model",
+    "load_model_metadata",
+    "make_scheduler",
+    "sample",
+]
