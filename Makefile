@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepcache-setup
 
-.PHONY: setup demo test lint format bench
+.PHONY: setup demo calibrations test lint format
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml scripts/setup.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stepcache calibrate tiny-dit --steps 50 --samples 4 -o stepcache-demo/calibration.json --plot stepcache-demo/curves.png
-	$(BIN)/stepcache schedule stepcache-demo/calibration.json --compute-fraction 0.5 -o stepcache-demo/schedule.json
+	$(BIN)/stepcache demo --out stepcache-demo
+
+# Regenerate the calibrations shipped with the reference model (one command each).
+calibrations: $(STAMP)
+	$(BIN)/stepcache calibrate reference --scheduler ddim --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 -o src/stepcache/reference/calibrations/ddim-50.json
+	$(BIN)/stepcache calibrate reference --scheduler dpm --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 -o src/stepcache/reference/calibrations/dpm-20.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks

@@ -190,7 +190,15 @@ def calibrate(
     try:
         target = load_target(model, scheduler=scheduler)
         inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
-        cal = run_calibration(target, inputs=inputs, num_inference_steps=steps, lookahead=lookahead)
+        if guidance_scale is None and hasattr(target, "guidance_scale"):
+            guidance_scale = target.guidance_scale
+        cal = run_calibration(
+            target,
+            inputs=inputs,
+            num_inference_steps=steps,
+            lookahead=lookahead,
+            meta={"guidance_scale": guidance_scale},
+        )
     except StepCacheError as e:
         _fail(e)
     cal.save(out)

@@ -1,0 +1,268 @@
+"""``stepcache demo``: speed and quality of SmoothCache on the shipped reference model, offline.
+
+Generates the same seeds for every class without cache and with two SmoothCache schedules (one by
+alpha, one by compute fraction), then writes ``grid.png`` (uncached | cached | amplified
+difference, per class), ``curves.png`` (calibration error curves with alpha and the schedule) and
+``report.json``, and prints a table: wall time, speed-up, compute fraction, PSNR and SSIM against
+the uncached images, Fréchet distance to real held-out digits (with the real-vs-real noise floor),
+and class accuracy by the shipped classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .cache import cache
+from .calibration import Calibration, calibrate
+from .schedule import Schedule
+
+__all__ = ["DEFAULT_ALPHA", "DemoConfig", "ReferencePipeline", "run_demo", "shipped_calibration"]
+
+logger = logging.getLogger(__name__)
+
+# The threshold the reference model's card reports (compute fraction <= 0.6 at PSNR >= 30 dB).
+DEFAULT_ALPHA = 0.1
+
+
+class ReferencePipeline:
+    """The reference model behind a pipeline-like call, so the CLI and calibration treat it like
+    a diffusers pipeline: ``pipe(class_labels=[...], num_inference_steps=50)`` returns images."""
+
+    def __init__(self, scheduler: str = "ddim", guidance_scale: float | None = None) -> None:
+        from . import reference
+
+        self.transformer = reference.load_model()
+        self.scheduler_name = scheduler
+        self.guidance_scale = reference.DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        self.scheduler = reference.make_scheduler(scheduler, 50)
+
+    def __call__(
+        self,
+        class_labels: list[int] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        output_type: str = "pt",
+    ) -> torch.Tensor:
+        from . import reference
+
+        if generator is not None:
+            seed = int(generator.initial_seed())
+        # A fresh scheduler per call (multistep solvers keep state), kept on self so a cache can
+        # check the step count before the first step.
+        self.scheduler = reference.make_scheduler(self.scheduler_name, num_inference_steps)
+        return reference.sample(
+            self.transformer,
+            torch.as_tensor(class_labels),
+            scheduler=self.scheduler,
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=seed,
+            progress=progress,
+        )
+
+
+def shipped_calibration(scheduler: str, steps: int) -> Calibration | None:
+    """The calibration shipped for (scheduler, steps), if there is one."""
+    path = resources.files("stepcache.reference").joinpath("calibrations", f"{scheduler}-{steps}.json")
+    if not path.is_file():
+        return None
+    return Calibration.load(Path(str(path)))
+
+
+def calibrate_reference(
+    scheduler: str,
+    steps: int,
+    samples: int = 8,
+    seed: int = 1000,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate the reference model: ``samples`` generations of one image per class each."""
+    pipe = ReferencePipeline(scheduler, guidance_scale)
+    inputs = [{"class_labels": list(range(10)), "seed": seed + i} for i in range(samples)]
+    return calibrate(pipe, inputs=inputs, num_inference_steps=steps, progress=progress)
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("stepcache-demo")
+    scheduler: str = "ddim"
+    steps: int = 50
+    per_class: int = 20
+    classes: list[int] = field(default_factory=lambda: list(range(10)))
+    alpha: float = DEFAULT_ALPHA
+    compute_fraction: float = 0.5
+    guidance_scale: float | None = None
+    seed: int = 0
+    calibration_samples: int = 8
+    progress: bool = True
+
+
+def _grid(
+    columns: list[tuple[str, torch.Tensor]], labels: torch.Tensor, classes: list[int], per_row: int
+) -> np.ndarray:
+    """Rows = classes; column groups = variants, ``per_row`` images each; 1-pixel gutters."""
+    rows = []
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()[:per_row]
+        groups = []
+        for _, imgs in columns:
+            tiles = [np.pad(imgs[i, 0].numpy(), 1, constant_values=1.0) for i in idx]
+            groups.append(np.concatenate(tiles, axis=1))
+            groups.append(np.ones((groups[-1].shape[0], 4)))
+        rows.append(np.concatenate(groups[:-1], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _plot_grid(
+    path: Path, columns: list[tuple[str, torch.Tensor]], labels: torch.Tensor, classes: list[int]
+) -> None:
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    per_row = 4
+    # Images in [-1, 1] -> [0, 1]; differences amplified x10 and shown as |diff| on the same scale.
+    shown = [
+        (name, imgs.clamp(-1, 1) * 0.5 + 0.5 if "diff" not in name else imgs.abs().clamp(0, 1))
+        for name, imgs in columns
+    ]
+    grid = _grid(shown, labels, classes, per_row)
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 1, 0.5 * len(classes) + 1))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    tile = 18
+    group_w = per_row * tile + 4
+    ax.set_xticks(
+        [group_w * i + per_row * tile / 2 for i in range(len(columns))], [n for n, _ in columns], fontsize=7
+    )
+    ax.set_yticks([tile * i + tile / 2 for i in range(len(classes))], [str(c) for c in classes], fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_title("per class: uncached | cached | |difference| x 10", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run the demo; returns the report (also written to ``cfg.out / "report.json"``)."""
+    from . import metrics, reference
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    guidance = reference.DEFAULT_GUIDANCE_SCALE if cfg.guidance_scale is None else cfg.guidance_scale
+    cal = shipped_calibration(cfg.scheduler, cfg.steps)
+    cal_source = f"shipped ({cfg.scheduler}-{cfg.steps}.json)"
+    # A calibration holds for the guidance it was recorded with: guidance changes the trajectories.
+    if cal is None or cal.meta.get("guidance_scale") != guidance:
+        logger.info("no shipped calibration for %s/%d steps: calibrating", cfg.scheduler, cfg.steps)
+        cal = calibrate_reference(
+            cfg.scheduler, cfg.steps, cfg.calibration_samples, guidance_scale=guidance, progress=cfg.progress
+        )
+        cal_source = f"calibrated now ({cfg.calibration_samples} samples)"
+    schedules = {
+        f"alpha={cfg.alpha:g}": Schedule.from_calibration(cal, cfg.alpha),
+        f"fraction={cfg.compute_fraction:g}": Schedule.for_compute_fraction(cal, cfg.compute_fraction),
+    }
+    cal.plot(cfg.out / "curves.png", schedule=schedules[f"alpha={cfg.alpha:g}"])
+
+    pipe = ReferencePipeline(cfg.scheduler, guidance)
+    labels = torch.tensor([c for c in cfg.classes for _ in range(cfg.per_class)])
+
+    def generate() -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        images = pipe(labels, num_inference_steps=cfg.steps, seed=cfg.seed, progress=cfg.progress)
+        return images, time.perf_counter() - start
+
+    pipe(labels[:2], num_inference_steps=2)  # warm-up, so the first timing is not penalised
+    images, times, fractions, stats = {}, {}, {}, {}
+    images["uncached"], times["uncached"] = generate()
+    fractions["uncached"] = 1.0
+    for name, sched in schedules.items():
+        with cache(pipe, sched) as handle:
+            images[name], times[name] = generate()
+        fractions[name] = handle.stats.compute_fraction
+        stats[name] = handle.stats.as_dict()
+
+    classifier = reference.load_classifier()
+    real_test, _ = reference.load_digits("test")
+    real_train, _ = reference.load_digits("train")
+    floor = metrics.frechet_distance(real_test, real_train, classifier)
+    variants: dict[str, Any] = {}
+    base = images["uncached"]
+    for name, imgs in images.items():
+        fd, (lo, hi) = metrics.frechet_distance_bootstrap(
+            real_test, imgs, classifier, n_boot=100, seed=cfg.seed
+        )
+        row: dict[str, Any] = {
+            "wall_s": round(times[name], 3),
+            "speedup": round(times["uncached"] / times[name], 3),
+            "compute_fraction": round(fractions[name], 4),
+            "fd": round(fd, 4),
+            "fd_interval": [round(lo, 4), round(hi, 4)],
+            "class_accuracy": round(metrics.class_accuracy(imgs, labels, classifier), 4),
+        }
+        if name != "uncached":
+            row["psnr_db"] = round(metrics.psnr(imgs, base), 3)
+            row["ssim"] = round(metrics.ssim(imgs, base), 4)
+            row["alpha"] = schedules[name].meta.get("alpha")
+            row["schedule"] = {k: "".join(map(str, v)) for k, v in schedules[name].plans.items()}
+            row["stats"] = stats[name]
+        variants[name] = row
+
+    columns: list[tuple[str, torch.Tensor]] = [("uncached", base)]
+    for name in schedules:
+        columns += [(name, images[name]), (f"diff {name}", (images[name] - base) * 10)]
+    _plot_grid(cfg.out / "grid.png", columns, labels, cfg.classes)
+
+    report = {
+        "stepcache_version": __version__,
+        "model": "stepcache reference DiT (16x16 digits)",
+        "scheduler": cfg.scheduler,
+        "steps": cfg.steps,
+        "guidance_scale": guidance,
+        "classes": cfg.classes,
+        "samples": len(labels),
+        "seed": cfg.seed,
+        "calibration": cal_source,
+        "fd_noise_floor": round(floor, 4),
+        "variants": variants,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    import json
+
+    (cfg.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The printed table."""
+    head = (
+        f"{'variant':<15}{'wall s':>8}{'speed-up':>10}{'compute':>9}{'PSNR dB':>9}{'SSIM':>7}"
+        f"{'FD':>9}{'FD 95% interval':>19}{'accuracy':>10}"
+    )
+    lines = [
+        f"stepcache demo: {report['samples']} samples, {report['scheduler']} {report['steps']} steps, "
+        f"guidance {report['guidance_scale']}, calibration {report['calibration']}",
+        head,
+        "-" * len(head),
+    ]
+    for name, v in report["variants"].items():
+        psnr = f"{v['psnr_db']:.2f}" if "psnr_db" in v else "-"
+        ssim = f"{v['ssim']:.3f}" if "ssim" in v else "-"
+        interval = f"[{v['fd_interval'][0]:.2f}, {v['fd_interval'][1]:.2f}]"
+        lines.append(
+            f"{name:<15}{v['wall_s']:>8.2f}{v['speedup']:>9.2f}x{v['compute_fraction']:>9.2f}{psnr:>9}{ssim:>7}"
+            f"{v['fd']:>9.2f}{interval:>19}{v['class_accuracy']:>10.3f}"
+        )
+    lines.append(f"FD noise floor (real held-out vs real train): {report['fd_noise_floor']:.2f}")
+    return "\n".join(lines)
