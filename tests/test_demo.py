@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 from stepcache.cli import app
 
+# 5 steps, 2 classes: nothing is shipped for 5 steps, so the demo also calibrates.
+TINY = ["--steps", "5", "--classes", "3,7", "--per-class", "4", "--calibration-samples", "2"]
 VARIANT_KEYS = {"wall_s", "speedup", "compute_fraction", "fd", "fd_interval", "class_accuracy"}
 CACHED_KEYS = VARIANT_KEYS | {"psnr_db", "ssim", "alpha", "schedule", "stats"}
 
@@ -16,19 +18,7 @@ CACHED_KEYS = VARIANT_KEYS | {"psnr_db", "ssim", "alpha", "schedule", "stats"}
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    args = [
-        "demo",
-        "--out",
-        str(out),
-        "--steps",
-        "5",
-        "--classes",
-        "3,7",
-        "--per-class",
-        "4",
-        "--calibration-samples",
-        "2",
-    ]
+    args = ["demo", "--out", str(out), *TINY]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -64,19 +54,7 @@ def test_demo_writes_three_files_with_documented_keys(demo_run):
 
 def test_demo_is_reproducible(demo_run, tmp_path):
     out, _ = demo_run
-    args = [
-        "demo",
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "5",
-        "--classes",
-        "3,7",
-        "--per-class",
-        "4",
-        "--calibration-samples",
-        "2",
-    ]
+    args = ["demo", "--out", str(tmp_path), *TINY]
     assert CliRunner().invoke(app, args).exit_code == 0
     first = json.loads((out / "report.json").read_text())["variants"]
     second = json.loads((tmp_path / "report.json").read_text())["variants"]

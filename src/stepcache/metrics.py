@@ -81,19 +81,29 @@ def extract_features(
 ) -> torch.Tensor:
     """``(N, d)`` float64 features of ``[-1, 1]`` images, computed once in no-grad batches on the extractor's device."""
     fn = _feature_fn(feature_extractor)
+    return _batched_eval(
+        feature_extractor, images, lambda x: fn(x).reshape(x.shape[0], -1).double(), batch_size
+    )
+
+
+def _batched_eval(
+    module: nn.Module, images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int
+) -> torch.Tensor:
+    """``fn`` over ``images`` in no-grad float32 batches on ``module``'s device, in eval mode (restored)."""
     try:
-        device = next(feature_extractor.parameters()).device
+        device = next(module.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    was_training = feature_extractor.training
-    feature_extractor.eval()
-    outs = []
-    with torch.no_grad():
-        for chunk in images.detach().split(batch_size):
-            outs.append(
-                fn(chunk.to(device=device, dtype=torch.float32)).reshape(chunk.shape[0], -1).double().cpu()
-            )
-    feature_extractor.train(was_training)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            outs = [
+                fn(chunk.to(device=device, dtype=torch.float32)).cpu()
+                for chunk in images.detach().split(batch_size)
+            ]
+    finally:
+        module.train(was_training)
     return torch.cat(outs)
 
 
@@ -239,15 +249,5 @@ def class_accuracy(
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    try:
-        device = next(classifier.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    was_training = classifier.training
-    classifier.eval()
-    preds = []
-    with torch.no_grad():
-        for chunk in images.detach().split(batch_size):
-            preds.append(classifier(chunk.to(device=device, dtype=torch.float32)).argmax(dim=1).cpu())
-    classifier.train(was_training)
-    return float((torch.cat(preds) == labels).float().mean())
+    preds = _batched_eval(classifier, images, lambda x: classifier(x).argmax(dim=1), batch_size)
+    return float((preds == labels).float().mean())
