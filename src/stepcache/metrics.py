@@ -107,23 +107,6 @@ def _batched_eval(
     return torch.cat(outs)
 
 
-class _ImagesToFeatures(nn.Module):
-    """Adapter that lets torchmetrics' FID call our extractor.
-
-    With ``normalize=True`` and a custom module, torchmetrics passes the float images it was given
-    unchanged; we hand it ``[0, 1]`` images (the documented convention) and map back to ``[-1, 1]`` here.
-    """
-
-    def __init__(self, feature_extractor: nn.Module, num_features: int):
-        super().__init__()
-        self.extractor = feature_extractor
-        self.num_features = num_features
-        self._fn = _feature_fn(feature_extractor)
-
-    def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        return self._fn(images01 * 2.0 - 1.0).reshape(images01.shape[0], -1)
-
-
 class _Identity(nn.Module):
     """Feature "extractor" for already computed features, so bootstrap resamples never re-run the CNN."""
 
@@ -133,14 +116,6 @@ class _Identity(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
-
-
-def _num_features(feature_extractor: nn.Module, example: torch.Tensor) -> int:
-    n = getattr(feature_extractor, "num_features", None)
-    if isinstance(n, int):
-        return n
-    with torch.no_grad():
-        return int(extract_features(example[:1], feature_extractor).shape[1])
 
 
 def _fid_metric(module: nn.Module, reset_real: bool = True) -> Any:
@@ -162,22 +137,10 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature_extractor: 
         The FD (>= 0 up to round-off). Always compare against a real-vs-real noise floor: with few
         samples the estimate is biased upwards.
     """
-    real, fake = real.detach().float(), fake.detach().float()
-    d = _num_features(feature_extractor, real)
-    try:
-        device = next(feature_extractor.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    was_training = feature_extractor.training
-    feature_extractor.eval()
-    fid = _fid_metric(_ImagesToFeatures(feature_extractor, d))
-    with torch.no_grad():
-        for imgs, is_real in ((real, True), (fake, False)):
-            for chunk in imgs.split(_BATCH):
-                fid.update(((chunk.to(device) + 1.0) / 2.0).clamp(0.0, 1.0), real=is_real)
-        value = float(fid.compute())
-    feature_extractor.train(was_training)
-    return value
+    # Features once, in no-grad batches; the FD maths is torchmetrics' (as for the bootstrap).
+    return frechet_distance_from_features(
+        extract_features(real, feature_extractor), extract_features(fake, feature_extractor)
+    )
 
 
 def frechet_distance_from_features(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
