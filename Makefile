@@ -17,8 +17,8 @@ demo: $(STAMP)
 
 # Regenerate the calibrations shipped with the reference model (one command each).
 calibrations: $(STAMP)
-	$(BIN)/stepcache calibrate reference --scheduler ddim --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 -o src/stepcache/reference/calibrations/ddim-50.json
-	$(BIN)/stepcache calibrate reference --scheduler dpm --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 -o src/stepcache/reference/calibrations/dpm-20.json
+	$(BIN)/stepcache calibrate reference --scheduler ddim --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/ddim-50.json
+	$(BIN)/stepcache calibrate reference --scheduler dpm --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/dpm-20.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks

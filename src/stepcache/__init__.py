@@ -4,7 +4,8 @@ The whole public API::
 
     comps = stepcache.discover(pipe)                          # what can be cached
     cal = stepcache.calibrate(pipe, inputs=[...], num_inference_steps=50)
-    schedule = stepcache.Schedule.from_calibration(cal, alpha=0.1)
+    schedule = stepcache.Schedule.from_calibration(cal, alpha=0.1)   # SmoothCache's rule
+    schedule = stepcache.Schedule.optimal(cal, 0.35)                  # or: exact DP for a budget
     with stepcache.cache(pipe, schedule) as handle:           # apply it
         images = pipe(...)
     print(handle.stats)
@@ -17,6 +18,7 @@ from .discovery import COMPONENT_TYPES, Component, discover, register_layout
 from .errors import CalibrationError, DiscoveryError, ScheduleError, ScheduleLengthError, StepCacheError
 from .layouts import BlockLayout
 from .schedule import Schedule
+from .sensitivity import sensitivity
 
 __all__ = [
     "COMPONENT_TYPES",
@@ -39,4 +41,5 @@ __all__ = [
     "discover",
     "enable",
     "register_layout",
+    "sensitivity",
 ]

@@ -11,6 +11,7 @@ applied to a different model, and turns into schedules through :class:`~stepcach
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -67,6 +68,11 @@ class Calibration:
         spread: name -> standard deviation of the same quantity over generations.
         macs: name -> multiply-accumulates of one call, as counted by torch's FLOP counter.
         meta: model class, config fingerprint, scheduler, stepcache version, date.
+        forecast_errors: name -> array ``(num_steps, lookahead, lookahead + 1)``;
+            ``forecast_errors[s, j-1, m-1]`` is the mean relative L1 error of the first-order forecast of
+            step ``s`` from steps ``s-j`` and ``s-j-m`` (empty when calibrated with ``forecast=False``).
+        weights: name -> array ``(num_steps,)``: how much one unit of reuse error of that component at
+            that step changes the final sample, from :func:`~stepcache.sensitivity` (empty if not run).
     """
 
     num_steps: int
@@ -77,6 +83,8 @@ class Calibration:
     spread: Mapping[str, np.ndarray] = field(default_factory=dict)
     macs: Mapping[str, float | None] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    forecast_errors: Mapping[str, np.ndarray] = field(default_factory=dict)
+    weights: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_steps < 2 or self.lookahead < 1 or self.num_samples < 1:
@@ -90,14 +98,34 @@ class Calibration:
         for name, arr in self.errors.items():
             if np.shape(arr) != shape:
                 raise CalibrationError(f"errors of {name} have shape {np.shape(arr)}, expected {shape}.")
+        for label, table, want in (
+            ("forecast errors", self.forecast_errors, (*shape, self.lookahead + 1)),
+            ("weights", self.weights, (self.num_steps,)),
+        ):
+            if table and set(table) != set(self.components):
+                raise CalibrationError(
+                    f"calibration {label} and components name different sets of components."
+                )
+            for name, arr in table.items():
+                if np.shape(arr) != want:
+                    raise CalibrationError(f"{label} of {name} have shape {np.shape(arr)}, expected {want}.")
 
     # ---------------------------------------------------------------- views
     def type_errors(self) -> dict[str, np.ndarray]:
         """Type -> error table averaged over that type's layers (the paper's per-type curves)."""
-        by_type: dict[str, list[np.ndarray]] = {}
-        for name, kind in self.components.items():
-            by_type.setdefault(kind, []).append(np.asarray(self.errors[name], dtype=float))
-        return {kind: _nanmean(np.stack(arrs)) for kind, arrs in by_type.items()}
+        return _by_type(self.components, self.errors)
+
+    def type_forecast_errors(self) -> dict[str, np.ndarray]:
+        """Type -> forecast error table averaged over that type's layers (empty without forecasts)."""
+        return _by_type(self.components, self.forecast_errors)
+
+    def type_weights(self) -> dict[str, np.ndarray]:
+        """Type -> per-step sensitivity weights averaged over that type's layers (empty if none)."""
+        return _by_type(self.components, self.weights)
+
+    def replace(self, **changes: Any) -> Calibration:
+        """A copy with some fields changed (the dataclass is frozen)."""
+        return dataclasses.replace(self, **changes)
 
     def provenance(self) -> dict[str, Any]:
         """What a schedule made from this calibration records about where it came from."""
@@ -156,6 +184,10 @@ class Calibration:
                     "macs": self.macs.get(name),
                     "errors": arr(self.errors[name]),
                     "spread": arr(self.spread[name]) if name in self.spread else None,
+                    "forecast_errors": (
+                        [arr(t) for t in self.forecast_errors[name]] if name in self.forecast_errors else None
+                    ),
+                    "weights": ([float(v) for v in self.weights[name]] if name in self.weights else None),
                 }
                 for name, kind in self.components.items()
             },
@@ -184,6 +216,16 @@ class Calibration:
                 spread={n: arr(c["spread"]) for n, c in comps.items() if c.get("spread") is not None},
                 macs={n: c.get("macs") for n, c in comps.items()},
                 meta=dict(data.get("meta", {})),
+                forecast_errors={
+                    n: np.stack([arr(t) for t in c["forecast_errors"]])
+                    for n, c in comps.items()
+                    if c.get("forecast_errors") is not None
+                },
+                weights={
+                    n: np.array(c["weights"], dtype=float)
+                    for n, c in comps.items()
+                    if c.get("weights") is not None
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CalibrationError(f"{source} is missing or has malformed field {e}.") from None
@@ -196,6 +238,14 @@ class Calibration:
         return cls.from_dict(read_json(path, "calibration", CalibrationError), source=str(path))
 
 
+def _by_type(components: Mapping[str, str], tables: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    by_type: dict[str, list[np.ndarray]] = {}
+    for name, kind in components.items():
+        if name in tables:
+            by_type.setdefault(kind, []).append(np.asarray(tables[name], dtype=float))
+    return {kind: _nanmean(np.stack(arrs)) for kind, arrs in by_type.items()}
+
+
 def _nanmean(stack: np.ndarray) -> np.ndarray:
     # NaN corners (step < j) are expected: silence numpy's "mean of empty slice".
     with warnings.catch_warnings():
@@ -204,16 +254,26 @@ def _nanmean(stack: np.ndarray) -> np.ndarray:
 
 
 class _Recorder:
-    """Interceptor that runs each component normally and records its step-to-step change."""
+    """Interceptor that runs each component normally and records its step-to-step change.
 
-    def __init__(self, components: Sequence[Component], lookahead: int, tracker: StepTracker) -> None:
+    With ``forecast``, it also records the error of a first-order forecast: the output at step ``s``
+    predicted from the outputs at ``a = s - j`` and ``b = a - m`` as ``o_a + (j / m) (o_a - o_b)``, the
+    extrapolation the runtime applies; that needs the ``2k + 1`` most recent outputs instead of ``k``.
+    """
+
+    def __init__(
+        self, components: Sequence[Component], lookahead: int, tracker: StepTracker, forecast: bool = False
+    ) -> None:
         self.k = lookahead
+        self.forecast = forecast
         self.tracker = tracker
         self.names = [c.name for c in components]
         self.macs: dict[str, float | None] = {}
         self.generations: list[dict[str, np.ndarray]] = []
+        self.forecast_generations: list[dict[str, np.ndarray]] = []
         self._hist: dict[tuple[str, int], deque] = {}
-        self._pending: list[tuple[str, int, int, torch.Tensor]] = []
+        # (name, step, j, m, per-item error); m = 0 marks a copy error.
+        self._pending: list[tuple[str, int, int, int, torch.Tensor]] = []
         self._max_step = -1
 
     def intercept(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -234,12 +294,22 @@ class _Recorder:
         cur = _flatten(out)
         if cur is None:
             return
-        hist = self._hist.setdefault((name, branch), deque(maxlen=self.k))
-        for prev_step, prev in hist:
-            j = step - prev_step
-            if 1 <= j <= self.k and prev.shape == cur.shape:
-                err = (cur - prev).abs().sum(1) / cur.abs().sum(1).clamp_min(1e-12)
-                self._pending.append((name, step, j, err))
+        k = self.k
+        hist = self._hist.setdefault((name, branch), deque(maxlen=2 * k + 1 if self.forecast else k))
+        past = {s: o for s, o in hist if o.shape == cur.shape}
+        norm = cur.abs().sum(1).clamp_min(1e-12)
+        for j in range(1, k + 1):
+            a = past.get(step - j)
+            if a is None:
+                continue
+            self._pending.append((name, step, j, 0, (cur - a).abs().sum(1) / norm))
+            if not self.forecast:
+                continue
+            for m in range(1, k + 2):
+                b = past.get(step - j - m)
+                if b is not None:
+                    pred = a + (j / m) * (a - b)
+                    self._pending.append((name, step, j, m, (cur - pred).abs().sum(1) / norm))
         hist.append((step, cur))
         self._max_step = max(self._max_step, step)
 
@@ -247,21 +317,24 @@ class _Recorder:
         """Average the finished generation's errors over items and branches into one sample."""
         if self._max_step < 0:
             return
-        n = self._max_step + 1
-        sums = {name: np.zeros((n, self.k)) for name in self.names}
-        counts = {name: np.zeros((n, self.k)) for name in self.names}
+        n, k = self._max_step + 1, self.k
+        sums = {name: np.zeros((n, k, k + 2)) for name in self.names}
+        counts = {name: np.zeros((n, k, k + 2)) for name in self.names}
         if self._pending:
             flat = torch.cat([e.reshape(-1) for *_, e in self._pending]).cpu().numpy()
             at = 0
-            for name, step, j, e in self._pending:
+            for name, step, j, m, e in self._pending:
                 vals = flat[at : at + e.numel()]
                 at += e.numel()
-                sums[name][step, j - 1] += vals.sum()
-                counts[name][step, j - 1] += vals.size
+                sums[name][step, j - 1, m] += vals.sum()
+                counts[name][step, j - 1, m] += vals.size
         with np.errstate(invalid="ignore", divide="ignore"):
-            self.generations.append(
-                {name: np.where(counts[name] > 0, sums[name] / counts[name], np.nan) for name in self.names}
-            )
+            means = {
+                name: np.where(counts[name] > 0, sums[name] / counts[name], np.nan) for name in self.names
+            }
+        self.generations.append({name: m[:, :, 0] for name, m in means.items()})
+        if self.forecast:
+            self.forecast_generations.append({name: m[:, :, 1:] for name, m in means.items()})
         self.drop_generation()
 
     def drop_generation(self) -> None:
@@ -277,6 +350,7 @@ def calibrate(
     inputs: Iterable[Mapping[str, Any]] | None = None,
     num_inference_steps: int | None = None,
     lookahead: int = 3,
+    forecast: bool = True,
     blocks: Any = None,
     components: Any = None,
     types: Iterable[str] | None = None,
@@ -294,6 +368,8 @@ def calibrate(
         inputs: instead of ``run`` for a pipeline: a list of call kwargs, one generation each
             (``[{"class_labels": [3]}, ...]``), run with ``num_inference_steps``.
         lookahead: ``k``, the largest step distance to measure (the longest possible reuse run).
+        forecast: also record first-order forecast errors (what the ``optimal`` policy uses to choose
+            between copying and forecasting); holds ``2k + 1`` outputs per component instead of ``k``.
         blocks, components, types: override discovery (see :func:`stepcache.discover`).
         timestep_arg: name of the denoiser's timestep argument, if it is not found automatically.
         scheduler: scheduler name to record (taken from the pipeline when there is one).
@@ -329,7 +405,7 @@ def calibrate(
     models = [m for _, m in denoisers_of(target)]
     comps = discover(target, blocks=blocks, components=components, types=types)
     tracker = StepTracker()
-    recorder = _Recorder(comps, lookahead, tracker)
+    recorder = _Recorder(comps, lookahead, tracker, forecast=forecast)
     tracker.on_generation.append(recorder.finish_generation)
     tracker.on_reset.append(recorder.drop_generation)
 
@@ -357,6 +433,8 @@ def calibrate(
     names = [c.name for c in comps]
     stacked = {name: np.stack([g[name] for g in gens]) for name in names}
     errors = {name: _nanmean(s) for name, s in stacked.items()}
+    fgens = recorder.forecast_generations
+    forecast_errors = {name: _nanmean(np.stack([g[name] for g in fgens])) for name in names} if fgens else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         spread = {name: np.nanstd(s, axis=0) for name, s in stacked.items()}
@@ -380,6 +458,7 @@ def calibrate(
         spread=spread,
         macs={name: recorder.macs.get(name) for name in names},
         meta=info,
+        forecast_errors=forecast_errors,
     )
 
 

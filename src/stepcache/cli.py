@@ -183,9 +183,21 @@ def calibrate(
     ] = None,
     seed: int = 0,
     plot: Annotated[Path | None, typer.Option(help="Also write the error curves as PNG.")] = None,
+    forecast: Annotated[
+        bool, typer.Option(help="Also record first-order forecast errors (used by the optimal policy).")
+    ] = True,
+    sensitivity: Annotated[
+        int,
+        typer.Option(
+            help="Step groups for sensitivity weights (0 = skip). Costs 1 + groups x layer groups "
+            "replays of --sensitivity-samples generations."
+        ),
+    ] = 0,
+    sensitivity_samples: Annotated[int, typer.Option(help="Generations replayed per sensitivity run.")] = 2,
 ) -> None:
     """Run MODEL uncached and record per-step error curves of every component."""
     from .calibration import calibrate as run_calibration
+    from .sensitivity import sensitivity as measure_sensitivity
 
     try:
         target = load_target(model, scheduler=scheduler)
@@ -197,8 +209,22 @@ def calibrate(
             inputs=inputs,
             num_inference_steps=steps,
             lookahead=lookahead,
+            forecast=forecast,
             meta={"guidance_scale": guidance_scale},
         )
+        if sensitivity:
+            replay = inputs[: max(1, sensitivity_samples)]
+
+            def run() -> Any:
+                import torch
+
+                outs = []
+                for i, kw in enumerate(replay):  # fresh generators: every replay draws the same noise
+                    outs.append(target(**{**kw, "generator": torch.Generator().manual_seed(seed + i)}))
+                finals = [getattr(o, "images", o) for o in outs]
+                return torch.cat([torch.as_tensor(f) for f in finals])
+
+            cal = measure_sensitivity(target, cal, run, step_groups=sensitivity)
     except StepCacheError as e:
         _fail(e)
     cal.save(out)
@@ -216,24 +242,50 @@ def schedule(
     compute_fraction: Annotated[
         float | None, typer.Option(help="Target share of component calls to execute.")
     ] = None,
-    granularity: Annotated[str, typer.Option(help="type (one plan per component type) or layer.")] = "type",
+    granularity: Annotated[
+        str | None, typer.Option(help="type (one plan per component type) or layer.")
+    ] = None,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="smoothcache (greedy rule, by --alpha or --compute-fraction) or optimal (exact DP for "
+            "--compute-fraction, calibrated forecasting and sensitivity weights when recorded)."
+        ),
+    ] = "smoothcache",
+    forecast: Annotated[
+        bool | None, typer.Option(help="optimal: allow first-order forecasts (default: if calibrated).")
+    ] = None,
+    budget: Annotated[str, typer.Option(help="optimal: count the budget in calls or macs.")] = "calls",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Schedule JSON to write.")] = None,
     smoothcache_out: Annotated[
         Path | None, typer.Option(help="Also write the original package's format.")
     ] = None,
 ) -> None:
-    """Turn a calibration into a schedule, by --alpha or by --compute-fraction."""
+    """Turn a calibration into a schedule: --policy smoothcache (--alpha or --compute-fraction) or
+    --policy optimal (--compute-fraction)."""
     from .calibration import Calibration
     from .schedule import Schedule
 
+    if policy not in ("smoothcache", "optimal"):
+        _fail(StepCacheError(f"--policy must be smoothcache or optimal, got {policy!r}."))
+    if policy == "optimal" and (alpha is not None or compute_fraction is None):
+        _fail(StepCacheError("--policy optimal takes --compute-fraction (not --alpha)."))
     if (alpha is None) == (compute_fraction is None):
         _fail(StepCacheError("give exactly one of --alpha and --compute-fraction."))
     try:
         cal = Calibration.load(calibration)
-        if alpha is not None:
-            sched = Schedule.from_calibration(cal, alpha, granularity=granularity)
+        if policy == "optimal":
+            sched = Schedule.optimal(
+                cal,
+                compute_fraction,  # type: ignore[arg-type]
+                granularity=granularity or "type",
+                forecast=forecast,
+                budget=budget,
+            )
+        elif alpha is not None:
+            sched = Schedule.from_calibration(cal, alpha, granularity=granularity or "type")
         else:
-            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity)  # type: ignore[arg-type]
+            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity or "type")  # type: ignore[arg-type]
         if smoothcache_out:
             sched.to_smoothcache(smoothcache_out)
     except StepCacheError as e:

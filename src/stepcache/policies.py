@@ -1,0 +1,269 @@
+"""Budgeted optimal schedules: exact per-component dynamic programming plus a global allocation.
+
+SmoothCache's rule is greedy and local: from a computed step it jumps as far as the error of the
+*last* reused step allows. Here the same calibration is used as a cost model instead:
+
+* Reusing at step ``s`` the output computed at ``a = s - j`` costs ``w[s] * e(s, j)``, where ``e`` is
+  the calibrated error of the cheaper predictor: copying (``errors[s, j-1]``) or, when the previous
+  computation ``b = a - m`` exists, the first-order forecast ``o_a + (j/m)(o_a - o_b)``
+  (``forecast_errors[s, j-1, m-1]``). ``w`` are optional sensitivity weights (how much one unit of
+  error at that step moves the final sample; see :func:`stepcache.sensitivity`).
+* For one component (or one type), choosing which steps compute is a shortest path over steps whose
+  state is (last compute, gap to the compute before it): the gap decides the forecast. Solving it for
+  every number of computations at once gives that component's exact cost curve.
+* One global budget is then shared across components. A computation of a component costs the
+  layers it stands for (times its MACs per call when the budget is in MACs). With whole-number costs
+  (calls) the split is solved exactly by a min-plus knapsack over the cost curves and the budget is
+  met exactly (up to the granularity: a type plan stands for all its layers); with MAC costs, by a
+  Lagrangian (minimise ``cost(c) + lambda * unit * c``, bisection on ``lambda``) plus a greedy fill.
+
+Everything is deterministic: ties break towards fewer computations and earlier components.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ScheduleError
+
+__all__ = ["CostCurve", "allocate", "cost_curve", "plan_cost"]
+
+COMPUTE, REUSE, FORECAST = 1, 0, 2
+_INF = math.inf
+
+
+def _finite(a: np.ndarray | None) -> np.ndarray | None:
+    if a is None:
+        return None
+    a = np.asarray(a, dtype=float)
+    return np.where(np.isfinite(a), a, _INF)
+
+
+def _step_cost(copy: np.ndarray, fc: np.ndarray | None, s: int, j: int, m: int) -> tuple[float, int]:
+    """(cost, plan value) of the cheaper predictor at step ``s``, ``j`` after the last compute, whose
+    previous compute lies ``m`` before it (``m = 0``: none)."""
+    c = copy[s, j - 1]
+    if fc is not None and m >= 1:
+        f = fc[s, j - 1, m - 1]
+        if f < c:
+            return f, FORECAST
+    return c, REUSE
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Exact optimum for one component at every number of computations.
+
+    Attributes:
+        cost: ``cost[c]`` = least total weighted error with exactly ``c`` computations (inf where
+            impossible: ``c < 2`` or runs longer than the lookahead would be needed).
+        plans: ``plans[c]`` = the plan achieving it (``None`` where impossible).
+    """
+
+    cost: np.ndarray
+    plans: tuple[tuple[int, ...] | None, ...]
+
+    @property
+    def feasible(self) -> np.ndarray:
+        return np.flatnonzero(np.isfinite(self.cost))
+
+
+def cost_curve(
+    errors: np.ndarray,
+    forecast_errors: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> CostCurve:
+    """Solve the per-component schedule exactly for every compute count (dynamic programming).
+
+    Args:
+        errors: ``(n, k)`` calibrated copy errors, ``errors[s, j-1]`` for reusing step ``s-j`` at ``s``.
+        forecast_errors: ``(n, k, k+1)`` first-order forecast errors, or ``None`` to copy only.
+        weights: ``(n,)`` per-step multipliers of the error (default: ones).
+
+    The first and the last step always compute; no reuse run is longer than ``k``.
+    """
+    copy = _finite(errors)
+    n, k = copy.shape
+    fc = _finite(forecast_errors)
+    if fc is not None and fc.shape != (n, k, k + 1):
+        raise ScheduleError(f"forecast errors have shape {fc.shape}, expected {(n, k, k + 1)}.")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ScheduleError(f"weights must be {n} finite numbers >= 0, got shape {w.shape}.")
+    gaps = k + 2  # gap index 0 = no previous compute, 1..k+1 = distance to it
+    # best[t][g] = cost vector over compute counts for paths whose last compute is t with gap g.
+    best = np.full((n, gaps, n + 1), _INF)
+    back = np.full((n, gaps, n + 1), -1, dtype=np.int64)  # previous gap (the previous compute is t - g)
+    best[0, 0, 1] = 0.0
+    for t in range(n - 1):
+        for g in range(gaps):
+            row = best[t, g]
+            if not np.isfinite(row).any():
+                continue
+            run = 0.0  # cost of reusing steps t+1..t+d-1 after a compute at t with gap g
+            for d in range(1, k + 2):
+                u = t + d
+                if u >= n:
+                    break
+                if d > 1:
+                    run += w[u - 1] * _step_cost(copy, fc, u - 1, d - 1, g)[0]
+                    if not math.isfinite(run):
+                        break
+                cand = np.full(n + 1, _INF)
+                cand[1:] = row[:-1] + run
+                better = cand < best[u, d]
+                if better.any():
+                    best[u, d] = np.where(better, cand, best[u, d])
+                    back[u, d] = np.where(better, g, back[u, d])
+    final = best[n - 1]
+    cost = final.min(axis=0)
+    plans: list[tuple[int, ...] | None] = []
+    for c in range(n + 1):
+        if not math.isfinite(cost[c]):
+            plans.append(None)
+            continue
+        g = int(np.argmin(final[:, c]))
+        computes, t = [], n - 1
+        while True:
+            computes.append(t)
+            if t == 0:
+                break
+            t, g, c = t - g, int(back[t, g, c]), c - 1
+        computes.reverse()
+        plans.append(_plan_from_computes(copy, fc, n, computes))
+    return CostCurve(cost=cost, plans=tuple(plans))
+
+
+def _plan_from_computes(
+    copy: np.ndarray, fc: np.ndarray | None, n: int, computes: list[int]
+) -> tuple[int, ...]:
+    plan = [REUSE] * n
+    prev = None
+    for i, a in enumerate(computes):
+        plan[a] = COMPUTE
+        nxt = computes[i + 1] if i + 1 < len(computes) else n
+        m = 0 if prev is None else a - prev
+        for s in range(a + 1, nxt):
+            plan[s] = _step_cost(copy, fc, s, s - a, m)[1]
+        prev = a
+    return tuple(plan)
+
+
+def plan_cost(
+    plan: tuple[int, ...],
+    errors: np.ndarray,
+    forecast_errors: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> float:
+    """The cost model's value of a given plan (what :func:`cost_curve` minimises); inf if a run is
+    longer than the calibration's lookahead or a forecast has no calibrated error."""
+    copy = _finite(errors)
+    fc = _finite(forecast_errors)
+    n, k = copy.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    total, a, b = 0.0, None, None
+    for s, v in enumerate(plan):
+        if v == COMPUTE:
+            a, b = s, a
+            continue
+        if a is None or s - a > k:
+            return _INF
+        if v == FORECAST and fc is not None and b is not None:
+            total += w[s] * fc[s, s - a - 1, a - b - 1]
+        else:
+            total += w[s] * copy[s, s - a - 1]
+    return float(total)
+
+
+def allocate(curves: Mapping[str, CostCurve], units: Mapping[str, float], budget: float) -> dict[str, int]:
+    """Compute counts per component minimising the summed cost, spending as much of ``budget`` as fits.
+
+    ``units[key]`` is what one computation of ``key`` costs. When every unit is a whole number (a call
+    budget: a type plan costs its number of layers), the allocation is solved exactly by a min-plus
+    knapsack over components, and the budget is met exactly whenever some allocation hits it (else
+    the largest that fits). Otherwise (a MAC budget) a Lagrangian relaxation (bisection on the price
+    of one unit of compute) picks the largest allocation on the lower convex hull within budget, and
+    the remainder goes one computation at a time where it lowers the cost most per unit.
+
+    Raises:
+        ScheduleError: the budget is below the cheapest feasible allocation.
+    """
+    keys = list(curves)
+    floor = sum(units[key] * int(curves[key].feasible[0]) for key in keys)
+    if budget + 1e-9 < floor:
+        raise ScheduleError(f"budget {budget:g} is below the least possible {floor:g}.")
+    if all(float(units[key]).is_integer() for key in keys):
+        return _knapsack(curves, {key: int(units[key]) for key in keys}, math.floor(budget + 1e-9))
+    return _lagrangian(curves, units, budget)
+
+
+def _knapsack(curves: Mapping[str, CostCurve], units: Mapping[str, int], budget: int) -> dict[str, int]:
+    keys = list(curves)
+    table = np.full(budget + 1, _INF)  # table[b] = least cost of the components so far spending b
+    table[0] = 0.0
+    choices = []
+    for key in keys:
+        u, curve = units[key], curves[key]
+        new = np.full(budget + 1, _INF)
+        pick = np.full(budget + 1, -1, dtype=np.int64)
+        for c in curve.feasible:  # ascending: ties keep the fewest computations
+            spend = int(c) * u
+            if spend > budget:
+                break
+            cand = np.full(budget + 1, _INF)
+            cand[spend:] = table[: budget + 1 - spend] + curve.cost[c]
+            better = cand < new
+            new[better], pick[better] = cand[better], c
+        table = new
+        choices.append(pick)
+    reachable = np.flatnonzero(np.isfinite(table))
+    b = int(reachable[-1])  # spend the whole budget when possible: more computations, never fewer
+    counts: dict[str, int] = {}
+    for key, pick in zip(reversed(keys), reversed(choices), strict=True):
+        c = int(pick[b])
+        counts[key] = c
+        b -= c * units[key]
+    return {key: counts[key] for key in keys}
+
+
+def _lagrangian(curves: Mapping[str, CostCurve], units: Mapping[str, float], budget: float) -> dict[str, int]:
+    keys = list(curves)
+
+    def pick(lam: float) -> dict[str, int]:
+        out = {}
+        for key in keys:
+            feas = curves[key].feasible
+            vals = curves[key].cost[feas] + lam * units[key] * feas
+            out[key] = int(feas[int(np.argmin(vals))])  # argmin takes the first: fewest computes
+        return out
+
+    def spend(counts: dict[str, int]) -> float:
+        return sum(units[key] * counts[key] for key in keys)
+
+    scale = max(float(np.max(c.cost[c.feasible])) for c in curves.values()) + 1.0
+    lo, hi = 0.0, scale / max(min(units.values()), 1e-12) + 1.0  # at hi everyone takes its minimum
+    counts = pick(hi)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        trial = pick(mid)
+        if spend(trial) <= budget + 1e-9:
+            hi, counts = mid, trial
+        else:
+            lo = mid
+    while True:  # greedy fill: the best single extra computation per unit, until nothing fits
+        best_key, best_gain = None, -_INF
+        left = budget - spend(counts)
+        for key in keys:
+            c, cost = counts[key], curves[key].cost
+            if units[key] > left + 1e-9 or c + 1 >= len(cost) or not math.isfinite(cost[c + 1]):
+                continue
+            gain = (cost[c] - cost[c + 1]) / units[key]
+            if gain > best_gain:
+                best_key, best_gain = key, gain
+        if best_key is None:
+            return counts
+        counts[best_key] += 1
