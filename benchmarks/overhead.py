@@ -23,36 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 import stepcache
 from stepcache import Schedule
+from stepcache.bench.speed import generate, uniform_plan
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def uniform_plan(n: int, fraction: float) -> tuple[int, ...]:
-    """Evenly spaced computes (first and last included) for a compute fraction."""
-    m = max(2, round(fraction * n))
-    picks = {round(i * (n - 1) / (m - 1)) for i in range(m)}
-    return tuple(int(s in picks) for s in range(n))
-
-
-def generate(model, scheduler, steps, batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    labels = torch.arange(batch) % 1000
-    null = torch.full((batch,), 1000)
-    scheduler.set_timesteps(steps)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            inp = torch.cat([x, x])
-            out = model(inp, timestep=t.expand(2 * batch), class_labels=torch.cat([labels, null])).sample
-            cond, unc = out[:, : cfg.in_channels].chunk(2)
-            x = scheduler.step(unc + 4.0 * (cond - unc), t, x).prev_sample
-    return x
 
 
 def main() -> None:
@@ -74,7 +52,6 @@ def main() -> None:
     model = DiTTransformer2DModel(
         in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **config
     ).eval()
-    scheduler = DDIMScheduler()
     n = args.steps
 
     # Total MACs of one denoiser call, and of one call of each cached component.
@@ -95,16 +72,16 @@ def main() -> None:
     configs = ["uncached"] + [f"f={f}" for f in fractions]
     times: dict[str, list[float]] = {c: [] for c in configs}
     measured_fraction = {}
-    generate(model, scheduler, 2, args.batch)  # warm-up
+    generate(model, 2, args.batch)  # warm-up
     for r in range(args.repeats):
         for name in configs:  # interleaved, so drift affects every configuration alike
             start = time.perf_counter()
             if name == "uncached":
-                generate(model, scheduler, n, args.batch, seed=r)
+                generate(model, n, args.batch, seed=r)
             else:
                 f = float(name[2:])
                 with stepcache.cache(model, schedules[f], count_macs=False) as handle:
-                    generate(model, scheduler, n, args.batch, seed=r)
+                    generate(model, n, args.batch, seed=r)
                 measured_fraction[name] = handle.stats.compute_fraction
             times[name].append(time.perf_counter() - start)
             print(f"repeat {r + 1}/{args.repeats} {name:>9}: {times[name][-1]:.2f} s", flush=True)
