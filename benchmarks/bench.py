@@ -23,11 +23,11 @@ from stepcache.bench.speed import SpeedConfig
 
 RESULTS = Path(__file__).parent / "results"
 FD_FAMILIES = (
+    "stepcache/tuned",
     "stepcache/optimal (type)",
     "stepcache/SmoothCache by fraction",
     "baseline/FORA+forecast",
     "diffusers/TaylorSeer",
-    "diffusers/FirstBlockCache",
     "cache-dit/DBCache+TaylorSeer",
 )
 

@@ -32,7 +32,11 @@ def test_quick_bench_runs_end_to_end_and_validates(quick_report):
     assert (out / "bench.md").exists() and (out / "frontier-ddim-6.png").exists()
     sampler = report["quality"]["samplers"][0]
     families = {(p["library"], p["method"]) for p in sampler["points"]}
-    assert {("stepcache", "optimal (type)"), ("baseline", "FORA+forecast")} <= families
+    assert {
+        ("stepcache", "optimal (type)"),
+        ("stepcache", "tuned"),
+        ("baseline", "FORA+forecast"),
+    } <= families
     for p in sampler["points"]:
         assert "error" in p or 0 < p["compute_fraction"] <= 1
     ours = [p for p in sampler["points"] if p["method"] == "optimal (type)"]

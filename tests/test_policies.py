@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -188,3 +189,44 @@ def test_sensitivity_weights_are_deterministic_and_saved(plain_dit, calibration,
 def test_sensitivity_needs_tensor_samples(plain_dit, calibration):
     with pytest.raises(stepcache.CalibrationError, match="return the final samples"):
         stepcache.sensitivity(plain_dit, calibration, lambda: None, progress=False)
+
+
+@pytest.mark.parametrize("n", [8, 20, 50])
+def test_candidate_plans_spend_the_budget_exactly(n):
+    from stepcache.tuning import interval_plan, warmup_plan
+
+    for computes in range(3, n):
+        for w in range(1, computes - 1):
+            with contextlib.suppress(ScheduleError):
+                plan = warmup_plan(n, computes, w)
+                assert plan.count(COMPUTE) == computes and plan[-1] == COMPUTE
+                assert plan[:w] == (COMPUTE,) * w
+            plan = interval_plan(n, computes, w)
+            assert plan.count(COMPUTE) <= computes and plan[:w] == (COMPUTE,) * w
+
+
+def test_tune_picks_the_closest_candidate_and_leaves_the_model_alone(plain_dit, calibration, tmp_path):
+    from model_state import model_state
+
+    def run():
+        return torch.cat(run_for(plain_dit, [5])())
+
+    before = model_state(plain_dit)
+    sched = stepcache.tune(plain_dit, run, 0.5, calibration=calibration, progress=False)
+    assert model_state(plain_dit) == before
+    info = sched.meta["tuning"]
+    assert sched.meta["rule"] == "tuned" and info["runs"] == info["evaluations"] + 1
+    assert info["mse"][sched.meta["candidate"]] == min(info["mse"].values())
+    assert sched.compute_fraction <= 0.5 + 1e-12
+    again = stepcache.tune(plain_dit, run, 0.5, calibration=calibration, progress=False)
+    assert again.plans == sched.plans and again.meta["tuning"]["mse"] == info["mse"]
+    assert Schedule.load(sched.save(tmp_path / "t.json")) == sched
+    # The chosen schedule really gives that error when replayed.
+    reference = run()
+    with stepcache.cache(plain_dit, sched):
+        out = run()
+    assert float((out - reference).pow(2).mean()) == pytest.approx(
+        info["mse"][sched.meta["candidate"]], rel=1e-3
+    )
+    with pytest.raises(ScheduleError, match="num_steps"):
+        stepcache.tune(plain_dit, run, 0.5)

@@ -6,6 +6,7 @@ The whole public API::
     cal = stepcache.calibrate(pipe, inputs=[...], num_inference_steps=50)
     schedule = stepcache.Schedule.from_calibration(cal, alpha=0.1)   # SmoothCache's rule
     schedule = stepcache.Schedule.optimal(cal, 0.35)                  # or: exact DP for a budget
+    schedule = stepcache.tune(pipe, run, 0.35, calibration=cal)       # or: closed-loop, the best
     with stepcache.cache(pipe, schedule) as handle:           # apply it
         images = pipe(...)
     print(handle.stats)
@@ -19,6 +20,7 @@ from .errors import CalibrationError, DiscoveryError, ScheduleError, ScheduleLen
 from .layouts import BlockLayout
 from .schedule import Schedule
 from .sensitivity import sensitivity
+from .tuning import tune
 
 __all__ = [
     "COMPONENT_TYPES",
@@ -42,4 +44,5 @@ __all__ = [
     "enable",
     "register_layout",
     "sensitivity",
+    "tune",
 ]

@@ -89,6 +89,22 @@ def _inputs_for(
     return out
 
 
+def _replay(target: Any, inputs: list[dict], seed: int, steps: int) -> Any:
+    """A no-argument callable generating ``inputs`` with fresh generators (the same noise every call)
+    and returning the final samples as one tensor: what sensitivity() and tune() replay."""
+
+    def run() -> Any:
+        import torch
+
+        outs = []
+        for i, kw in enumerate(inputs):
+            kw = {**kw, "generator": torch.Generator().manual_seed(seed + i), "num_inference_steps": steps}
+            outs.append(target(**kw))
+        return torch.cat([torch.as_tensor(getattr(o, "images", o)) for o in outs])
+
+    return run
+
+
 def _fail(e: Exception) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -213,17 +229,7 @@ def calibrate(
             meta={"guidance_scale": guidance_scale},
         )
         if sensitivity:
-            replay = inputs[: max(1, sensitivity_samples)]
-
-            def run() -> Any:
-                import torch
-
-                outs = []
-                for i, kw in enumerate(replay):  # fresh generators: every replay draws the same noise
-                    outs.append(target(**{**kw, "generator": torch.Generator().manual_seed(seed + i)}))
-                finals = [getattr(o, "images", o) for o in outs]
-                return torch.cat([torch.as_tensor(f) for f in finals])
-
+            run = _replay(target, inputs[: max(1, sensitivity_samples)], seed, steps)
             cal = measure_sensitivity(target, cal, run, step_groups=sensitivity)
     except StepCacheError as e:
         _fail(e)
@@ -294,6 +300,45 @@ def schedule(
     if out:
         sched.save(out)
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def tune(
+    model: ModelArg,
+    compute_fraction: Annotated[float, typer.Option(help="Share of component calls to execute.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Schedule JSON to write.")] = Path("schedule.json"),
+    calibration: Annotated[
+        Path | None, typer.Option(help="Calibration JSON: adds the optimal policy to the candidates.")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per generation.")] = 50,
+    samples: Annotated[int, typer.Option(help="Generations replayed per candidate.")] = 2,
+    batch: Annotated[int, typer.Option(help="Class labels or prompts per generation.")] = 10,
+    scheduler: Annotated[str, typer.Option(help="reference and tiny-dit: ddim or dpm.")] = "ddim",
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")
+    ] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Guidance scale passed to the pipeline.")
+    ] = None,
+    seed: int = 1000,
+) -> None:
+    """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached."""
+    from .calibration import Calibration
+    from .tuning import tune as run_tune
+
+    try:
+        target = load_target(model, scheduler=scheduler)
+        inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
+        cal = Calibration.load(calibration) if calibration else None
+        sched = run_tune(
+            target, _replay(target, inputs, seed, steps), compute_fraction, num_steps=steps, calibration=cal
+        )
+    except StepCacheError as e:
+        _fail(e)
+    typer.echo(sched.render())
+    typer.echo(f"chosen: {sched.meta['candidate']} ({sched.meta['tuning']['runs']} replays)")
+    sched.save(out)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

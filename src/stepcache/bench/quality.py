@@ -24,6 +24,7 @@ from .. import metrics, reference
 from ..cache import cache
 from ..calibration import Calibration
 from ..schedule import Schedule
+from ..tuning import tune
 from . import peers
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class QualityConfig:
         alphas: thresholds of the SmoothCache rule.
         peers: also run the peer libraries that are installed.
         lean: trim the longest peer sweeps (PAB, FasterCache) to two points.
+        tuning_samples: calibration images (other seeds than the evaluation's) the tuned policy replays.
         fd_families: restrict the FD runs to these ``library/method`` families (None = all).
         fd_samplers: run FD only for these ``scheduler-steps`` (None = all).
         seed: noise seed (the same for every method).
@@ -63,6 +65,7 @@ class QualityConfig:
     seed: int = 0
     batch: int = 500
     lean: bool = True
+    tuning_samples: int = 20
     fd_families: tuple[str, ...] | None = None
     fd_samplers: tuple[str, ...] | None = None
 
@@ -87,8 +90,10 @@ def _fora(steps: int) -> list[tuple[int, float]]:
     return [(i, 0.0) for i in (2, 3, 4) if i < steps]
 
 
-def stepcache_methods(model: torch.nn.Module, cal: Calibration, cfg: QualityConfig) -> list[Method]:
-    """Our policies and the static baselines, each as a sweep."""
+def stepcache_methods(
+    model: torch.nn.Module, cal: Calibration, cfg: QualityConfig, tuning_run: Callable[[], Any] | None = None
+) -> list[Method]:
+    """Our policies and the static baselines, each as a sweep (``tuned`` needs ``tuning_run``)."""
     steps = cal.num_steps
     out: list[Method] = []
 
@@ -117,6 +122,10 @@ def stepcache_methods(model: torch.nn.Module, cal: Calibration, cfg: QualityConf
                 f"fraction={frac:g}",
                 Schedule.for_compute_fraction(cal, frac),
             )
+        if tuning_run is not None:
+            sched = tune(model, tuning_run, frac, calibration=cal, progress=False)
+            add(STEPCACHE, "tuned", f"fraction={frac:g}", sched)
+            out[-1].info["tuning_runs"] = sched.meta["tuning"]["runs"]
         for granularity in ("type", "layer") if sparse else ("type",):
             with contextlib.suppress(Exception):
                 add(
@@ -235,6 +244,7 @@ def run_suite(cfg: QualityConfig, *, progress: Callable[[str], None] = print) ->
     real_train, _ = reference.load_digits("train")
     floor = metrics.frechet_distance(real_test, real_train, classifier)
     section: dict[str, Any] = {"fd_floor": round(floor, 4), "samplers": []}
+    tuning_images = min(cfg.tuning_samples, cfg.samples)
     for scheduler, steps in cfg.samplers:
         cal = _calibration(scheduler, steps)
         progress(f"[quality] {scheduler}-{steps}: uncached reference")
@@ -243,7 +253,14 @@ def run_suite(cfg: QualityConfig, *, progress: Callable[[str], None] = print) ->
             return generate(model, scheduler, steps, min(cfg.samples, 20), cfg.seed + 10_000, cfg.batch)
 
         base, base_wall, _ = run_point(model, None, scheduler, steps, cfg.samples, cfg)
-        methods = stepcache_methods(model, cal, cfg)
+        progress(
+            f"[quality] {scheduler}-{steps}: tuning (closed loop on {cfg.tuning_samples} calibration images)"
+        )
+
+        def tuning_run(scheduler: str = scheduler, steps: int = steps) -> Any:
+            return generate(model, scheduler, steps, tuning_images, cfg.seed + 20_000, cfg.batch)
+
+        methods = stepcache_methods(model, cal, cfg, tuning_run)
         if cfg.peers:
             methods += peer_methods(model, cal, cfg, calibration_run)
         points: list[dict[str, Any]] = []
@@ -294,6 +311,7 @@ def _describe(method: Method) -> dict[str, Any]:
     out: dict[str, Any] = {"library": method.library, "method": method.name, "knob": method.knob}
     if method.schedule is not None:
         out["schedule_compute_fraction"] = round(method.schedule.compute_fraction, 4)
+    out.update(method.info)
     return out
 
 

@@ -49,7 +49,7 @@ class BenchConfig:
                 alphas=(0.1, 0.3),
                 peers=self.peers,
                 batch=10,
-                fd_families=("stepcache/optimal (type)", "baseline/FORA+forecast", "diffusers/TaylorSeer"),
+                fd_families=("stepcache/tuned", "baseline/FORA+forecast", "diffusers/TaylorSeer"),
             )
             self.speed = SpeedConfig(
                 shapes=("tiny",), steps=6, batch=1, fractions=(0.5,), repeats=1, peers=self.peers
