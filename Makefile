@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepcache-setup
 
-.PHONY: setup demo calibrations test lint format
+.PHONY: setup demo calibrations bench test lint format
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
@@ -19,6 +19,10 @@ demo: $(STAMP)
 calibrations: $(STAMP)
 	$(BIN)/stepcache calibrate reference --scheduler ddim --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/ddim-50.json
 	$(BIN)/stepcache calibrate reference --scheduler dpm --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/dpm-20.json
+
+# The committed benchmark run (suite A quality vs peers, suite B speed): ~1 h on 2 CPU cores.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks

@@ -77,3 +77,36 @@ def test_model_from_a_local_pipeline_folder(tmp_path):
     assert "transformer_blocks: 2 blocks of BasicTransformerBlock" in result.output
     result = runner.invoke(app, ["info", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "cannot load" in result.output
+
+
+def test_sensitivity_optimal_and_tune_from_the_command_line(tmp_path):
+    cal_path, out = tmp_path / "cal.json", tmp_path / "s.json"
+    args = [
+        "calibrate",
+        "tiny-dit",
+        "--steps",
+        "8",
+        "--samples",
+        "2",
+        "--sensitivity",
+        "2",
+        "-o",
+        str(cal_path),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cal = Calibration.load(cal_path)
+    assert (
+        cal.weights and cal.forecast_errors and cal.meta["sensitivity"]["runs"] == 1 + 2 * 2 * 2
+    )  # step groups x types x depth halves
+    args = ["schedule", str(cal_path), "--policy", "optimal", "--compute-fraction", "0.5", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sched = Schedule.load(out)
+    assert sched.meta["rule"] == "optimal" and sched.meta["weighted"] and sched.compute_fraction == 0.5
+    result = runner.invoke(app, ["schedule", str(cal_path), "--policy", "optimal", "--alpha", "0.1"])
+    assert result.exit_code == 2 and "--compute-fraction" in result.output
+    args = ["tune", "tiny-dit", "--compute-fraction", "0.5", "--steps", "8", "--samples", "1", "--batch", "2"]
+    result = runner.invoke(app, [*args, "--calibration", str(cal_path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "chosen:" in result.output and Schedule.load(out).meta["rule"] == "tuned"
