@@ -19,6 +19,7 @@ from pathlib import Path
 
 from stepcache.bench import BenchConfig, run_bench
 from stepcache.bench.quality import QualityConfig
+from stepcache.bench.report import rerun_families
 from stepcache.bench.speed import SpeedConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -37,6 +38,12 @@ def main() -> None:
     ap.add_argument("--suite", action="append", choices=["quality", "speed"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--rerun",
+        action="append",
+        metavar="FAMILY",
+        help="re-run only this suite-A family (e.g. stepcache/tuned) into the existing results",
+    )
     args = ap.parse_args()
     cfg = BenchConfig(
         out=args.out,
@@ -45,7 +52,10 @@ def main() -> None:
         quality=QualityConfig(fd_samples=2000, fd_families=FD_FAMILIES, fd_samplers=("ddim-50",)),
         speed=SpeedConfig(shapes=("DiT-B/2",), steps=50, batch=1, repeats=3),
     )
-    run_bench(cfg)
+    if args.rerun:
+        rerun_families(cfg, tuple(args.rerun))
+    else:
+        run_bench(cfg)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ generations and keeps the best:
 * warm-up ``w`` full computations, then the remaining computations evenly spaced and ending on the
   last step, every reused step forecast from the last two computed outputs (first order), for a
   range of ``w``;
-* warm-up ``w``, then a computation every ``i`` steps until the budget is spent, the last steps
-  forecast (what TaylorSeer does; at small budgets it beats spending a computation on the last step);
+* warm-up ``w``, then a computation every ``i`` steps until the budget is spent (three phases), the
+  last steps forecast (what TaylorSeer does; at small budgets it beats computing the last step);
 * the same with copying instead of forecasting, for the best ``w``;
-* the :meth:`Schedule.optimal` schedule when a calibration is given.
+* the :meth:`Schedule.optimal` schedule when a calibration is given;
+* then a local search from the best: move one computation one step earlier or later, keep the best
+  move, repeat for ``refine`` rounds.
 
-Every candidate computes exactly ``round(fraction * num_steps)`` steps for every component, so the
-budget is met exactly (to one step). The cost is ``1 + evaluations`` calls of ``run``, reported in
+Every candidate computes at most ``floor(fraction * num_steps)`` steps for every component (the
+even-spacing family and the local moves exactly that many), so the budget is never exceeded. The cost is ``1 + evaluations`` calls of ``run``, reported in
 ``meta["tuning"]``. The result is a plain, serialisable :class:`Schedule`.
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,16 +55,32 @@ def warmup_plan(num_steps: int, computes: int, warmup: int, *, forecast: bool = 
     return tuple(COMPUTE if s in picks else fill for s in range(num_steps))
 
 
-def interval_plan(num_steps: int, computes: int, warmup: int) -> tuple[int, ...]:
-    """``warmup`` computed steps, then one every ``i`` steps (the smallest ``i`` within budget), the
-    rest forecast; the last step is not forced."""
-    if not 1 <= warmup < computes:
-        raise ScheduleError(f"warm-up {warmup} does not fit {computes} computations.")
+def interval_plan(num_steps: int, computes: int, warmup: int, phase: int = 0) -> tuple[int, ...]:
+    """``warmup`` computed steps, then one every ``i`` steps from ``warmup - 1 + i + phase`` (the
+    smallest ``i`` within budget), the rest forecast; the last step is not forced."""
+    if not 1 <= warmup < computes or phase < 0:
+        raise ScheduleError(f"warm-up {warmup} (phase {phase}) does not fit {computes} computations.")
     i = 1
-    while warmup + (num_steps - warmup) // i > computes:
+    while warmup + len(range(warmup - 1 + i + phase, num_steps, i)) > computes:
         i += 1
-    picks = set(range(warmup)) | set(range(warmup - 1 + i, num_steps, i))
+    if phase >= i:
+        raise ScheduleError(f"phase {phase} is not below the interval {i}.")
+    picks = set(range(warmup)) | set(range(warmup - 1 + i + phase, num_steps, i))
     return tuple(COMPUTE if s in picks else FORECAST for s in range(num_steps))
+
+
+def _moves(plans: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Every plan set with one computation (not step 0) moved one step, onto a step that reuses."""
+    for key, plan in plans.items():
+        fill = FORECAST if FORECAST in plan else REUSE
+        for s, v in enumerate(plan):
+            if v != COMPUTE or s == 0:
+                continue
+            for t in (s - 1, s + 1):
+                if 0 < t < len(plan) and plan[t] != COMPUTE:
+                    moved = list(plan)
+                    moved[s], moved[t] = fill, COMPUTE
+                    yield {**plans, key: tuple(moved)}
 
 
 def _warmups(computes: int, top: int) -> list[int]:
@@ -78,6 +96,7 @@ def tune(
     num_steps: int | None = None,
     calibration: Calibration | None = None,
     max_warmup: int | None = None,
+    refine: int = 1,
     progress: bool = True,
 ) -> Schedule:
     """The candidate schedule whose final samples are closest (MSE) to the uncached ones on ``run``.
@@ -90,6 +109,9 @@ def tune(
         num_steps: denoising steps of ``run`` (taken from ``calibration`` when given).
         calibration: adds the optimal policy's schedule to the candidates.
         max_warmup: longest warm-up tried (default: half of the steps).
+        refine: rounds of local search from the best candidate (each tries moving every computation
+            of every plan one step earlier or later, ~2 x computations replays; stops early when no
+            move helps).
         progress: show a progress bar over the evaluations.
     """
     n = calibration.num_steps if calibration is not None else num_steps
@@ -97,22 +119,29 @@ def tune(
         raise ScheduleError("tune needs num_steps >= 3 (or a calibration).")
     if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
         raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
-    computes = max(2, round(fraction * n))
+    computes = max(2, math.floor(fraction * n + 1e-9))  # never above the asked fraction
     if computes >= n:
         return Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
     top = max_warmup if max_warmup is not None else max(2, n // 2)
-    candidates: list[tuple[str, Schedule]] = []
+    candidates: dict[str, Schedule] = {}
     seen: set[tuple[int, ...]] = set()
+
+    def offer(label: str, plan: tuple[int, ...]) -> None:
+        if plan not in seen:
+            seen.add(plan)
+            candidates[label] = Schedule(n, {"*": plan})
+
     for w in _warmups(computes, top):
-        for label, make in (("even to the end", warmup_plan), ("every i-th", interval_plan)):
-            with contextlib.suppress(ScheduleError):  # this warm-up does not fit the budget
-                plan = make(n, computes, w)
-                if plan not in seen:
-                    seen.add(plan)
-                    candidates.append((f"warm-up {w}, {label}, forecast", Schedule(n, {"*": plan})))
+        with contextlib.suppress(ScheduleError):  # this warm-up does not fit the budget
+            offer(f"warm-up {w}, even to the end, forecast", warmup_plan(n, computes, w))
+        for phase in range(3):
+            with contextlib.suppress(ScheduleError):
+                offer(
+                    f"warm-up {w}, every i-th (phase {phase}), forecast", interval_plan(n, computes, w, phase)
+                )
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
-            candidates.append(("optimal (type)", Schedule.optimal(calibration, computes / n)))
+            candidates["optimal (type)"] = Schedule.optimal(calibration, computes / n)
     if not candidates:
         raise ScheduleError(f"no candidate schedule fits {computes} computations in {n} steps.")
     from tqdm.auto import tqdm
@@ -122,30 +151,37 @@ def tune(
         reference = _final(run())
     scores: dict[str, float] = {}
 
-    def score(schedule: Schedule) -> float:
+    def score(label: str, schedule: Schedule) -> float:
         with cache(target, schedule, count_macs=False), torch.no_grad():
             out = _final(run())
         if out.shape != reference.shape:
             raise ScheduleError("`run` returned differently shaped samples on a second call.")
-        return float((out - reference).pow(2).mean())
+        candidates[label] = schedule
+        scores[label] = float((out - reference).pow(2).mean())
+        bar.update(1)
+        return scores[label]
 
-    bar = tqdm(total=len(candidates) + 1, desc="tuning", disable=not progress, leave=False)
+    bar = tqdm(desc="tuning", unit="replay", disable=not progress, leave=False)
     try:
-        for label, sched in candidates:
-            scores[label] = score(sched)
-            bar.update(1)
+        for label, sched in list(candidates.items()):
+            score(label, sched)
         best_label = min(scores, key=scores.__getitem__)
-        best = dict(candidates)[best_label]
-        copy = Schedule(
-            n, {k: tuple(REUSE if v == FORECAST else v for v in p) for k, p in best.plans.items()}
-        )
-        if copy != best:
-            scores[best_label.replace("forecast", "copy")] = score(copy)
-            bar.update(1)
+        best = candidates[best_label]
+        copy = {k: tuple(REUSE if v == FORECAST else v for v in p) for k, p in best.plans.items()}
+        if copy != dict(best.plans):
+            score(best_label.replace("forecast", "copy"), Schedule(n, copy, best.counts))
+        for r in range(refine):  # local search: move one computation of one plan by one step
+            best_label = min(scores, key=scores.__getitem__)
+            best = candidates[best_label]
+            moves = list(_moves(best.plans))
+            for i, plans in enumerate(moves):
+                score(f"{best_label}; refined {r + 1}.{i}", Schedule(n, plans, best.counts))
+            if min(scores, key=scores.__getitem__) == best_label:
+                break
     finally:
         bar.close()
     best_label = min(scores, key=scores.__getitem__)
-    chosen = dict(candidates).get(best_label) or copy
+    chosen = candidates[best_label]
     meta = {
         **chosen.meta,
         "rule": "tuned",

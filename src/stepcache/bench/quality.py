@@ -235,8 +235,19 @@ def run_point(
     return images, wall, frac
 
 
-def run_suite(cfg: QualityConfig, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Suite A; returns the ``quality`` section of the bench report."""
+def run_suite(
+    cfg: QualityConfig,
+    *,
+    progress: Callable[[str], None] = print,
+    only: tuple[str, ...] | None = None,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Suite A; returns the ``quality`` section of the bench report.
+
+    With ``only`` (``library/method`` families) and ``previous`` (an earlier section), re-runs just
+    those families and merges them into ``previous``; a point of the earlier run is replayed first
+    and must reproduce its PSNR exactly (same model, seeds, sampler), or the merge is refused.
+    """
     torch.manual_seed(0)
     model = reference.load_model()
     classifier = reference.load_classifier()
@@ -260,9 +271,15 @@ def run_suite(cfg: QualityConfig, *, progress: Callable[[str], None] = print) ->
         def tuning_run(scheduler: str = scheduler, steps: int = steps) -> Any:
             return generate(model, scheduler, steps, tuning_images, cfg.seed + 20_000, cfg.batch)
 
-        methods = stepcache_methods(model, cal, cfg, tuning_run)
+        tuned = only is None or f"{STEPCACHE}/tuned" in only
+        methods = stepcache_methods(model, cal, cfg, tuning_run if tuned else None)
         if cfg.peers:
             methods += peer_methods(model, cal, cfg, calibration_run)
+        old = None
+        if only is not None and previous is not None:
+            old = next(x for x in previous["samplers"] if (x["scheduler"], x["steps"]) == (scheduler, steps))
+            _check_reproducible(model, methods, old, base, scheduler, steps, cfg)
+            methods = [m for m in methods if m.family in only]
         points: list[dict[str, Any]] = []
         ours_by_knob: dict[str, torch.Tensor] = {}
         for i, method in enumerate(methods):
@@ -289,6 +306,12 @@ def run_suite(cfg: QualityConfig, *, progress: Callable[[str], None] = print) ->
         matched = _matched(
             model, methods, points, base, scheduler, steps, cfg, classifier, real_test, progress
         )
+        if old is not None:
+            keep = [p for p in old["points"] if f"{p['library']}/{p['method']}" not in only]
+            points = keep + points
+            rest = [m for m in old["matched"] if f"{m['library']}/{m['method']}" not in only]
+            matched = rest + [m for m in matched if m["target"] is not None]
+            base_wall = old["uncached_wall_s"]
         section["samplers"].append(
             {
                 "scheduler": scheduler,
@@ -300,6 +323,27 @@ def run_suite(cfg: QualityConfig, *, progress: Callable[[str], None] = print) ->
             }
         )
     return section
+
+
+def _check_reproducible(
+    model: torch.nn.Module,
+    methods: list[Method],
+    old: dict[str, Any],
+    base: torch.Tensor,
+    scheduler: str,
+    steps: int,
+    cfg: QualityConfig,
+) -> None:
+    """Replay one point of the earlier run: its PSNR must come out identical, else refuse to merge."""
+    probe = next(m for m in methods if m.family == f"{BASELINE}/FORA+forecast")
+    want = next(p for p in old["points"] if p["method"] == probe.name and p["knob"] == probe.knob)
+    images, _, _ = run_point(model, probe, scheduler, steps, cfg.samples, cfg)
+    got = _db(metrics.psnr(images, base))
+    if got != want["psnr_db"]:
+        raise RuntimeError(
+            f"re-run does not reproduce the earlier run ({probe.family} {probe.knob}: {got} vs "
+            f"{want['psnr_db']} dB): run the whole suite instead of merging."
+        )
 
 
 def _db(value: float) -> float:
