@@ -119,6 +119,14 @@ def _main(
     )
 
 
+# Options shared by the commands that run a model (calibrate, tune).
+StepsOpt = Annotated[int, typer.Option(help="Denoising steps per generation.")]
+BatchOpt = Annotated[int, typer.Option(help="Class labels or prompts per generation.")]
+SchedulerOpt = Annotated[str, typer.Option(help="reference and tiny-dit: ddim or dpm.")]
+PromptOpt = Annotated[list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")]
+GuidanceOpt = Annotated[float | None, typer.Option(help="Guidance scale passed to the pipeline.")]
+
+
 @app.command()
 def info(
     model: ModelArg,
@@ -186,17 +194,13 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration JSON to write.")] = Path(
         "calibration.json"
     ),
-    steps: Annotated[int, typer.Option(help="Denoising steps per generation.")] = 50,
+    steps: StepsOpt = 50,
     samples: Annotated[int, typer.Option(help="Generations to average.")] = 4,
-    batch: Annotated[int, typer.Option(help="Class labels or prompts per generation.")] = 1,
+    batch: BatchOpt = 1,
     lookahead: Annotated[int, typer.Option(help="Longest reuse run to measure (k).")] = 3,
-    scheduler: Annotated[str, typer.Option(help="reference and tiny-dit: ddim or dpm.")] = "ddim",
-    prompt: Annotated[
-        list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")
-    ] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option(help="Guidance scale passed to the pipeline.")
-    ] = None,
+    scheduler: SchedulerOpt = "ddim",
+    prompt: PromptOpt = None,
+    guidance_scale: GuidanceOpt = None,
     seed: int = 0,
     plot: Annotated[Path | None, typer.Option(help="Also write the error curves as PNG.")] = None,
     forecast: Annotated[
@@ -310,16 +314,12 @@ def tune(
     calibration: Annotated[
         Path | None, typer.Option(help="Calibration JSON: adds the optimal policy to the candidates.")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps per generation.")] = 50,
+    steps: StepsOpt = 50,
     samples: Annotated[int, typer.Option(help="Generations replayed per candidate.")] = 2,
-    batch: Annotated[int, typer.Option(help="Class labels or prompts per generation.")] = 10,
-    scheduler: Annotated[str, typer.Option(help="reference and tiny-dit: ddim or dpm.")] = "ddim",
-    prompt: Annotated[
-        list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")
-    ] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option(help="Guidance scale passed to the pipeline.")
-    ] = None,
+    batch: BatchOpt = 10,
+    scheduler: SchedulerOpt = "ddim",
+    prompt: PromptOpt = None,
+    guidance_scale: GuidanceOpt = None,
     seed: int = 1000,
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached."""
