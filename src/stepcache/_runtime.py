@@ -303,3 +303,17 @@ def first_tensor_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
         if isinstance(a, torch.Tensor):
             return tuple(a.shape)
     return None
+
+
+def final_samples(out: Any, error: type[StepCacheError] = StepCacheError) -> torch.Tensor:
+    """The final samples a replay callable returned (a tensor, or a pipeline output holding one)."""
+    for attr in ("images", "sample", "frames", "audios"):
+        out = getattr(out, attr, out)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise error(
+            "`run` must return the final samples as a tensor (e.g. a pipeline called with "
+            f"output_type='pt'), got {type(out).__name__}."
+        )
+    return out.detach().float()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._runtime import Session, StepTracker
+from ._runtime import Session, StepTracker, final_samples
 from .calibration import Calibration
 from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError
@@ -57,19 +57,6 @@ class _Perturber:
         self.last.clear()
 
 
-def _final(out: Any) -> torch.Tensor:
-    for attr in ("images", "sample", "frames", "audios"):
-        out = getattr(out, attr, out)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise CalibrationError(
-            "sensitivity needs `run` to return the final samples as a tensor (e.g. a pipeline called with "
-            f"output_type='pt'), got {type(out).__name__}."
-        )
-    return out.detach().float()
-
-
 def sensitivity(
     target: Any,
     calibration: Calibration,
@@ -97,7 +84,7 @@ def sensitivity(
         or depth_groups < 1
     ):
         raise CalibrationError("step_groups and depth_groups must be positive integers.")
-    calibration.check_model(denoisers_of(target)[0][1] if len(denoisers_of(target)) == 1 else target)
+    calibration.check_model(target)
     comps = [c for c in discover(target) if c.name in calibration.components]
     if {c.name for c in comps} != set(calibration.components):
         raise CalibrationError("the model's components differ from the calibration's: recalibrate.")
@@ -123,7 +110,7 @@ def sensitivity(
     weights = {name: np.zeros(n) for name in calibration.components}
     runs = 0
     with Session(models, comps, perturber.intercept, tracker), torch.no_grad():
-        reference = _final(run())
+        reference = final_samples(run(), CalibrationError)
         runs += 1
         scale = float(reference.pow(2).mean().sqrt()) or 1.0
         jobs = [(names, steps) for names in layer_sets for steps in step_sets]
@@ -132,7 +119,7 @@ def sensitivity(
             perturbed = [s for s in steps if (s - steps[0]) % 2 == 0]
             perturber.names, perturber.steps = set(names), set(perturbed)
             try:
-                out = _final(run())
+                out = final_samples(run(), CalibrationError)
             finally:
                 perturber.names, perturber.steps = set(), set()
             runs += 1

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._runtime import final_samples
 from .cache import cache
 from .calibration import Calibration
 from .errors import ScheduleError
 from .schedule import COMPUTE, FORECAST, REUSE, Schedule
-from .sensitivity import _final
 
 __all__ = ["interval_plan", "tune", "warmup_plan"]
 
@@ -148,12 +148,12 @@ def tune(
 
     start = time.perf_counter()
     with torch.no_grad():
-        reference = _final(run())
+        reference = final_samples(run(), ScheduleError)
     scores: dict[str, float] = {}
 
     def score(label: str, schedule: Schedule) -> float:
         with cache(target, schedule, count_macs=False), torch.no_grad():
-            out = _final(run())
+            out = final_samples(run(), ScheduleError)
         if out.shape != reference.shape:
             raise ScheduleError("`run` returned differently shaped samples on a second call.")
         candidates[label] = schedule

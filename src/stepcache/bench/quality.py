@@ -23,6 +23,7 @@ import torch
 from .. import metrics, reference
 from ..cache import cache
 from ..calibration import Calibration
+from ..errors import ScheduleError
 from ..schedule import Schedule
 from ..tuning import tune
 from . import peers
@@ -86,10 +87,6 @@ class Method:
         return f"{self.library}/{self.name}"
 
 
-def _fora(steps: int) -> list[tuple[int, float]]:
-    return [(i, 0.0) for i in (2, 3, 4) if i < steps]
-
-
 def stepcache_methods(
     model: torch.nn.Module, cal: Calibration, cfg: QualityConfig, tuning_run: Callable[[], Any] | None = None
 ) -> list[Method]:
@@ -100,7 +97,7 @@ def stepcache_methods(
     def add(library: str, name: str, knob: str, sched: Schedule) -> None:
         out.append(Method(library, name, knob, lambda s=sched: cache(model, s), schedule=sched))
 
-    for interval, _ in _fora(steps):
+    for interval in (i for i in (2, 3, 4) if i < steps):
         add(BASELINE, "FORA", f"interval={interval}", Schedule.fora(steps, interval))
         add(BASELINE, "FORA+forecast", f"interval={interval}", Schedule.fora(steps, interval, forecast=True))
     for granularity in ("type", "layer"):
@@ -113,21 +110,21 @@ def stepcache_methods(
             )
     for frac in cfg.fractions:
         sparse = frac in cfg.matched or frac in cfg.fractions[::2]  # fewer points for the secondary variants
-        with contextlib.suppress(Exception):  # out of reach for this lookahead: skip the point
-            if not sparse:
-                raise ValueError
-            add(
-                STEPCACHE,
-                "SmoothCache by fraction",
-                f"fraction={frac:g}",
-                Schedule.for_compute_fraction(cal, frac),
-            )
+        # ScheduleError: out of reach for this lookahead; skip the point.
+        with contextlib.suppress(ScheduleError):
+            if sparse:
+                add(
+                    STEPCACHE,
+                    "SmoothCache by fraction",
+                    f"fraction={frac:g}",
+                    Schedule.for_compute_fraction(cal, frac),
+                )
         if tuning_run is not None:
             sched = tune(model, tuning_run, frac, calibration=cal, progress=False)
             add(STEPCACHE, "tuned", f"fraction={frac:g}", sched)
             out[-1].info["tuning_runs"] = sched.meta["tuning"]["runs"]
         for granularity in ("type", "layer") if sparse else ("type",):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ScheduleError):
                 add(
                     STEPCACHE,
                     f"optimal ({granularity})",
