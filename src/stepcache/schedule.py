@@ -52,6 +52,13 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def check_fraction(fraction: float) -> float:
+    """A compute budget: the share of component calls to execute, in (0, 1]."""
+    if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
+        raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
+    return float(fraction)
+
+
 def smoothcache_rule(errors: np.ndarray, alpha: float) -> tuple[int, ...]:
     """SmoothCache's greedy rule on one error table.
 
@@ -150,8 +157,7 @@ class Schedule:
         The compute fraction only changes where alpha crosses a calibrated error value, so the search
         bisects over those values; the schedule returned records the alpha it used.
         """
-        if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
-            raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
+        check_fraction(fraction)
         tables, counts = _tables(calibration, granularity)
         values = np.unique(
             np.concatenate([t[np.isfinite(t)].ravel() for t in tables.values()] + [np.zeros(1)])
@@ -201,7 +207,7 @@ class Schedule:
         Each component (``granularity="layer"``) or type (``"type"``) gets the plan that minimises the
         *sum* of the errors of its reused steps for its number of computations, each reused step
         copying or forecasting, whichever calibrated better; one global budget is shared among them
-        by a Lagrangian (see :mod:`stepcache.policies`).
+        exactly (a knapsack over call counts, a Lagrangian over MACs; see :mod:`stepcache.policies`).
 
         Args:
             fraction: share of component calls (``budget="calls"``) or of cached MACs
@@ -214,8 +220,7 @@ class Schedule:
         """
         from .policies import allocate, cost_curve
 
-        if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
-            raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
+        check_fraction(fraction)
         if budget not in ("calls", "macs"):
             raise ScheduleError(f"budget must be 'calls' or 'macs', got {budget!r}.")
         tables, counts = _tables(calibration, granularity)

@@ -18,8 +18,8 @@ generations and keeps the best:
   move, repeat for ``refine`` rounds.
 
 Every candidate computes at most ``floor(fraction * num_steps)`` steps for every component (the
-even-spacing family and the local moves exactly that many), so the budget is never exceeded. The cost is ``1 + evaluations`` calls of ``run``, reported in
-``meta["tuning"]``. The result is a plain, serialisable :class:`Schedule`.
+even-spacing family and the local moves exactly that many), so the budget is never exceeded. The
+cost is ``1 + evaluations`` calls of ``run``, reported in ``meta["tuning"]``. The result is a plain, serialisable :class:`Schedule`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ._runtime import final_samples
 from .cache import cache
 from .calibration import Calibration
 from .errors import ScheduleError
-from .schedule import COMPUTE, FORECAST, REUSE, Schedule
+from .schedule import COMPUTE, FORECAST, REUSE, Schedule, check_fraction
 
 __all__ = ["interval_plan", "tune", "warmup_plan"]
 
@@ -117,8 +117,7 @@ def tune(
     n = calibration.num_steps if calibration is not None else num_steps
     if not isinstance(n, int) or n < 3:
         raise ScheduleError("tune needs num_steps >= 3 (or a calibration).")
-    if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
-        raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
+    check_fraction(fraction)
     computes = max(2, math.floor(fraction * n + 1e-9))  # never above the asked fraction
     if computes >= n:
         return Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
