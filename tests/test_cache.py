@@ -213,9 +213,9 @@ def test_existing_instance_forward_is_preserved(plain_dit):
 
 def test_enabling_twice_is_an_error_and_leaks_nothing(plain_dit):
     before = model_state(plain_dit)
-    handle = stepcache.enable(plain_dit, fixed())
+    handle = stepcache.cache(plain_dit, fixed())
     with pytest.raises(StepCacheError, match="already has an active stepcache"):
-        stepcache.enable(plain_dit, fixed())
+        stepcache.cache(plain_dit, fixed())
     stepcache.disable(plain_dit)
     assert not handle.active
     assert model_state(plain_dit) == before
@@ -243,7 +243,7 @@ def test_unknown_schedule_key_is_an_error_and_changes_nothing(plain_dit):
     before = model_state(plain_dit)
     bad = Schedule(N, {"attn": PLAN, "blocks.9.mlp": PLAN})
     with pytest.raises(ScheduleError, match=r"blocks\.9\.mlp"):
-        stepcache.enable(plain_dit, bad)
+        stepcache.cache(plain_dit, bad)
     assert model_state(plain_dit) == before
 
 
@@ -253,8 +253,8 @@ def test_schedule_from_another_model_is_refused(plain_dit, tiny_pipe):
     )
     sched = Schedule.from_calibration(cal, 0.1)
     with pytest.raises(ScheduleError, match="calibrated on DiTTransformer2DModel"):
-        stepcache.enable(plain_dit, sched)
-    stepcache.enable(plain_dit, sched, strict=False).close()
+        stepcache.cache(plain_dit, sched)
+    stepcache.cache(plain_dit, sched, strict=False).close()
 
 
 def test_manual_step_api(plain_dit):

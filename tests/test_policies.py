@@ -12,7 +12,8 @@ from plain_models import sample
 
 import stepcache
 from stepcache import Calibration, Schedule, ScheduleError
-from stepcache.policies import COMPUTE, FORECAST, REUSE, allocate, cost_curve, plan_cost
+from stepcache.policies import COMPUTE, FORECAST, REUSE
+from stepcache.policies.optimal import allocate, cost_curve, plan_cost
 
 N = 8
 
@@ -193,7 +194,7 @@ def test_sensitivity_needs_tensor_samples(plain_dit, calibration):
 
 @pytest.mark.parametrize("n", [8, 20, 50])
 def test_candidate_plans_spend_the_budget_exactly(n):
-    from stepcache.tuning import interval_plan, warmup_plan
+    from stepcache.policies import interval_plan, warmup_plan
 
     for computes in range(3, n):
         for w in range(1, computes - 1):

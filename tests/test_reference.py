@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stepcache import reference
+from stepcache.errors import StepCacheError
 from stepcache.reference import (
     IMAGE_SIZE,
     NULL_CLASS,
@@ -154,7 +155,7 @@ def _assert_helpful(exc: pytest.ExceptionInfo, filename: str) -> None:
     msg = str(exc.value)
     assert filename in msg
     assert "scripts/train_reference.py" in msg
-    assert isinstance(exc.value, RuntimeError)
+    assert isinstance(exc.value, StepCacheError)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepcache import Calibration, Schedule, ScheduleError
-from stepcache.schedule import smoothcache_rule
+from stepcache.policies import smoothcache_rule
 
 
 def make_cal(tables: dict[str, np.ndarray], types: dict[str, str] | None = None) -> Calibration:

@@ -6,21 +6,33 @@ The whole public API::
     cal = stepcache.calibrate(pipe, inputs=[...], num_inference_steps=50)
     schedule = stepcache.Schedule.from_calibration(cal, alpha=0.1)   # SmoothCache's rule
     schedule = stepcache.Schedule.optimal(cal, 0.35)                  # or: exact DP for a budget
-    schedule = stepcache.tune(pipe, run, 0.35, calibration=cal)       # or: closed-loop, the best
+    schedule = stepcache.tune(pipe, run, 0.35, calibration=cal)       # or: closed loop, the best
     with stepcache.cache(pipe, schedule) as handle:           # apply it
         images = pipe(...)
-    print(handle.stats)
+    print(handle.stats)                                       # or stepcache.summary(pipe)
+
+Data flows one way: model -> :mod:`~stepcache.discovery` -> :mod:`~stepcache.calibration` ->
+:mod:`~stepcache.policies` -> :class:`Schedule` -> :mod:`~stepcache.runtime`. See
+docs/architecture.md.
 """
 
+from ._logging import set_verbosity
 from ._version import __version__
-from .cache import CacheHandle, CacheStats, TypeStats, cache, disable, enable
 from .calibration import Calibration, calibrate
 from .discovery import COMPONENT_TYPES, Component, discover, register_layout
-from .errors import CalibrationError, DiscoveryError, ScheduleError, ScheduleLengthError, StepCacheError
+from .errors import (
+    CalibrationError,
+    DiscoveryError,
+    ReferenceWeightsError,
+    ScheduleError,
+    ScheduleLengthError,
+    StepCacheError,
+)
 from .layouts import BlockLayout
-from .schedule import Schedule
+from .policies.tuned import tune
+from .runtime import CacheHandle, CacheStats, TypeStats, cache, disable, summary
+from .schedule import PlanValue, Schedule
 from .sensitivity import sensitivity
-from .tuning import tune
 
 __all__ = [
     "COMPONENT_TYPES",
@@ -31,6 +43,8 @@ __all__ = [
     "CalibrationError",
     "Component",
     "DiscoveryError",
+    "PlanValue",
+    "ReferenceWeightsError",
     "Schedule",
     "ScheduleError",
     "ScheduleLengthError",
@@ -41,8 +55,9 @@ __all__ = [
     "calibrate",
     "disable",
     "discover",
-    "enable",
     "register_layout",
     "sensitivity",
+    "set_verbosity",
+    "summary",
     "tune",
 ]

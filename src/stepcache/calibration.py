@@ -27,10 +27,13 @@ import torch
 from torch import nn
 
 from ._io import read_json, write_json
-from ._runtime import Session, StepTracker, count_macs, fingerprint, model_class
+from ._logging import follow_diffusers
 from ._version import __version__
 from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError
+from .runtime.introspect import count_macs, fingerprint, model_class
+from .runtime.session import Session
+from .runtime.steps import StepTracker
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -379,6 +382,7 @@ def calibrate(
     Raises:
         CalibrationError: bad arguments, no generation ran, or generations of different lengths.
     """
+    follow_diffusers()
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
         raise CalibrationError(f"lookahead must be a positive integer, got {lookahead!r}.")
     inputs = list(inputs) if inputs is not None else None

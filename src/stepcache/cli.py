@@ -14,11 +14,14 @@ import random
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .errors import StepCacheError
+
+if TYPE_CHECKING:
+    from .runtime.introspect import MacShares
 
 app = typer.Typer(
     name="stepcache",
@@ -36,7 +39,7 @@ ModelArg = Annotated[
 def load_target(spec: str, *, scheduler: str = "ddim") -> Any:
     """Resolve a MODEL argument to a pipeline or module."""
     if spec == "reference":
-        from .demo import ReferencePipeline
+        from .reference import ReferencePipeline
 
         return ReferencePipeline(scheduler)
     if spec == "tiny-dit":
@@ -151,13 +154,8 @@ def info(
         f"{type(denoiser).__name__}: {params / 1e6:.2f} M parameters, {covered / params:.0%} of them in cached components"
     )
     if shares is not None:
-        by_type = Counter()
-        for c in comps:
-            by_type[c.type] += shares[1].get(c.name, 0.0)
-        parts = ", ".join(f"{k} {v / shares[0]:.1%}" for k, v in by_type.items())
-        typer.echo(
-            f"  share of the denoiser's MACs per step: {sum(by_type.values()) / shares[0]:.1%} ({parts})"
-        )
+        parts = ", ".join(f"{k} {v / shares.total:.1%}" for k, v in shares.by_type(comps).items())
+        typer.echo(f"  share of the denoiser's MACs per step: {shares.cached_share:.1%} ({parts})")
     for stack in Counter(c.stack for c in comps):
         blocks = sorted({c.index for c in comps if c.stack == stack})
         kinds = Counter(c.type for c in comps if c.stack == stack)
@@ -169,23 +167,17 @@ def info(
         )
 
 
-def _mac_shares(target: Any, denoiser: Any, comps: list) -> tuple[float, dict[str, float]] | None:
-    """(denoiser MACs, component name -> MACs) over a 2-step generation, from torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _mac_shares(target: Any, denoiser: Any, comps: list) -> MacShares | None:
+    """MACs of the denoiser and of each component over a 2-step generation (pipelines)."""
+    from .runtime.introspect import mac_shares
 
     try:
         kwargs = _inputs_for(target, 1, ["a photo"], 0, None)[0]
-        with FlopCounterMode(display=False) as counter:
-            target(**kwargs, num_inference_steps=2)
+        shares = mac_shares(denoiser, comps, lambda: target(**kwargs, num_inference_steps=2))
     except Exception as e:  # any pipeline may need inputs we cannot guess: say so, do not fail
         logging.getLogger(__name__).info("MAC shares not measured: %s", e)
         return None
-    counts = counter.get_flop_counts()
-    root = type(denoiser).__name__
-    total = sum(counts.get(root, {}).values()) / 2
-    if not total:
-        return None
-    return total, {c.name: sum(counts.get(f"{root}.{c.name}", {}).values()) / 2 for c in comps}
+    return shares if shares.total else None
 
 
 @app.command()
@@ -324,7 +316,7 @@ def tune(
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached."""
     from .calibration import Calibration
-    from .tuning import tune as run_tune
+    from .policies.tuned import tune as run_tune
 
     try:
         target = load_target(model, scheduler=scheduler)

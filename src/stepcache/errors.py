@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "DiscoveryError",
+    "ReferenceWeightsError",
     "ScheduleError",
     "ScheduleLengthError",
     "StepCacheError",
@@ -33,3 +34,7 @@ class ScheduleLengthError(ScheduleError):
 
 class CalibrationError(StepCacheError):
     """A calibration is malformed, unreadable, or was recorded on a different model."""
+
+
+class ReferenceWeightsError(StepCacheError):
+    """A shipped reference-model weights or config file is missing, corrupt, or does not fit the model."""

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import StepCacheError
+
 __all__ = [
     "class_accuracy",
     "extract_features",
@@ -33,11 +35,11 @@ _BATCH = 512
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape != b.shape:
-        raise ValueError(f"images must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise StepCacheError(f"images must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() == 3:  # a single (C, H, W) image
         a, b = a.unsqueeze(0), b.unsqueeze(0)
     if a.dim() != 4:
-        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(a.shape)}")
+        raise StepCacheError(f"expected (N, C, H, W) images, got shape {tuple(a.shape)}")
     return a.detach().float().cpu(), b.detach().float().cpu()
 
 
@@ -173,9 +175,9 @@ def frechet_distance_bootstrap(
         ``(fd, (lo, hi))``.
     """
     if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise StepCacheError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise StepCacheError(f"confidence must be in (0, 1), got {confidence}")
     real_f = extract_features(real, feature_extractor)
     fake_f = extract_features(fake, feature_extractor)
     d = int(real_f.shape[1])
@@ -211,6 +213,6 @@ def class_accuracy(
     """
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        raise StepCacheError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     preds = _batched_eval(classifier, images, lambda x: classifier(x).argmax(dim=1), batch_size)
     return float((preds == labels).float().mean())

@@ -1,8 +1,10 @@
 """Static caching schedules: which component computes at which denoising step.
 
-A :class:`Schedule` is a plain, versioned, serialisable value. Each entry maps a *selector* to a
-per-step plan (``1`` = compute and store, ``0`` = reuse the stored output, ``2`` = forecast it from
-the last two computed outputs by first-order extrapolation). A selector is one of
+A :class:`Schedule` is a plain, versioned, serialisable value: the data that flows from a policy
+(:mod:`stepcache.policies`) to the runtime (:mod:`stepcache.runtime`). Each entry maps a *selector*
+to a per-step plan of :class:`PlanValue` s (``1`` = compute and store, ``0`` = reuse the stored
+output, ``2`` = forecast it from the last two computed outputs by first-order extrapolation). A
+selector is one of
 
 * a component type (``attn``, ``cross_attn``, ``ff``, ``block``): every component of that type;
 * a qualified component name (``transformer_blocks.3.ff``): that component only;
@@ -15,16 +17,14 @@ matches no component is an error (the original package ignores such keys silentl
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import itertools
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ._io import dump as _dump
 from ._io import read_json, write_json
@@ -35,9 +35,18 @@ from .errors import ScheduleError
 if TYPE_CHECKING:
     from .calibration import Calibration
 
-__all__ = ["Schedule"]
+__all__ = ["COMPUTE", "FORECAST", "REUSE", "PlanValue", "Schedule"]
 
-COMPUTE, REUSE, FORECAST = 1, 0, 2
+
+class PlanValue(enum.IntEnum):
+    """What a component does at one step. Plans store the plain integers (JSON files stay readable)."""
+
+    REUSE = 0  # return the output kept from the last computed step
+    COMPUTE = 1  # run the component and keep its output
+    FORECAST = 2  # extrapolate (first order) from the last two kept outputs
+
+
+COMPUTE, REUSE, FORECAST = int(PlanValue.COMPUTE), int(PlanValue.REUSE), int(PlanValue.FORECAST)
 _FORMAT = "stepcache.schedule"
 _FORMAT_VERSION = 1
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
@@ -46,54 +55,14 @@ _SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>
 SMOOTHCACHE_NAMES = {"attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
 
 
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha) or alpha < 0:
-        raise ScheduleError(f"alpha must be a number >= 0 (a relative L1 error threshold), got {alpha!r}.")
-    return float(alpha)
-
-
-def check_fraction(fraction: float) -> float:
-    """A compute budget: the share of component calls to execute, in (0, 1]."""
-    if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 < fraction <= 1:
-        raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
-    return float(fraction)
-
-
-def smoothcache_rule(errors: np.ndarray, alpha: float) -> tuple[int, ...]:
-    """SmoothCache's greedy rule on one error table.
-
-    ``errors[s, j-1]`` is the calibrated relative L1 change of the output at step ``s`` against step
-    ``s-j``. From a computed step ``i`` take the largest ``j <= k`` with ``errors[i+j, j-1] <= alpha``,
-    reuse the output of ``i`` for steps ``i+1..i+j`` and compute ``i+j+1``; if no ``j`` qualifies, compute
-    ``i+1``. The first and last steps are always computed. Like the reference, it compares the single
-    error of the last reused step, and it is open loop.
-
-    The rule is greedy: when the error between two steps grows with their distance (what calibrations
-    show), it computes as few steps as possible for ``alpha``, so a larger ``alpha`` never computes more.
-    """
-    n, k = errors.shape
-    plan = [COMPUTE] * n
-    i = 0
-    while i < n:
-        for j in range(k, 0, -1):
-            if i + j < n and errors[i + j, j - 1] <= alpha:
-                plan[i + 1 : i + j + 1] = [REUSE] * j
-                i += j + 1
-                break
-        else:
-            i += 1
-    if n:
-        plan[0] = plan[-1] = COMPUTE
-    return tuple(plan)
-
-
 @dataclass(frozen=True)
 class Schedule:
     """Per-step compute/reuse plans keyed by selector (type, component name or glob pattern).
 
     Attributes:
         num_steps: denoising steps the plans cover.
-        plans: selector -> tuple of ``1`` (compute) / ``0`` (reuse), one entry per step.
+        plans: selector -> tuple of plan values, one per step: ``1`` compute, ``0`` reuse, ``2``
+            forecast (:class:`PlanValue`).
         counts: selector -> number of components it stood for when it was made; weights
             :attr:`compute_fraction`. Missing selectors count once.
         meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
@@ -116,7 +85,9 @@ class Schedule:
             try:
                 values = tuple(int(v) for v in plan)
             except (TypeError, ValueError):
-                raise ScheduleError(f"plan for {key!r} must be a list of 0/1, got {plan!r}.") from None
+                raise ScheduleError(
+                    f"plan for {key!r} must be a list of plan values 0/1/2, got {plan!r}."
+                ) from None
             if any(v not in (COMPUTE, REUSE, FORECAST) for v in values):
                 raise ScheduleError(
                     f"plan for {key!r} may hold only 1 (compute), 0 (reuse) and 2 (forecast)."
@@ -137,59 +108,20 @@ class Schedule:
     def from_calibration(
         cls, calibration: Calibration, alpha: float, *, granularity: str = "type"
     ) -> Schedule:
-        """SmoothCache's schedule for threshold ``alpha`` (see :func:`smoothcache_rule`).
+        """SmoothCache's schedule for threshold ``alpha``: :func:`stepcache.policies.smoothcache.from_calibration`."""
+        from .policies.smoothcache import from_calibration
 
-        ``granularity="type"`` averages the error curves of all layers of a type (as the paper does)
-        and gives one plan per type; ``"layer"`` gives every component its own plan.
-        """
-        alpha = _check_alpha(alpha)
-        tables, counts = _tables(calibration, granularity)
-        plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
-        meta = {"rule": "smoothcache", "alpha": alpha, "granularity": granularity, **calibration.provenance()}
-        return cls(calibration.num_steps, plans, counts, meta)
+        return from_calibration(calibration, alpha, granularity=granularity)
 
     @classmethod
     def for_compute_fraction(
         cls, calibration: Calibration, fraction: float, *, granularity: str = "type"
     ) -> Schedule:
-        """The SmoothCache schedule with the smallest alpha whose compute fraction is <= ``fraction``.
+        """The SmoothCache schedule with the smallest alpha within a compute budget:
+        :func:`stepcache.policies.smoothcache.for_compute_fraction`."""
+        from .policies.smoothcache import for_compute_fraction
 
-        The compute fraction only changes where alpha crosses a calibrated error value, so the search
-        bisects over those values; the schedule returned records the alpha it used.
-        """
-        check_fraction(fraction)
-        tables, counts = _tables(calibration, granularity)
-        values = np.unique(
-            np.concatenate([t[np.isfinite(t)].ravel() for t in tables.values()] + [np.zeros(1)])
-        )
-        values = values[values >= 0]
-
-        def make(alpha: float) -> Schedule:
-            plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
-            meta = {
-                "rule": "smoothcache",
-                "alpha": float(alpha),
-                "granularity": granularity,
-                "target_compute_fraction": float(fraction),
-                **calibration.provenance(),
-            }
-            return cls(calibration.num_steps, plans, counts, meta)
-
-        best = make(float(values[-1]))
-        if best.compute_fraction > fraction + 1e-12:
-            raise ScheduleError(
-                f"compute fraction {fraction:g} is out of reach: with lookahead {calibration.lookahead} the "
-                f"smallest this calibration allows is {best.compute_fraction:.3f} (first and last steps "
-                "always compute). Calibrate with a larger lookahead, or ask for more compute."
-            )
-        lo, hi = 0, len(values) - 1  # invariant: values[hi] meets the budget
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if make(float(values[mid])).compute_fraction <= fraction + 1e-12:
-                hi = mid
-            else:
-                lo = mid + 1
-        return make(float(values[hi]))
+        return for_compute_fraction(calibration, fraction, granularity=granularity)
 
     @classmethod
     def optimal(
@@ -202,98 +134,27 @@ class Schedule:
         weighted: bool | None = None,
         budget: str = "calls",
     ) -> Schedule:
-        """The schedule with the least total calibrated error for a compute budget (exact DP).
+        """The least summed calibrated error for a compute budget (exact DP + knapsack):
+        :func:`stepcache.policies.optimal.optimal_schedule`."""
+        from .policies.optimal import optimal_schedule
 
-        Each component (``granularity="layer"``) or type (``"type"``) gets the plan that minimises the
-        *sum* of the errors of its reused steps for its number of computations, each reused step
-        copying or forecasting, whichever calibrated better; one global budget is shared among them
-        exactly (a knapsack over call counts, a Lagrangian over MACs; see :mod:`stepcache.policies`).
-
-        Args:
-            fraction: share of component calls (``budget="calls"``) or of cached MACs
-                (``budget="macs"``: an expensive component's computation costs more) to execute.
-            forecast: let reused steps use the first-order forecast where it calibrated better;
-                ``None`` = whenever the calibration recorded forecast errors.
-            weighted: multiply errors by the calibration's sensitivity weights
-                (:func:`stepcache.sensitivity`); ``None`` = whenever it has them.
-            budget: ``"calls"`` or ``"macs"``.
-        """
-        from .policies import allocate, cost_curve
-
-        check_fraction(fraction)
-        if budget not in ("calls", "macs"):
-            raise ScheduleError(f"budget must be 'calls' or 'macs', got {budget!r}.")
-        tables, counts = _tables(calibration, granularity)
-        has_fc, has_w = bool(calibration.forecast_errors), bool(calibration.weights)
-        if forecast and not has_fc:
-            raise ScheduleError(
-                "this calibration has no forecast errors: recalibrate with forecast=True "
-                "(the default since stepcache 0.2), or pass forecast=False."
-            )
-        if weighted and not has_w:
-            raise ScheduleError(
-                "this calibration has no sensitivity weights: run stepcache.sensitivity() on it, or pass "
-                "weighted=False."
-            )
-        forecast = has_fc if forecast is None else forecast
-        weighted = has_w if weighted is None else weighted
-        if granularity == "type":
-            fcs = calibration.type_forecast_errors() if forecast else {}
-            ws = calibration.type_weights() if weighted else {}
-        else:
-            fcs = dict(calibration.forecast_errors) if forecast else {}
-            ws = dict(calibration.weights) if weighted else {}
-        units = {}
-        for key in tables:
-            macs = 1.0
-            if budget == "macs":
-                names = [n for n, t in calibration.components.items() if key in (n, t)]
-                values = [calibration.macs.get(n) for n in names]
-                if any(v is None for v in values):
-                    raise ScheduleError("budget='macs' needs MACs per component; this calibration has none.")
-                macs = float(np.mean(values))
-            units[key] = counts[key] * macs
-        curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key)) for key in tables}
-        total = sum(units.values()) * calibration.num_steps
-        try:
-            alloc = allocate(curves, units, fraction * total)
-        except ScheduleError:
-            least = sum(units[key] * int(curves[key].feasible[0]) for key in tables) / total
-            raise ScheduleError(
-                f"compute fraction {fraction:g} is out of reach: with lookahead {calibration.lookahead} the "
-                f"smallest this calibration allows is {least:.3f}. Calibrate with a larger lookahead, or "
-                "ask for more compute."
-            ) from None
-        plans = {key: curves[key].plans[c] for key, c in alloc.items()}
-        meta = {
-            "rule": "optimal",
-            "granularity": granularity,
-            "forecast": "calibrated" if forecast else None,
-            "weighted": bool(weighted),
-            "budget": budget,
-            "target_compute_fraction": float(fraction),
-            "expected_cost": float(sum(curves[key].cost[c] * counts[key] for key, c in alloc.items())),
-            **calibration.provenance(),
-        }
-        return cls(calibration.num_steps, plans, counts, meta)
+        return optimal_schedule(
+            calibration,
+            fraction,
+            granularity=granularity,
+            forecast=forecast,
+            weighted=weighted,
+            budget=budget,
+        )
 
     @classmethod
     def fora(
         cls, num_steps: int, interval: int, *, types: Sequence[str] | None = None, forecast: bool = False
     ) -> Schedule:
-        """FORA's uniform schedule: compute every ``interval``-th step (and the last), reuse between
-        (or, with ``forecast=True``, extrapolate from the last two computed outputs).
+        """FORA's uniform schedule, every ``interval``-th step: :func:`stepcache.policies.uniform.fora`."""
+        from .policies.uniform import fora
 
-        By default one plan for every discovered component (the pattern ``*``), so the schedule fits
-        any model; ``types`` restricts it to those component types.
-        """
-        if not isinstance(interval, int) or interval < 1:
-            raise ScheduleError(f"interval must be a positive integer, got {interval!r}.")
-        plan = [COMPUTE if s % interval == 0 else REUSE for s in range(num_steps)]
-        plan[-1] = COMPUTE
-        keys = ("*",) if types is None else tuple(types)
-        sched = cls(num_steps, dict.fromkeys(keys, tuple(plan)), meta={"rule": "fora", "interval": interval})
-        return sched.with_forecast() if forecast else sched
+        return fora(num_steps, interval, types=types, forecast=forecast)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -513,13 +374,3 @@ def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) ->
         if run > longest:
             new[s], run = COMPUTE, 0
     return tuple(new)
-
-
-def _tables(calibration: Calibration, granularity: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    if granularity == "type":
-        tables = calibration.type_errors()
-        counts = {t: sum(1 for v in calibration.components.values() if v == t) for t in tables}
-        return tables, counts
-    if granularity == "layer":
-        return dict(calibration.errors), dict.fromkeys(calibration.errors, 1)
-    raise ScheduleError(f"granularity must be 'type' or 'layer', got {granularity!r}.")

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._runtime import Session, StepTracker, final_samples
 from .calibration import Calibration
 from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError
+from .runtime.introspect import final_samples
+from .runtime.session import Session
+from .runtime.steps import StepTracker
 
 __all__ = ["sensitivity"]
 

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from .. import metrics, reference
-from ..cache import cache
 from ..calibration import Calibration
 from ..errors import ScheduleError
+from ..policies.tuned import tune
+from ..runtime import cache
 from ..schedule import Schedule
-from ..tuning import tune
 from . import peers
 
 logger = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ def _fd(
 
 
 def _calibration(scheduler: str, steps: int) -> Calibration:
-    from ..demo import calibrate_reference, shipped_calibration
+    from ..reference import calibrate_reference, shipped_calibration
 
     cal = shipped_calibration(scheduler, steps)
     return cal if cal is not None else calibrate_reference(scheduler, steps)

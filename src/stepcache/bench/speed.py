@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..cache import cache
 from ..discovery import discover
+from ..runtime import cache
 from ..schedule import Schedule
 from . import peers
 

@@ -6,6 +6,7 @@ imported when first needed.
 
 Public API:
     load_model, load_classifier, load_digits, make_scheduler, sample,
+    ReferencePipeline, shipped_calibration, calibrate_reference,
     NUM_CLASSES, IMAGE_SIZE, NULL_CLASS, DEFAULT_GUIDANCE_SCALE, ReferenceWeightsError.
 """
 
@@ -23,6 +24,7 @@ from stepcache.reference._model import (
     sample,
 )
 from stepcache.reference._weights import DEFAULT_WEIGHTS_DIR, ReferenceWeightsError
+from stepcache.reference.pipeline import ReferencePipeline, calibrate_reference, shipped_calibration
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
@@ -32,11 +34,14 @@ __all__ = [
     "NUM_CLASSES",
     "SCHEDULER_NAMES",
     "DigitClassifier",
+    "ReferencePipeline",
     "ReferenceWeightsError",
+    "calibrate_reference",
     "load_classifier",
     "load_digits",
     "load_model",
     "load_model_metadata",
     "make_scheduler",
     "sample",
+    "shipped_calibration",
 ]

@@ -11,6 +11,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from stepcache.errors import StepCacheError
+
 __all__ = ["IMAGE_SIZE", "NUM_CLASSES", "SPLIT_SEED", "TEST_FRACTION", "load_digits"]
 
 NUM_CLASSES = 10
@@ -56,6 +58,6 @@ def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """
     splits = _splits()
     if split not in splits:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise StepCacheError(f"split must be 'train' or 'test', got {split!r}")
     images, labels = splits[split]
     return images.clone(), labels.clone()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stepcache.errors import StepCacheError
 from stepcache.reference._data import NUM_CLASSES
 from stepcache.reference._weights import (
     REGENERATE_HINT,
@@ -148,7 +149,7 @@ def make_scheduler(
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        raise StepCacheError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     cfg = (
         {**_DEFAULT_TRAIN_SCHEDULER, **train_config}
         if train_config is not None
@@ -175,7 +176,7 @@ def make_scheduler(
             sample_max_value=1.0,
         )
     else:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
+        raise StepCacheError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
     sched.set_timesteps(num_inference_steps)
     return sched
 

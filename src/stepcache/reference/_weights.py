@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from stepcache.errors import ReferenceWeightsError
+
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "REGENERATE_HINT",
@@ -31,10 +33,6 @@ DEFAULT_WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 REGENERATE_HINT = (
     "Regenerate the reference weights with `python scripts/train_reference.py` (about 30 min on a CPU)."
 )
-
-
-class ReferenceWeightsError(RuntimeError):
-    """A shipped reference weights/config file is missing, unreadable, corrupted or does not fit the model."""
 
 
 def resolve_weights_dir(weights_dir: str | Path | None) -> Path:

@@ -25,14 +25,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ScheduleError
+from ..errors import ScheduleError
+from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
+from ._plan import check_fraction, error_tables
 
-__all__ = ["CostCurve", "allocate", "cost_curve", "plan_cost"]
+if TYPE_CHECKING:
+    from ..calibration import Calibration
 
-COMPUTE, REUSE, FORECAST = 1, 0, 2
+__all__ = ["CostCurve", "allocate", "cost_curve", "optimal_schedule", "plan_cost"]
+
 _INF = math.inf
 
 
@@ -267,3 +272,86 @@ def _lagrangian(curves: Mapping[str, CostCurve], units: Mapping[str, float], bud
         if best_key is None:
             return counts
         counts[best_key] += 1
+
+
+def optimal_schedule(
+    calibration: Calibration,
+    fraction: float,
+    *,
+    granularity: str = "type",
+    forecast: bool | None = None,
+    weighted: bool | None = None,
+    budget: str = "calls",
+) -> Schedule:
+    """The schedule with the least total calibrated error for a compute budget (exact DP).
+
+    Each component (``granularity="layer"``) or type (``"type"``) gets the plan that minimises the
+    *sum* of the errors of its reused steps for its number of computations, each reused step
+    copying or forecasting, whichever calibrated better; one global budget is shared among them
+    exactly (a knapsack over call counts, a Lagrangian over MACs; see :func:`allocate`).
+
+    Args:
+        fraction: share of component calls (``budget="calls"``) or of cached MACs
+            (``budget="macs"``: an expensive component's computation costs more) to execute.
+        forecast: let reused steps use the first-order forecast where it calibrated better;
+            ``None`` = whenever the calibration recorded forecast errors.
+        weighted: multiply errors by the calibration's sensitivity weights
+            (:func:`stepcache.sensitivity`); ``None`` = whenever it has them.
+        budget: ``"calls"`` or ``"macs"``.
+    """
+    check_fraction(fraction)
+    if budget not in ("calls", "macs"):
+        raise ScheduleError(f"budget must be 'calls' or 'macs', got {budget!r}.")
+    tables, counts = error_tables(calibration, granularity)
+    has_fc, has_w = bool(calibration.forecast_errors), bool(calibration.weights)
+    if forecast and not has_fc:
+        raise ScheduleError(
+            "this calibration has no forecast errors: recalibrate with forecast=True "
+            "(the default), or pass forecast=False."
+        )
+    if weighted and not has_w:
+        raise ScheduleError(
+            "this calibration has no sensitivity weights: run stepcache.sensitivity() on it, or pass "
+            "weighted=False."
+        )
+    forecast = has_fc if forecast is None else forecast
+    weighted = has_w if weighted is None else weighted
+    if granularity == "type":
+        fcs = calibration.type_forecast_errors() if forecast else {}
+        ws = calibration.type_weights() if weighted else {}
+    else:
+        fcs = dict(calibration.forecast_errors) if forecast else {}
+        ws = dict(calibration.weights) if weighted else {}
+    units = {}
+    for key in tables:
+        macs = 1.0
+        if budget == "macs":
+            names = [n for n, t in calibration.components.items() if key in (n, t)]
+            values = [calibration.macs.get(n) for n in names]
+            if any(v is None for v in values):
+                raise ScheduleError("budget='macs' needs MACs per component; this calibration has none.")
+            macs = float(np.mean(values))
+        units[key] = counts[key] * macs
+    curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key)) for key in tables}
+    total = sum(units.values()) * calibration.num_steps
+    try:
+        alloc = allocate(curves, units, fraction * total)
+    except ScheduleError:
+        least = sum(units[key] * int(curves[key].feasible[0]) for key in tables) / total
+        raise ScheduleError(
+            f"compute fraction {fraction:g} is out of reach: with lookahead {calibration.lookahead} the "
+            f"smallest this calibration allows is {least:.3f}. Calibrate with a larger lookahead, or "
+            "ask for more compute."
+        ) from None
+    plans = {key: curves[key].plans[c] for key, c in alloc.items()}
+    meta = {
+        "rule": "optimal",
+        "granularity": granularity,
+        "forecast": "calibrated" if forecast else None,
+        "weighted": bool(weighted),
+        "budget": budget,
+        "target_compute_fraction": float(fraction),
+        "expected_cost": float(sum(curves[key].cost[c] * counts[key] for key, c in alloc.items())),
+        **calibration.provenance(),
+    }
+    return Schedule(calibration.num_steps, plans, counts, meta)

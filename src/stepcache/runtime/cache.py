@@ -15,91 +15,26 @@ denoiser call, outside the hot path, by checking which stored outputs were repla
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._runtime import _ACTIVE, Session, StepTracker, count_macs, fingerprint, first_tensor_shape, model_class
-from .discovery import DEFAULT_TYPES, Component, denoisers_of, discover
-from .errors import ScheduleError, ScheduleLengthError, StepCacheError
-from .schedule import COMPUTE, FORECAST, Schedule
+from .._logging import follow_diffusers
+from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover
+from ..errors import ScheduleError, ScheduleLengthError, StepCacheError
+from ..schedule import COMPUTE, FORECAST, Schedule
+from .introspect import count_macs, fingerprint, first_tensor_shape, model_class
+from .session import Session, active_session
+from .stats import CacheStats, TypeStats
+from .steps import StepTracker
 
-__all__ = ["CacheHandle", "CacheStats", "TypeStats", "cache", "disable", "enable"]
+__all__ = ["CacheHandle", "cache", "disable", "summary"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TypeStats:
-    """Measured calls of one component type (all layers, all branches, all generations)."""
-
-    components: int
-    computed: int
-    reused: int
-    macs_saved: float | None
-
-    @property
-    def compute_fraction(self) -> float:
-        calls = self.computed + self.reused
-        return self.computed / calls if calls else 1.0
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """What the cache did: per type, computed vs reused calls and estimated MACs saved."""
-
-    by_type: dict[str, TypeStats]
-    generations: int
-
-    @property
-    def computed(self) -> int:
-        return sum(s.computed for s in self.by_type.values())
-
-    @property
-    def reused(self) -> int:
-        return sum(s.reused for s in self.by_type.values())
-
-    @property
-    def compute_fraction(self) -> float:
-        """Executed scheduled-component calls / all scheduled-component calls (as the schedule's)."""
-        calls = self.computed + self.reused
-        return self.computed / calls if calls else 1.0
-
-    @property
-    def macs_saved(self) -> float | None:
-        vals = [s.macs_saved for s in self.by_type.values()]
-        return None if any(v is None for v in vals) else float(sum(vals))  # type: ignore[arg-type]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "generations": self.generations,
-            "computed": self.computed,
-            "reused": self.reused,
-            "compute_fraction": self.compute_fraction,
-            "macs_saved": self.macs_saved,
-            "by_type": {
-                k: {
-                    "components": s.components,
-                    "computed": s.computed,
-                    "reused": s.reused,
-                    "compute_fraction": s.compute_fraction,
-                    "macs_saved": s.macs_saved,
-                }
-                for k, s in self.by_type.items()
-            },
-        }
-
-    def __str__(self) -> str:
-        lines = [f"{'type':<11}{'layers':>7}{'computed':>10}{'reused':>9}{'fraction':>10}{'GMACs saved':>13}"]
-        for kind, s in self.by_type.items():
-            saved = "?" if s.macs_saved is None else f"{s.macs_saved / 1e9:.3f}"
-            lines.append(
-                f"{kind:<11}{s.components:>7}{s.computed:>10}{s.reused:>9}{s.compute_fraction:>10.3f}{saved:>13}"
-            )
-        return "\n".join(lines)
 
 
 class _Slot:
@@ -199,15 +134,17 @@ def _extrapolate(last: Any, previous: Any, coef: float) -> Any:
 
 
 class CacheHandle:
-    """An active cache on one denoiser. A context manager; ``close()`` restores the model exactly.
+    """A cache on one pipeline or denoiser. A context manager; ``close()`` restores the model exactly.
 
-    Use :func:`cache` (or :func:`enable`) to make one.
+    :func:`cache` makes one and opens it. A handle built directly opens when its ``with`` block is
+    entered (or on :meth:`open`); everything is validated when it is built, so a bad schedule fails
+    before anything is installed.
     """
 
     def __init__(
         self,
         target: Any,
-        schedule: Schedule,
+        schedule: Schedule | str | os.PathLike[str],
         *,
         blocks: Any = None,
         components: Any = None,
@@ -217,8 +154,7 @@ class CacheHandle:
         strict: bool = True,
         count_macs: bool = True,
     ) -> None:
-        if not isinstance(schedule, Schedule):
-            raise ScheduleError(f"schedule must be a stepcache.Schedule, got {type(schedule).__name__}.")
+        schedule = _resolve_schedule(schedule)
         if on_length_mismatch not in ("error", "resample"):
             raise StepCacheError(
                 f"on_length_mismatch must be 'error' or 'resample', got {on_length_mismatch!r}."
@@ -265,6 +201,9 @@ class CacheHandle:
         return slot.forward
 
     def open(self) -> CacheHandle:
+        """Install the cache (a no-op when it is already active)."""
+        if self._session.open:
+            return self
         self._session.install()
         logger.debug(
             "cache enabled on %d components (compute fraction %.3f)",
@@ -275,15 +214,20 @@ class CacheHandle:
 
     def close(self) -> None:
         """Remove every hook and stored output; the model is exactly as before."""
+        was_open = self._session.open
         self._session.remove()
         self._clear()  # drop stored outputs; counters stay readable through .stats
+        if was_open:
+            stats = self.stats
+            for model in self.models:
+                _LAST_STATS[model] = stats
 
     @property
     def active(self) -> bool:
         return self._session.open
 
     def __enter__(self) -> CacheHandle:
-        return self
+        return self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -363,19 +307,62 @@ def _pipeline_steps(pipeline: Any) -> int | None:
     return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
 
 
-def enable(target: Any, schedule: Schedule, **options: Any) -> CacheHandle:
+def _resolve_schedule(schedule: Any) -> Schedule:
+    """A Schedule as given, or read from a file, a folder or a hub repository."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (str, os.PathLike)):
+        if os.path.isfile(schedule):
+            return Schedule.load(schedule)
+        from ..integrations.hub import resolve_schedule
+
+        return resolve_schedule(schedule)
+    raise ScheduleError(
+        f"schedule must be a stepcache.Schedule, a schedule file, a folder or a hub repository id; "
+        f"got {type(schedule).__name__}."
+    )
+
+
+def cache(
+    target: Any,
+    schedule: Schedule | str | os.PathLike[str],
+    *,
+    blocks: Any = None,
+    components: Any = None,
+    types: Iterable[str] | None = None,
+    on_length_mismatch: str = "error",
+    timestep_arg: str | None = None,
+    strict: bool = True,
+    count_macs: bool = True,
+) -> CacheHandle:
     """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
 
-    Options: ``blocks``, ``components``, ``types`` (discovery overrides), ``on_length_mismatch``
-    (``"error"`` or ``"resample"``), ``timestep_arg``, ``strict`` (refuse a schedule calibrated on
-    another model), ``count_macs``.
+    ``with stepcache.cache(pipe, schedule) as handle:`` caches inside the block; without ``with``,
+    caching lasts until ``handle.close()`` or :func:`disable`.
+
+    Args:
+        target: a diffusers pipeline (its transformer(s) are cached) or an ``nn.Module`` denoiser.
+        schedule: a :class:`Schedule`, a schedule file, a folder holding ``stepcache_schedule.json``
+            (a model folder, say) or a hub repository id.
+        blocks, components, types: discovery overrides (see :func:`stepcache.discover`).
+        on_length_mismatch: ``"error"`` (default) or ``"resample"`` when a run makes a different
+            number of steps than the schedule has.
+        timestep_arg: the denoiser's timestep parameter, when it is not one of the usual names.
+        strict: refuse a schedule calibrated on a different model.
+        count_macs: measure each component's MACs once (for ``stats.macs_saved``).
     """
-    return CacheHandle(target, schedule, **options).open()
-
-
-def cache(target: Any, schedule: Schedule, **options: Any) -> CacheHandle:
-    """``with stepcache.cache(pipe, schedule) as handle:`` caches inside the block (see :func:`enable`)."""
-    return enable(target, schedule, **options)
+    follow_diffusers()
+    return CacheHandle(
+        target,
+        schedule,
+        blocks=blocks,
+        components=components,
+        types=types,
+        on_length_mismatch=on_length_mismatch,
+        timestep_arg=timestep_arg,
+        strict=strict,
+        count_macs=count_macs,
+    ).open()
 
 
 def disable(target: Any) -> None:
@@ -383,9 +370,34 @@ def disable(target: Any) -> None:
     if isinstance(target, CacheHandle):
         target.close()
         return
-    session = _ACTIVE.get(denoisers_of(target)[0][1])
+    session = active_session(denoisers_of(target)[0][1])
     if session is not None:
-        if session.owner is not None:
+        if isinstance(session.owner, CacheHandle):
             session.owner.close()
         else:
             session.remove()
+
+
+# Stats of the last cache closed on each denoiser. Values are frozen stats, which hold no reference
+# to the model, so this never keeps a model alive.
+_LAST_STATS: weakref.WeakKeyDictionary[nn.Module, CacheStats] = weakref.WeakKeyDictionary()
+
+
+def summary(target: Any) -> CacheStats:
+    """The stats of the cache active on ``target`` (a pipeline, module or handle), or else of the
+    last one closed on it: computed vs reused calls per type, compute fraction, MACs saved.
+
+    Raises:
+        StepCacheError: no cache has run on this target.
+    """
+    if isinstance(target, CacheHandle):
+        return target.stats
+    model = denoisers_of(target)[0][1]
+    session = active_session(model)
+    if session is not None and isinstance(session.owner, CacheHandle):
+        return session.owner.stats
+    if model in _LAST_STATS:
+        return _LAST_STATS[model]
+    raise StepCacheError(
+        f"no stepcache cache has run on this {type(model).__name__}; call stepcache.cache(...) first."
+    )

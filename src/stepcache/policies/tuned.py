@@ -3,8 +3,8 @@
 Open-loop costs (the calibrated relative L1 change, even with sensitivity weights) rank schedules
 poorly on real models: where computations fall in the first few steps, and whether a forecast has
 two recent outputs to extrapolate from, moves the final sample far more than the per-step error
-suggests (measured on the reference model: the same budget spans 39-49 dB PSNR depending on the
-warm-up alone). So this policy evaluates a small family of candidate schedules on a few calibration
+suggests (on the reference model the warm-up length alone moves the PSNR of one budget by several
+dB; docs/policies.md has the measurements). So this policy evaluates a small family of candidate schedules on a few calibration
 generations and keeps the best:
 
 * warm-up ``w`` full computations, then the remaining computations evenly spaced and ending on the
@@ -13,13 +13,14 @@ generations and keeps the best:
 * warm-up ``w``, then a computation every ``i`` steps until the budget is spent (three phases), the
   last steps forecast (what TaylorSeer does; at small budgets it beats computing the last step);
 * the same with copying instead of forecasting, for the best ``w``;
-* the :meth:`Schedule.optimal` schedule when a calibration is given;
+* the optimal policy's schedule (:func:`~stepcache.policies.optimal.optimal_schedule`) when a calibration is given;
 * then a local search from the best: move one computation one step earlier or later, keep the best
   move, repeat for ``refine`` rounds.
 
 Every candidate computes at most ``floor(fraction * num_steps)`` steps for every component (the
 even-spacing family and the local moves exactly that many), so the budget is never exceeded. The
-cost is ``1 + evaluations`` calls of ``run``, reported in ``meta["tuning"]``. The result is a plain, serialisable :class:`Schedule`.
+cost is ``1 + evaluations`` calls of ``run``, reported in ``meta["tuning"]``. The result is a plain,
+serialisable :class:`Schedule`.
 """
 
 from __future__ import annotations
@@ -30,43 +31,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from ._runtime import final_samples
-from .cache import cache
-from .calibration import Calibration
-from .errors import ScheduleError
-from .schedule import COMPUTE, FORECAST, REUSE, Schedule, check_fraction
+from ..calibration import Calibration
+from ..errors import ScheduleError
+from ..runtime import cache
+from ..runtime.introspect import final_samples
+from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
+from ._plan import check_fraction, interval_plan, warmup_plan
+from .optimal import optimal_schedule
 
-__all__ = ["interval_plan", "tune", "warmup_plan"]
-
-
-def warmup_plan(num_steps: int, computes: int, warmup: int, *, forecast: bool = True) -> tuple[int, ...]:
-    """``warmup`` computed steps, then ``computes - warmup`` evenly spaced ones ending on the last step."""
-    if not 1 <= warmup <= computes - 1 or computes > num_steps:
-        raise ScheduleError(f"warm-up {warmup} does not fit {computes} computations in {num_steps} steps.")
-    rest = computes - warmup
-    grid = np.round(np.linspace(warmup - 1, num_steps - 1, rest + 1))[1:].astype(int)
-    picks = set(range(warmup)) | {int(s) for s in grid}
-    if len(picks) != computes:  # only when the grid is denser than one per step: then no gaps remain
-        raise ScheduleError(f"warm-up {warmup} leaves no room for {computes} computations.")
-    fill = FORECAST if forecast else REUSE
-    return tuple(COMPUTE if s in picks else fill for s in range(num_steps))
-
-
-def interval_plan(num_steps: int, computes: int, warmup: int, phase: int = 0) -> tuple[int, ...]:
-    """``warmup`` computed steps, then one every ``i`` steps from ``warmup - 1 + i + phase`` (the
-    smallest ``i`` within budget), the rest forecast; the last step is not forced."""
-    if not 1 <= warmup < computes or phase < 0:
-        raise ScheduleError(f"warm-up {warmup} (phase {phase}) does not fit {computes} computations.")
-    i = 1
-    while warmup + len(range(warmup - 1 + i + phase, num_steps, i)) > computes:
-        i += 1
-    if phase >= i:
-        raise ScheduleError(f"phase {phase} is not below the interval {i}.")
-    picks = set(range(warmup)) | set(range(warmup - 1 + i + phase, num_steps, i))
-    return tuple(COMPUTE if s in picks else FORECAST for s in range(num_steps))
+__all__ = ["tune"]
 
 
 def _moves(plans: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, tuple[int, ...]]]:
@@ -140,7 +115,7 @@ def tune(
                 )
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
-            candidates["optimal (type)"] = Schedule.optimal(calibration, computes / n)
+            candidates["optimal (type)"] = optimal_schedule(calibration, computes / n)
     if not candidates:
         raise ScheduleError(f"no candidate schedule fits {computes} computations in {n} steps.")
     from tqdm.auto import tqdm

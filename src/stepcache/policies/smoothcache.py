@@ -1,0 +1,102 @@
+"""SmoothCache's rule (Roblox, 2024): one error threshold alpha turns calibrated curves into a plan.
+
+From a computed step, reuse for as many following steps as the calibrated error of the last reused
+one stays under alpha (at most the calibration's lookahead k), then compute again. Open loop and
+greedy, exactly as the original package does it; :func:`for_compute_fraction` finds the alpha for
+a compute budget.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ScheduleError
+from ..schedule import COMPUTE, REUSE, Schedule
+from ._plan import check_alpha, check_fraction, error_tables
+
+if TYPE_CHECKING:
+    from ..calibration import Calibration
+
+__all__ = ["for_compute_fraction", "from_calibration", "smoothcache_rule"]
+
+
+def smoothcache_rule(errors: np.ndarray, alpha: float) -> tuple[int, ...]:
+    """SmoothCache's greedy rule on one error table.
+
+    ``errors[s, j-1]`` is the calibrated relative L1 change of the output at step ``s`` against step
+    ``s-j``. From a computed step ``i`` take the largest ``j <= k`` with ``errors[i+j, j-1] <= alpha``,
+    reuse the output of ``i`` for steps ``i+1..i+j`` and compute ``i+j+1``; if no ``j`` qualifies, compute
+    ``i+1``. The first and last steps are always computed. Like the reference, it compares the single
+    error of the last reused step, and it is open loop.
+
+    The rule is greedy: when the error between two steps grows with their distance (what calibrations
+    show), it computes as few steps as possible for ``alpha``, so a larger ``alpha`` never computes more.
+    """
+    n, k = errors.shape
+    plan = [COMPUTE] * n
+    i = 0
+    while i < n:
+        for j in range(k, 0, -1):
+            if i + j < n and errors[i + j, j - 1] <= alpha:
+                plan[i + 1 : i + j + 1] = [REUSE] * j
+                i += j + 1
+                break
+        else:
+            i += 1
+    if n:
+        plan[0] = plan[-1] = COMPUTE
+    return tuple(plan)
+
+
+def from_calibration(calibration: Calibration, alpha: float, *, granularity: str = "type") -> Schedule:
+    """SmoothCache's schedule for threshold ``alpha`` (see :func:`smoothcache_rule`).
+
+    ``granularity="type"`` averages the error curves of all layers of a type (as the paper does)
+    and gives one plan per type; ``"layer"`` gives every component its own plan.
+    """
+    alpha = check_alpha(alpha)
+    tables, counts = error_tables(calibration, granularity)
+    plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
+    meta = {"rule": "smoothcache", "alpha": alpha, "granularity": granularity, **calibration.provenance()}
+    return Schedule(calibration.num_steps, plans, counts, meta)
+
+
+def for_compute_fraction(calibration: Calibration, fraction: float, *, granularity: str = "type") -> Schedule:
+    """The SmoothCache schedule with the smallest alpha whose compute fraction is <= ``fraction``.
+
+    The compute fraction only changes where alpha crosses a calibrated error value, so the search
+    bisects over those values; the schedule returned records the alpha it used.
+    """
+    check_fraction(fraction)
+    tables, counts = error_tables(calibration, granularity)
+    values = np.unique(np.concatenate([t[np.isfinite(t)].ravel() for t in tables.values()] + [np.zeros(1)]))
+    values = values[values >= 0]
+
+    def make(alpha: float) -> Schedule:
+        plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
+        meta = {
+            "rule": "smoothcache",
+            "alpha": float(alpha),
+            "granularity": granularity,
+            "target_compute_fraction": float(fraction),
+            **calibration.provenance(),
+        }
+        return Schedule(calibration.num_steps, plans, counts, meta)
+
+    best = make(float(values[-1]))
+    if best.compute_fraction > fraction + 1e-12:
+        raise ScheduleError(
+            f"compute fraction {fraction:g} is out of reach: with lookahead {calibration.lookahead} the "
+            f"smallest this calibration allows is {best.compute_fraction:.3f} (first and last steps "
+            "always compute). Calibrate with a larger lookahead, or ask for more compute."
+        )
+    lo, hi = 0, len(values) - 1  # invariant: values[hi] meets the budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if make(float(values[mid])).compute_fraction <= fraction + 1e-12:
+            hi = mid
+        else:
+            lo = mid + 1
+    return make(float(values[hi]))

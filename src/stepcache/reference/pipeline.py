@@ -1,0 +1,77 @@
+"""The reference model behind a pipeline-shaped call, and the calibrations shipped with it.
+
+:class:`ReferencePipeline` lets the CLI, calibration, tuning and the benchmarks treat the reference
+model exactly like a diffusers pipeline (``pipe(class_labels=[...], num_inference_steps=50)``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from stepcache.calibration import Calibration, calibrate
+
+__all__ = ["ReferencePipeline", "calibrate_reference", "shipped_calibration"]
+
+
+class ReferencePipeline:
+    """The reference model behind a pipeline-like call, so the CLI and calibration treat it like
+    a diffusers pipeline: ``pipe(class_labels=[...], num_inference_steps=50)`` returns images."""
+
+    def __init__(self, scheduler: str = "ddim", guidance_scale: float | None = None) -> None:
+        from stepcache import reference
+
+        self.transformer = reference.load_model()
+        self.scheduler_name = scheduler
+        self.guidance_scale = reference.DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        self.scheduler = reference.make_scheduler(scheduler, 50)
+
+    def __call__(
+        self,
+        class_labels: list[int] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        output_type: str = "pt",
+    ) -> torch.Tensor:
+        from stepcache import reference
+
+        if generator is not None:
+            seed = int(generator.initial_seed())
+        # A fresh scheduler per call (multistep solvers keep state), kept on self so a cache can
+        # check the step count before the first step.
+        self.scheduler = reference.make_scheduler(self.scheduler_name, num_inference_steps)
+        return reference.sample(
+            self.transformer,
+            torch.as_tensor(class_labels),
+            scheduler=self.scheduler,
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=seed,
+            progress=progress,
+        )
+
+
+def shipped_calibration(scheduler: str, steps: int) -> Calibration | None:
+    """The calibration shipped for (scheduler, steps), if there is one."""
+    path = resources.files("stepcache.reference").joinpath("calibrations", f"{scheduler}-{steps}.json")
+    if not path.is_file():
+        return None
+    return Calibration.load(Path(str(path)))
+
+
+def calibrate_reference(
+    scheduler: str,
+    steps: int,
+    samples: int = 8,
+    seed: int = 1000,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate the reference model: ``samples`` generations of one image per class each."""
+    pipe = ReferencePipeline(scheduler, guidance_scale)
+    inputs = [{"class_labels": list(range(10)), "seed": seed + i} for i in range(samples)]
+    return calibrate(pipe, inputs=inputs, num_inference_steps=steps, progress=progress)

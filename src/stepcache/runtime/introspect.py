@@ -1,0 +1,128 @@
+"""What the runtime needs to know about a model and its outputs: identity, cost, final samples.
+
+* :func:`fingerprint` hashes a denoiser's architecture, so a schedule or calibration made on one
+  model is never silently applied to another;
+* :func:`mac_shares` and :func:`count_macs` measure multiply-accumulates with torch's FLOP counter
+  (matmuls, convolutions, attention): the one place stepcache turns calls into compute;
+* :func:`final_samples` reads the samples a replay returned (tensor or pipeline output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..discovery import Component, denoisers_of
+from ..errors import StepCacheError
+
+__all__ = [
+    "MacShares",
+    "count_macs",
+    "final_samples",
+    "fingerprint",
+    "first_tensor_shape",
+    "mac_shares",
+    "model_class",
+]
+
+
+def fingerprint(target: object) -> str:
+    """A short hash of the architecture of every denoiser of ``target`` (module or pipeline)."""
+    models = denoisers_of(target)
+    if len(models) == 1:
+        return _fingerprint_one(models[0][1])
+    joined = "|".join(prefix + _fingerprint_one(m) for prefix, m in models)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def model_class(target: object) -> str:
+    """Class name(s) of the denoiser(s), for metadata and messages."""
+    return "+".join(type(m).__name__ for _, m in denoisers_of(target))
+
+
+def _fingerprint_one(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "items"):
+        public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        text = type(model).__name__ + json.dumps(public, sort_keys=True, default=str)
+    else:
+        text = type(model).__name__ + repr([(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def count_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float | None]:
+    """Run ``fn`` once under torch's FLOP counter; return (output, multiply-accumulates)."""
+    if torch.compiler.is_compiling():
+        return fn(*args, **kwargs), None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn(*args, **kwargs)
+    return out, counter.get_total_flops() / 2.0
+
+
+def first_tensor_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """Shape of the first tensor argument: a cheap check that a stored output still fits."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return tuple(a.shape)
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            return tuple(a.shape)
+    return None
+
+
+def final_samples(out: Any, error: type[StepCacheError] = StepCacheError) -> torch.Tensor:
+    """The final samples a replay callable returned (a tensor, or a pipeline output holding one)."""
+    for attr in ("images", "sample", "frames", "audios"):
+        out = getattr(out, attr, out)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise error(
+            "`run` must return the final samples as a tensor (e.g. a pipeline called with "
+            f"output_type='pt'), got {type(out).__name__}."
+        )
+    return out.detach().float()
+
+
+@dataclass(frozen=True)
+class MacShares:
+    """Multiply-accumulates measured over one run: the denoiser's, and each component's."""
+
+    total: float
+    by_component: dict[str, float]
+
+    def by_type(self, components: Iterable[Component]) -> dict[str, float]:
+        """Summed MACs per component type."""
+        out: dict[str, float] = {}
+        for c in components:
+            out[c.type] = out.get(c.type, 0.0) + self.by_component.get(c.name, 0.0)
+        return out
+
+    @property
+    def cached_share(self) -> float:
+        """Share of the denoiser's MACs spent in the measured components."""
+        return sum(self.by_component.values()) / self.total if self.total else 0.0
+
+
+def mac_shares(denoiser: nn.Module, components: Iterable[Component], run: Callable[[], Any]) -> MacShares:
+    """Run ``run()`` (which calls ``denoiser`` one or more times) under torch's FLOP counter and
+    return the denoiser's MACs and each component's, keyed by component name."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    counts = counter.get_flop_counts()
+    root = type(denoiser).__name__
+    total = sum(counts.get(root, {}).values()) / 2
+    return MacShares(
+        total, {c.name: sum(counts.get(f"{root}.{c.name}", {}).values()) / 2 for c in components}
+    )

@@ -1,0 +1,165 @@
+"""Which denoising step and guidance branch a denoiser call belongs to.
+
+:class:`StepTracker` turns the stream of denoiser calls into (generation, step, branch) coordinates,
+read from the timestep the denoiser receives. A *step* is one denoiser evaluation at one timestep;
+further calls at the same timestep are further *branches* (split classifier-free guidance: cond and
+uncond as two calls); a timestep that goes up starts a new generation. So a schedule is indexed by
+denoising step, never by forward call, and every generation starts afresh.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ScheduleLengthError, StepCacheError
+
+__all__ = ["TIMESTEP_NAMES", "StepTracker", "read_timestep", "timestep_slot"]
+
+logger = logging.getLogger(__name__)
+
+# Parameter names under which denoisers receive their noise level, most common first.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
+
+
+def timestep_slot(module: nn.Module, timestep_arg: str | None) -> tuple[str, int | None] | None:
+    """Where the timestep arrives in ``module.forward``: (keyword name, positional index or None)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = (timestep_arg,) if timestep_arg else TIMESTEP_NAMES
+    for name in names:
+        for i, p in enumerate(params):
+            if p.name == name:
+                positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                return name, (i if positional else None)
+    if timestep_arg:
+        raise StepCacheError(
+            f"timestep_arg={timestep_arg!r}: {type(module).__name__}.forward has no such parameter "
+            f"(it takes {[p.name for p in params]})."
+        )
+    return None
+
+
+def read_timestep(value: Any) -> float | None:
+    """The step's noise level. The maximum, not the first element: Wan 2.2 TI2V passes per-token
+    timesteps that are 0 on the conditioning frame's tokens and t elsewhere."""
+    if isinstance(value, torch.Tensor):
+        return None if value.numel() == 0 else float(value.max())
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+class StepTracker:
+    """Which denoising step and guidance branch the current denoiser call belongs to.
+
+    ``num_steps`` (when known) lets the tracker tell a longer run from a new generation and raise a
+    clear error. ``manual`` mode ignores timesteps: the caller sets steps through :meth:`set_step`
+    (for models that receive no timestep, or are called through a path the hooks cannot see).
+    """
+
+    def __init__(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps
+        self.step = -1
+        self.branch = 0
+        self.generation = -1
+        self.manual = False
+        self._t: float | None = None
+        self._in_call = False
+        # Listeners: a generation is about to begin; a step began; a denoiser call (any branch) began,
+        # after the step and branch are known; a call ended; state was dropped after a failure.
+        self.on_generation: list[Callable[[], None]] = []
+        self.on_step: list[Callable[[int], None]] = []
+        self.on_call_begin: list[Callable[[], None]] = []
+        self.on_call_end: list[Callable[[], None]] = []
+        self.on_reset: list[Callable[[], None]] = []
+
+    @property
+    def timestep(self) -> float | None:
+        """The timestep of the current (or last) denoiser call; ``None`` in manual mode."""
+        return self._t
+
+    # -- automatic mode -------------------------------------------------------------------------
+    def begin_call(self, t: float | None) -> None:
+        if self._in_call:
+            logger.debug("previous denoiser call raised; starting the next generation afresh")
+            self.reset()
+        if self.manual:
+            self._in_call = True
+            self._notify_call()
+            return
+        if t is None:
+            raise StepCacheError(
+                "stepcache could not read a timestep from this denoiser call. Pass timestep_arg='<name>' "
+                "to cache()/calibrate(), or drive steps yourself with handle.set_step(i)."
+            )
+        if self.step >= 0 and t == self._t:
+            self.branch += 1
+        elif self.step < 0 or self._t is None or t > self._t:
+            self._new_generation()
+        elif self.num_steps is not None and self.step + 1 >= self.num_steps:
+            raise ScheduleLengthError(
+                f"the schedule has {self.num_steps} steps but this generation made more denoising steps "
+                f"(timestep {t:g} after step {self.step + 1}). Use a schedule for this step count, or "
+                "schedule.resample(n) for the run's step count."
+            )
+        else:
+            self._advance(self.step + 1)
+        self._t = t
+        self._in_call = True
+        self._notify_call()
+
+    def _notify_call(self) -> None:
+        for fn in self.on_call_begin:
+            fn()
+
+    def end_call(self) -> None:
+        self._in_call = False
+        for fn in self.on_call_end:
+            fn()
+
+    # -- manual mode ----------------------------------------------------------------------------
+    def set_step(self, step: int, branch: int = 0) -> None:
+        self.manual = True
+        if self.num_steps is not None and not 0 <= step < self.num_steps:
+            raise ScheduleLengthError(
+                f"set_step({step}): the schedule has {self.num_steps} steps (0..{self.num_steps - 1})."
+            )
+        if step == 0 and branch == 0 and (self.step != 0 or self.branch != 0):
+            self._new_generation()
+        elif step != self.step:
+            self._advance(step)
+        self.branch = branch
+
+    # -- shared ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the current generation: the next call starts a new one."""
+        self.step, self.branch, self._t, self._in_call = -1, 0, None, False
+        for fn in self.on_reset:
+            fn()
+
+    def _new_generation(self) -> None:
+        if self.step >= 0 and self.num_steps is not None and self.step + 1 < self.num_steps:
+            logger.warning(
+                "a generation ended after %d of the schedule's %d steps (interrupted, or a run with "
+                "fewer steps than the schedule?)",
+                self.step + 1,
+                self.num_steps,
+            )
+        self.generation += 1
+        for fn in self.on_generation:
+            fn()
+        self.branch = 0
+        self._advance(0)
+
+    def _advance(self, step: int) -> None:
+        self.step, self.branch = step, 0
+        for fn in self.on_step:
+            fn(step)
