@@ -282,6 +282,70 @@ class Schedule:
     def load(cls, path: str | Path) -> Schedule:
         return cls.from_dict(read_json(path, "schedule", ScheduleError), source=str(path))
 
+    # ---------------------------------------------------------------- the Hugging Face Hub
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | Path,
+        filename: str = "stepcache_schedule.json",
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> Schedule:
+        """The schedule stored as ``filename`` in a file, a model folder or a Hub repo.
+
+        A schedule belongs with the model it was made for, so it is looked up where the model lives;
+        see :func:`stepcache.integrations.hub.resolve_file` for how ``repo_id_or_path`` is read.
+        """
+        from .integrations.hub import load_schedule
+
+        return load_schedule(
+            repo_id_or_path,
+            filename,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+
+    def save_pretrained(self, save_directory: str | Path, filename: str = "stepcache_schedule.json") -> Path:
+        """Write this schedule into a (model) folder, where :meth:`from_pretrained` finds it."""
+        from .integrations.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, filename)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        filename: str = "stepcache_schedule.json",
+        subfolder: str | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload this schedule to a Hub model repo (created if needed) for others to
+        :meth:`from_pretrained`; returns the commit URL."""
+        from .integrations.hub import push_to_hub
+
+        return push_to_hub(
+            self,
+            repo_id,
+            filename=filename,
+            subfolder=subfolder,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
     # ---------------------------------------------------------------- the original package's format
     def to_smoothcache(
         self, path: str | Path | None = None, *, names: Mapping[str, str] | None = None
