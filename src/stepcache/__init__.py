@@ -28,6 +28,7 @@ from .errors import (
     ScheduleLengthError,
     StepCacheError,
 )
+from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
 from .policies.tuned import tune
 from .runtime import CacheHandle, CacheStats, TypeStats, cache, disable, summary
@@ -48,14 +49,17 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "ScheduleLengthError",
+    "SmoothCacheConfig",
     "StepCacheError",
     "TypeStats",
     "__version__",
+    "apply_smoothcache",
     "cache",
     "calibrate",
     "disable",
     "discover",
     "register_layout",
+    "remove_smoothcache",
     "sensitivity",
     "set_verbosity",
     "summary",

@@ -28,7 +28,7 @@ from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError
 from ..schedule import COMPUTE, FORECAST, Schedule
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class
-from .session import Session, active_session
+from .session import Installer, Session, active_session
 from .stats import CacheStats, TypeStats
 from .steps import StepTracker
 
@@ -153,6 +153,7 @@ class CacheHandle:
         timestep_arg: str | None = None,
         strict: bool = True,
         count_macs: bool = True,
+        installer: Installer | None = None,
     ) -> None:
         schedule = _resolve_schedule(schedule)
         if on_length_mismatch not in ("error", "resample"):
@@ -190,7 +191,12 @@ class CacheHandle:
         self.tracker.on_reset.append(self._clear)
         self.tracker.on_call_end.append(self._tally)
         self._session = Session(
-            self.models, self.components, self._make_forward, self.tracker, timestep_arg=timestep_arg
+            self.models,
+            self.components,
+            self._make_forward,
+            self.tracker,
+            timestep_arg=timestep_arg,
+            installer=installer,
         )
         self._session.owner = self
 

@@ -1,16 +1,23 @@
 """Installing and removing stepcache's interception on a model, exactly.
 
-:class:`Session` installs one forward pre-hook and one forward hook on each denoiser (they drive a
-:class:`~stepcache.runtime.steps.StepTracker`) and replaces the ``forward`` of each component
-*instance* (the class is never touched). ``remove()`` puts back exactly what was there, so the model
-leaves with no hooks and no attributes of ours.
+:class:`Session` puts a pre- and a post-call hook on each denoiser (they drive a
+:class:`~stepcache.runtime.steps.StepTracker`) and an interceptor around each component's forward.
+How they are attached is an :class:`Installer`:
+
+* :class:`TorchInstaller` (the default, any ``nn.Module``): torch forward hooks on the denoiser and a
+  replaced ``forward`` on each component *instance* (the class is never touched);
+* ``stepcache.integrations.diffusers_hooks.DiffusersInstaller``: named hooks in diffusers'
+  ``HookRegistry``, so they list, order and remove like diffusers' own.
+
+Either way ``remove()`` puts back exactly what was there: the model leaves with no hooks and no
+attributes of ours.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -18,12 +25,17 @@ from ..discovery import Component
 from ..errors import StepCacheError
 from .steps import StepTracker, read_timestep, timestep_slot
 
-__all__ = ["Interceptor", "Session", "active_session", "track_steps"]
+__all__ = ["Installer", "Interceptor", "Session", "TorchInstaller", "active_session", "track_steps"]
 
 _MISSING = object()
 
 # Denoisers that currently have a stepcache session: enabling twice is an error, never a leak.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+
+Interceptor = Callable[[Component, Callable[..., Any]], Callable[..., Any]]
+PreCall = Callable[[nn.Module, tuple, dict], None]
+PostCall = Callable[[nn.Module], None]
+Undo = Callable[[], None]
 
 
 def active_session(model: nn.Module) -> Session | None:
@@ -31,7 +43,44 @@ def active_session(model: nn.Module) -> Session | None:
     return _ACTIVE.get(model)
 
 
-Interceptor = Callable[[Component, Callable[..., Any]], Callable[..., Any]]
+class Installer(Protocol):
+    """Attaches a session's hooks; each method returns the callable that detaches exactly that."""
+
+    def hook_denoiser(self, model: nn.Module, pre: PreCall, post: PostCall, *, first: bool) -> Undo: ...
+
+    def hook_component(self, comp: Component, make_forward: Interceptor) -> Undo: ...
+
+
+class TorchInstaller:
+    """Torch forward hooks on the denoiser; an instance ``forward`` on each component."""
+
+    def hook_denoiser(self, model: nn.Module, pre: PreCall, post: PostCall, *, first: bool) -> Undo:
+        # A tracking-only session runs first and always closes its call (what drives another library
+        # per call must see every call end); a cache session leaves a call that raised open, so the
+        # tracker starts the next generation afresh.
+        h1 = model.register_forward_pre_hook(
+            lambda m, args, kwargs: pre(m, args, kwargs), with_kwargs=True, prepend=first
+        )
+        h2 = model.register_forward_hook(lambda m, args, out: post(m), always_call=first)
+
+        def undo() -> None:
+            h1.remove()
+            h2.remove()
+
+        return undo
+
+    def hook_component(self, comp: Component, make_forward: Interceptor) -> Undo:
+        mod = comp.module
+        saved = mod.__dict__.get("forward", _MISSING)
+        mod.forward = make_forward(comp, mod.forward)
+
+        def undo() -> None:
+            if saved is _MISSING:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = saved
+
+        return undo
 
 
 class Session:
@@ -40,8 +89,8 @@ class Session:
     Several denoisers (Wan 2.2's two experts) share one tracker: the step count runs on across the
     switch from one to the other.
 
-    ``make_forward(component, original_forward)`` returns the callable installed as the component
-    instance's ``forward``. Everything is validated before anything is installed, and a failure
+    ``make_forward(component, original_forward)`` returns the callable that replaces the
+    component's forward. Everything is validated before anything is installed, and a failure
     half-way rolls back, so the model is never left half-changed.
     """
 
@@ -54,6 +103,7 @@ class Session:
         *,
         timestep_arg: str | None = None,
         exclusive: bool = True,
+        installer: Installer | None = None,
     ) -> None:
         self.models = [models] if isinstance(models, nn.Module) else list(models)
         self.components = list(components)
@@ -61,8 +111,8 @@ class Session:
         self._make_forward = make_forward
         self._slots = {id(m): timestep_slot(m, timestep_arg) for m in self.models}
         self.owner: Any = None  # the CacheHandle (or other object) that manages this session
-        self._handles: list[Any] = []
-        self._saved: list[tuple[nn.Module, Any]] = []
+        self.installer: Installer = installer if installer is not None else TorchInstaller()
+        self._undo: list[Undo] = []
         self.open = False
         self.exclusive = exclusive  # registered as the model's one stepcache session
         modules = [c.module for c in self.components]
@@ -84,19 +134,12 @@ class Session:
                     "disable it (or leave its `with` block) before enabling another."
                 )
         try:
-            # A tracking-only session runs first and always closes its call (what drives another
-            # library per call must see every call end); a cache session leaves a call that raised
-            # open, so the tracker starts the next generation afresh.
-            first = not self.exclusive
             for model in self.models:
-                self._handles.append(
-                    model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=first)
+                self._undo.append(
+                    self.installer.hook_denoiser(model, self._pre, self._post, first=not self.exclusive)
                 )
-                self._handles.append(model.register_forward_hook(self._post, always_call=first))
             for comp in self.components:
-                mod = comp.module
-                self._saved.append((mod, mod.__dict__.get("forward", _MISSING)))
-                mod.forward = self._make_forward(comp, mod.forward)
+                self._undo.append(self.installer.hook_component(comp, self._make_forward))
         except BaseException:
             self.remove()
             raise
@@ -106,15 +149,8 @@ class Session:
         self.open = True
 
     def remove(self) -> None:
-        for mod, saved in reversed(self._saved):
-            if saved is _MISSING:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = saved
-        self._saved.clear()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        while self._undo:
+            self._undo.pop()()
         for model in self.models:
             if _ACTIVE.get(model) is self:
                 del _ACTIVE[model]
@@ -134,7 +170,7 @@ class Session:
                 t = read_timestep(args[index])
         self.tracker.begin_call(t)
 
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _post(self, module: nn.Module) -> None:
         self.tracker.end_call()
 
 

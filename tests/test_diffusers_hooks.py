@@ -1,0 +1,125 @@
+"""The diffusers-native front door: apply_smoothcache / remove_smoothcache through HookRegistry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_state import model_state
+from plain_models import sample
+
+import stepcache
+from stepcache import Schedule, SmoothCacheConfig, StepCacheError, apply_smoothcache, remove_smoothcache
+
+pytest.importorskip("diffusers")
+from diffusers.hooks import HookRegistry
+
+N = 10
+PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
+
+
+def schedule(forecast=False):
+    sched = Schedule(N, {"attn": PLAN, "ff": PLAN})
+    return sched.with_forecast() if forecast else sched
+
+
+def generate(pipe, seed=0):
+    return pipe(
+        [1, 2],
+        num_inference_steps=N,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
+@pytest.mark.parametrize("forecast", [False, True])
+def test_bit_identical_to_cache_and_listed_in_the_hook_registry(tiny_pipe, forecast):
+    model = tiny_pipe.transformer
+    before = model_state(model)
+    uncached = generate(tiny_pipe)
+    with stepcache.cache(tiny_pipe, schedule(forecast)) as handle:
+        expected = [generate(tiny_pipe), generate(tiny_pipe, seed=1)]
+    assert model_state(model) == before
+
+    hook_handle = apply_smoothcache(model, SmoothCacheConfig(schedule(forecast)))
+    try:
+        assert model._diffusers_hook.get_hook("stepcache_steps") is not None
+        block = model.transformer_blocks[0]
+        for child in ("attn1", "ff"):
+            assert getattr(block, child)._diffusers_hook.get_hook("stepcache_cache") is not None
+        got = [generate(tiny_pipe), generate(tiny_pipe, seed=1)]
+        assert stepcache.summary(model).as_dict() == hook_handle.stats.as_dict()
+    finally:
+        remove_smoothcache(model)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not torch.equal(got[0], uncached)  # the schedule really reused something
+    assert hook_handle.stats.as_dict() == handle.stats.as_dict()
+    # removed exactly: no hooks, no instance forward, no registry attribute left behind
+    assert model_state(model) == before
+    assert torch.equal(generate(tiny_pipe), uncached)
+    assert stepcache.summary(tiny_pipe).reused == handle.stats.reused  # the last cache's stats
+
+
+def test_stacks_with_other_diffusers_hooks_in_registration_order(tiny_pipe):
+    from diffusers.hooks import ModelHook
+
+    class Scale(ModelHook):
+        def post_forward(self, module, output):
+            return output  # a pass-through hook: only its position in the chain matters here
+
+    model = tiny_pipe.transformer
+    expected_cached = None
+    with stepcache.cache(tiny_pipe, schedule()):
+        expected_cached = generate(tiny_pipe)
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(Scale(), "user_hook")
+    apply_smoothcache(model, SmoothCacheConfig(schedule()))
+    assert model._diffusers_hook._hook_order == ["user_hook", "stepcache_steps"]
+    assert torch.equal(generate(tiny_pipe), expected_cached)
+    remove_smoothcache(model)
+    assert model._diffusers_hook._hook_order == ["user_hook"]  # the user's hook stays
+    registry.remove_hook("user_hook")
+    assert torch.equal(generate(tiny_pipe), generate(tiny_pipe))
+
+
+def test_reset_stateful_hooks_starts_a_fresh_generation(tiny_pipe):
+    model = tiny_pipe.transformer
+    apply_smoothcache(model, SmoothCacheConfig(schedule()))
+    try:
+        first = generate(tiny_pipe)
+        model._diffusers_hook.reset_stateful_hooks()  # what diffusers pipelines call between runs
+        assert torch.equal(generate(tiny_pipe), first)
+    finally:
+        remove_smoothcache(model)
+
+
+def test_plain_module_takes_the_torch_path(plain_dit):
+    y = torch.tensor([0, 3])
+    with stepcache.cache(plain_dit, schedule()):
+        expected = sample(plain_dit, y, N, guidance=2.0)
+    before = model_state(plain_dit)
+    handle = apply_smoothcache(plain_dit, SmoothCacheConfig(schedule()))
+    assert not hasattr(plain_dit, "_diffusers_hook")
+    assert torch.equal(sample(plain_dit, y, N, guidance=2.0), expected)
+    remove_smoothcache(plain_dit)
+    assert not handle.active and model_state(plain_dit) == before
+    remove_smoothcache(plain_dit)  # a no-op when nothing is active
+
+
+def test_config_and_arguments_are_checked(tiny_pipe, tmp_path):
+    with pytest.raises(StepCacheError, match="on_length_mismatch"):
+        SmoothCacheConfig(schedule(), on_length_mismatch="stretch")
+    with pytest.raises(StepCacheError, match="types must be a list"):
+        SmoothCacheConfig(schedule(), types="attn")
+    with pytest.raises(StepCacheError, match="transformer module"):
+        apply_smoothcache(tiny_pipe, SmoothCacheConfig(schedule()))
+    with pytest.raises(StepCacheError, match="SmoothCacheConfig"):
+        apply_smoothcache(tiny_pipe.transformer, {"schedule": schedule()})
+    path = schedule().save(tmp_path / "s.json")
+    assert SmoothCacheConfig(str(path)).schedule == schedule()
+    before = model_state(tiny_pipe.transformer)
+    apply_smoothcache(tiny_pipe.transformer, SmoothCacheConfig(schedule()))
+    with pytest.raises(StepCacheError, match="already has an active"):
+        apply_smoothcache(tiny_pipe.transformer, SmoothCacheConfig(schedule()))
+    remove_smoothcache(tiny_pipe.transformer)
+    assert model_state(tiny_pipe.transformer) == before
