@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepcache-setup
 
-.PHONY: setup demo calibrations bench test lint format
+.PHONY: setup demo calibrations bench test test-fast lint typecheck format
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
@@ -32,5 +32,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests scripts benchmarks
 	$(BIN)/ruff format src tests scripts benchmarks
 
-test: lint
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
+# Everything: lint, types, every test (what CI runs). `make test-fast` skips the tests marked slow.
+test: lint typecheck
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"

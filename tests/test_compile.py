@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from plain_models import sample
 
 import stepcache
 from stepcache import Schedule
+
+pytestmark = pytest.mark.slow  # compiles / generates: seconds each
 
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
 

@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 from stepcache.cli import app
 
+pytestmark = pytest.mark.slow  # compiles / generates: seconds each
+
 # 5 steps, 2 classes: nothing is shipped for 5 steps, so the demo also calibrates.
 TINY = ["--steps", "5", "--classes", "3,7", "--per-class", "4", "--calibration-samples", "2"]
 VARIANT_KEYS = {"wall_s", "speedup", "compute_fraction", "fd", "fd_interval", "class_accuracy"}

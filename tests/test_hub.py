@@ -256,6 +256,7 @@ def test_without_huggingface_hub(tmp_path, monkeypatch):
     assert same(Schedule.from_pretrained(tmp_path), small_schedule())
 
 
+@pytest.mark.slow
 def test_import_stepcache_does_not_import_huggingface_hub():
     code = (
         "import sys, stepcache, stepcache.integrations.hub; "

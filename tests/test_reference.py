@@ -42,6 +42,7 @@ def test_constants():
     assert (NUM_CLASSES, IMAGE_SIZE, NULL_CLASS) == (10, 16, 10)
 
 
+@pytest.mark.slow
 def test_import_is_light():
     import subprocess
     import sys

@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_ALPHA", "DemoConfig", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-# The threshold the reference model's card reports (compute fraction <= 0.6 at PSNR >= 30 dB).
+# The threshold the reference model's card reports results for (src/stepcache/reference/MODEL_CARD.md).
 DEFAULT_ALPHA = 0.1
 
 

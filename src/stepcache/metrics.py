@@ -69,7 +69,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     value = structural_similarity_index_measure(
         a, b, data_range=data_range, kernel_size=7, sigma=1.0, reduction="elementwise_mean"
     )
-    return float(value)
+    return float(value if isinstance(value, torch.Tensor) else value[0])
 
 
 def _feature_fn(feature_extractor: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -214,8 +214,8 @@ class Schedule:
                     raise ScheduleError(
                         f"{comp.name} matches several schedule patterns {hits}; make them disjoint."
                     )
-                key = hits[0] if hits else (comp.type if comp.type in self.plans else None)
-            if key is not None:
+                key = hits[0] if hits else (comp.type if comp.type in self.plans else "")
+            if key:
                 used.add(key)
                 out[comp.name] = self.plans[key]
         unused = [k for k in self.plans if k not in used]
@@ -413,7 +413,7 @@ class Schedule:
             raise ScheduleError(
                 f"SmoothCache schedule plans must be lists of one common length, got lengths {lengths}."
             )
-        return cls(lengths.pop(), plans, meta={"rule": "smoothcache-file"})
+        return cls(lengths.pop(), {k: tuple(p) for k, p in plans.items()}, meta={"rule": "smoothcache-file"})
 
 
 def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) -> tuple[int, ...]:

@@ -41,9 +41,7 @@ __all__ = ["CostCurve", "allocate", "cost_curve", "optimal_schedule", "plan_cost
 _INF = math.inf
 
 
-def _finite(a: np.ndarray | None) -> np.ndarray | None:
-    if a is None:
-        return None
+def _finite(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=float)
     return np.where(np.isfinite(a), a, _INF)
 
@@ -93,7 +91,7 @@ def cost_curve(
     """
     copy = _finite(errors)
     n, k = copy.shape
-    fc = _finite(forecast_errors)
+    fc = None if forecast_errors is None else _finite(forecast_errors)
     if fc is not None and fc.shape != (n, k, k + 1):
         raise ScheduleError(f"forecast errors have shape {fc.shape}, expected {(n, k, k + 1)}.")
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
@@ -167,7 +165,7 @@ def plan_cost(
     """The cost model's value of a given plan (what :func:`cost_curve` minimises); inf if a run is
     longer than the calibration's lookahead or a forecast has no calibrated error."""
     copy = _finite(errors)
-    fc = _finite(forecast_errors)
+    fc = None if forecast_errors is None else _finite(forecast_errors)
     n, k = copy.shape
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     total, a, b = 0.0, None, None
@@ -328,9 +326,10 @@ def optimal_schedule(
         if budget == "macs":
             names = [n for n, t in calibration.components.items() if key in (n, t)]
             values = [calibration.macs.get(n) for n in names]
-            if any(v is None for v in values):
+            known = [float(v) for v in values if v is not None]
+            if len(known) != len(values):
                 raise ScheduleError("budget='macs' needs MACs per component; this calibration has none.")
-            macs = float(np.mean(values))
+            macs = float(np.mean(known))
         units[key] = counts[key] * macs
     curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key)) for key in tables}
     total = sum(units.values()) * calibration.num_steps
@@ -343,7 +342,11 @@ def optimal_schedule(
             f"smallest this calibration allows is {least:.3f}. Calibrate with a larger lookahead, or "
             "ask for more compute."
         ) from None
-    plans = {key: curves[key].plans[c] for key, c in alloc.items()}
+    plans: dict[str, tuple[int, ...]] = {}
+    for key, c in alloc.items():
+        plan = curves[key].plans[c]
+        assert plan is not None  # allocate() picks feasible counts only
+        plans[key] = plan
     meta = {
         "rule": "optimal",
         "granularity": granularity,

@@ -4,8 +4,8 @@ Open-loop costs (the calibrated relative L1 change, even with sensitivity weight
 poorly on real models: where computations fall in the first few steps, and whether a forecast has
 two recent outputs to extrapolate from, moves the final sample far more than the per-step error
 suggests (on the reference model the warm-up length alone moves the PSNR of one budget by several
-dB; docs/policies.md has the measurements). So this policy evaluates a small family of candidate schedules on a few calibration
-generations and keeps the best:
+dB; docs/policies.md has the measurements). So this policy evaluates a small family of candidate
+schedules on a few calibration generations and keeps the best:
 
 * warm-up ``w`` full computations, then the remaining computations evenly spaced and ending on the
   last step, every reused step forecast from the last two computed outputs (first order), for a

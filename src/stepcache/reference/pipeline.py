@@ -57,7 +57,7 @@ class ReferencePipeline:
 
 def shipped_calibration(scheduler: str, steps: int) -> Calibration | None:
     """The calibration shipped for (scheduler, steps), if there is one."""
-    path = resources.files("stepcache.reference").joinpath("calibrations", f"{scheduler}-{steps}.json")
+    path = resources.files("stepcache.reference") / "calibrations" / f"{scheduler}-{steps}.json"
     if not path.is_file():
         return None
     return Calibration.load(Path(str(path)))

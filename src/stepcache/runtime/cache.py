@@ -319,7 +319,7 @@ def _resolve_schedule(schedule: Any) -> Schedule:
         return schedule
     if isinstance(schedule, (str, os.PathLike)):
         if os.path.isfile(schedule):
-            return Schedule.load(schedule)
+            return Schedule.load(os.fspath(schedule))
         from ..integrations.hub import resolve_schedule
 
         return resolve_schedule(schedule)
