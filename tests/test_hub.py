@@ -79,9 +79,10 @@ def hf_cache(tmp_path):
 def test_defaults_are_the_module_constants():
     assert hub.SCHEDULE_FILE == "stepcache_schedule.json"
     assert hub.CALIBRATION_FILE == "stepcache_calibration.json"
-    for cls, name in ((Schedule, hub.SCHEDULE_FILE), (Calibration, hub.CALIBRATION_FILE)):
-        for method in (cls.from_pretrained, cls.save_pretrained, cls.push_to_hub):
-            assert inspect.signature(method).parameters["filename"].default == name
+    for value, name in ((small_schedule(), hub.SCHEDULE_FILE), (small_calibration(), hub.CALIBRATION_FILE)):
+        assert type(value)._default_file == name
+        for method in (type(value).from_pretrained, value.save_pretrained, value.push_to_hub):
+            assert inspect.signature(method).parameters["filename"].default is None  # = the class's file
 
 
 @pytest.mark.parametrize("make", [small_schedule, small_calibration])

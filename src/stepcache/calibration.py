@@ -20,17 +20,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._io import read_json, write_json
+from ._io import CALIBRATION_FILE, JsonValue
 from ._logging import follow_diffusers
 from ._version import __version__
 from .discovery import Component, denoisers_of, discover
-from .errors import CalibrationError
+from .errors import CalibrationError, StepCacheError
 from .runtime.introspect import count_macs, fingerprint, model_class
 from .runtime.session import Session
 from .runtime.steps import StepTracker
@@ -58,7 +58,7 @@ def _flatten(output: Any) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
-class Calibration:
+class Calibration(JsonValue):
     """Calibrated per-step error curves of every component.
 
     Attributes:
@@ -77,6 +77,10 @@ class Calibration:
         weights: name -> array ``(num_steps,)``: how much one unit of reuse error of that component at
             that step changes the final sample, from :func:`~stepcache.sensitivity` (empty if not run).
     """
+
+    _what: ClassVar[str] = "calibration"
+    _error: ClassVar[type[StepCacheError]] = CalibrationError
+    _default_file: ClassVar[str] = CALIBRATION_FILE
 
     num_steps: int
     lookahead: int
@@ -232,79 +236,6 @@ class Calibration:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CalibrationError(f"{source} is missing or has malformed field {e}.") from None
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> Calibration:
-        return cls.from_dict(read_json(path, "calibration", CalibrationError), source=str(path))
-
-    # ---------------------------------------------------------------- the Hugging Face Hub
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_id_or_path: str | Path,
-        filename: str = "stepcache_calibration.json",
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-    ) -> Calibration:
-        """The calibration stored as ``filename`` in a file, a model folder or a Hub repo.
-
-        A calibration belongs with the model it was made for, so it is looked up where the model lives;
-        see :func:`stepcache.integrations.hub.resolve_file` for how ``repo_id_or_path`` is read.
-        """
-        from .integrations.hub import load_calibration
-
-        return load_calibration(
-            repo_id_or_path,
-            filename,
-            subfolder=subfolder,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        )
-
-    def save_pretrained(
-        self, save_directory: str | Path, filename: str = "stepcache_calibration.json"
-    ) -> Path:
-        """Write this calibration into a (model) folder, where :meth:`from_pretrained` finds it."""
-        from .integrations.hub import save_pretrained
-
-        return save_pretrained(self, save_directory, filename)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        filename: str = "stepcache_calibration.json",
-        subfolder: str | None = None,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> str:
-        """Upload this calibration to a Hub model repo (created if needed) for others to
-        :meth:`from_pretrained`; returns the commit URL."""
-        from .integrations.hub import push_to_hub
-
-        return push_to_hub(
-            self,
-            repo_id,
-            filename=filename,
-            subfolder=subfolder,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
 
 
 def _by_type(components: Mapping[str, str], tables: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

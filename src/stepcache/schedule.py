@@ -24,13 +24,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._io import SCHEDULE_FILE, JsonValue, read_json
 from ._io import dump as _dump
-from ._io import read_json, write_json
 from ._version import __version__
 from .discovery import COMPONENT_TYPES, Component
-from .errors import ScheduleError
+from .errors import ScheduleError, StepCacheError
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -56,7 +56,7 @@ SMOOTHCACHE_NAMES = {"attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
 
 
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(JsonValue):
     """Per-step compute/reuse plans keyed by selector (type, component name or glob pattern).
 
     Attributes:
@@ -67,6 +67,10 @@ class Schedule:
             :attr:`compute_fraction`. Missing selectors count once.
         meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
     """
+
+    _what: ClassVar[str] = "schedule"
+    _error: ClassVar[type[StepCacheError]] = ScheduleError
+    _default_file: ClassVar[str] = SCHEDULE_FILE
 
     num_steps: int
     plans: Mapping[str, tuple[int, ...]]
@@ -274,77 +278,6 @@ class Schedule:
             return cls(int(data["num_steps"]), data["plans"], data.get("counts", {}), data.get("meta", {}))
         except (KeyError, TypeError, AttributeError) as e:
             raise ScheduleError(f"{source} is missing or has malformed field {e}.") from None
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> Schedule:
-        return cls.from_dict(read_json(path, "schedule", ScheduleError), source=str(path))
-
-    # ---------------------------------------------------------------- the Hugging Face Hub
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_id_or_path: str | Path,
-        filename: str = "stepcache_schedule.json",
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-    ) -> Schedule:
-        """The schedule stored as ``filename`` in a file, a model folder or a Hub repo.
-
-        A schedule belongs with the model it was made for, so it is looked up where the model lives;
-        see :func:`stepcache.integrations.hub.resolve_file` for how ``repo_id_or_path`` is read.
-        """
-        from .integrations.hub import load_schedule
-
-        return load_schedule(
-            repo_id_or_path,
-            filename,
-            subfolder=subfolder,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        )
-
-    def save_pretrained(self, save_directory: str | Path, filename: str = "stepcache_schedule.json") -> Path:
-        """Write this schedule into a (model) folder, where :meth:`from_pretrained` finds it."""
-        from .integrations.hub import save_pretrained
-
-        return save_pretrained(self, save_directory, filename)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        filename: str = "stepcache_schedule.json",
-        subfolder: str | None = None,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> str:
-        """Upload this schedule to a Hub model repo (created if needed) for others to
-        :meth:`from_pretrained`; returns the commit URL."""
-        from .integrations.hub import push_to_hub
-
-        return push_to_hub(
-            self,
-            repo_id,
-            filename=filename,
-            subfolder=subfolder,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
 
     # ---------------------------------------------------------------- the original package's format
     def to_smoothcache(

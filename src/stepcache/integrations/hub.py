@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import dump
+from .._io import CALIBRATION_FILE, SCHEDULE_FILE, dump
 from .._version import __version__
-from ..errors import CalibrationError, ScheduleError, StepCacheError
+from ..errors import ScheduleError, StepCacheError
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -40,9 +40,6 @@ __all__ = [
     "save_pretrained",
 ]
 
-# Prefixed so they can sit in a model repo or folder (next to model_index.json) without clashing.
-SCHEDULE_FILE = "stepcache_schedule.json"
-CALIBRATION_FILE = "stepcache_calibration.json"
 
 _MAX_LISTED = 20
 
@@ -215,7 +212,7 @@ def load_schedule(spec: str | os.PathLike[str], filename: str = SCHEDULE_FILE, *
     """The :class:`~stepcache.Schedule` in a file, a folder or a Hub repo (see :func:`resolve_file`)."""
     from ..schedule import Schedule
 
-    return Schedule.load(resolve_file(spec, filename, error=ScheduleError, **kwargs))
+    return Schedule.from_pretrained(spec, filename, **kwargs)
 
 
 def load_calibration(
@@ -224,18 +221,15 @@ def load_calibration(
     """The :class:`~stepcache.Calibration` in a file, a folder or a Hub repo (see :func:`resolve_file`)."""
     from ..calibration import Calibration
 
-    return Calibration.load(resolve_file(spec, filename, error=CalibrationError, **kwargs))
+    return Calibration.from_pretrained(spec, filename, **kwargs)
 
 
 def _kind(value: Any) -> tuple[str, type[StepCacheError]]:
     """Default file name and error type for a schedule or a calibration."""
-    from ..calibration import Calibration
-    from ..schedule import Schedule
+    from .._io import JsonValue
 
-    if isinstance(value, Schedule):
-        return SCHEDULE_FILE, ScheduleError
-    if isinstance(value, Calibration):
-        return CALIBRATION_FILE, CalibrationError
+    if isinstance(value, JsonValue):
+        return value._default_file, value._error
     raise StepCacheError(f"expected a Schedule or a Calibration, got {type(value).__name__}.")
 
 

@@ -1,0 +1,88 @@
+"""The public API's shape: one way to enable, handles that open on `with`, one error family,
+one version, the stepcache logger namespace, summary()."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+
+import pytest
+import torch
+from model_state import model_state
+from plain_models import sample
+
+import stepcache
+from stepcache import CacheHandle, Schedule, StepCacheError, errors
+
+N = 10
+PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
+
+
+def sched():
+    return Schedule(N, {"attn": PLAN, "ff": PLAN})
+
+
+def test_a_handle_built_directly_caches_inside_with(plain_dit):
+    y = torch.tensor([2, 5])
+    with stepcache.cache(plain_dit, sched()) as via_cache:
+        expected = sample(plain_dit, y, N)
+    before = model_state(plain_dit)
+    handle = CacheHandle(plain_dit, sched())
+    assert not handle.active  # validated, nothing installed yet
+    with handle:
+        assert handle.active
+        got = sample(plain_dit, y, N)
+    assert torch.equal(got, expected) and handle.stats.reused == via_cache.stats.reused > 0
+    assert not handle.active and model_state(plain_dit) == before
+
+
+def test_one_way_to_enable_with_typed_keyword_options():
+    assert not hasattr(stepcache, "enable")
+    params = inspect.signature(stepcache.cache).parameters
+    assert all(p.kind is not p.VAR_KEYWORD for p in params.values())
+    assert list(params)[:2] == ["target", "schedule"]
+    assert all(p.kind is p.KEYWORD_ONLY for name, p in params.items() if name not in ("target", "schedule"))
+
+
+def test_every_error_is_a_stepcache_error():
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), StepCacheError), name
+    assert issubclass(StepCacheError, ValueError)
+
+
+def test_one_version_source():
+    assert stepcache.__version__ == importlib.metadata.version("stepcache")
+
+
+def test_summary_from_the_pipeline_active_then_last(plain_dit):
+    with pytest.raises(StepCacheError, match="no stepcache cache has run"):
+        stepcache.summary(plain_dit)
+    handle = stepcache.cache(plain_dit, sched())
+    sample(plain_dit, torch.tensor([1]), N)
+    live = stepcache.summary(plain_dit)
+    assert live.reused > 0 and live.as_dict() == handle.stats.as_dict()
+    stepcache.disable(plain_dit)
+    assert stepcache.summary(plain_dit).as_dict() == live.as_dict()
+
+
+def test_logs_under_the_stepcache_namespace_and_follow_diffusers(monkeypatch):
+    from stepcache import _logging
+
+    root = logging.getLogger("stepcache")
+    monkeypatch.setattr(_logging, "_explicit", False)
+    monkeypatch.setattr(root, "level", root.level)
+    diffusers_logging = pytest.importorskip("diffusers.utils.logging")
+    old = diffusers_logging.get_verbosity()
+    try:
+        diffusers_logging.set_verbosity_info()
+        _logging.follow_diffusers()
+        assert logging.getLogger("stepcache.runtime.cache").getEffectiveLevel() == logging.INFO
+        stepcache.set_verbosity("error")  # an explicit choice wins from then on
+        diffusers_logging.set_verbosity_debug()
+        _logging.follow_diffusers()
+        assert logging.getLogger("stepcache.calibration").getEffectiveLevel() == logging.ERROR
+    finally:
+        diffusers_logging.set_verbosity(old)
+    with pytest.raises(StepCacheError, match="unknown log level"):
+        stepcache.set_verbosity("loud")
