@@ -86,3 +86,17 @@ def test_logs_under_the_stepcache_namespace_and_follow_diffusers(monkeypatch):
         diffusers_logging.set_verbosity(old)
     with pytest.raises(StepCacheError, match="unknown log level"):
         stepcache.set_verbosity("loud")
+
+
+def test_cache_finds_a_schedule_saved_next_to_the_model(plain_dit, tmp_path):
+    y = torch.tensor([3])
+    with stepcache.cache(plain_dit, sched()):
+        expected = sample(plain_dit, y, N)
+    folder = tmp_path / "my-model"
+    sched().save_pretrained(folder)
+    for spec in (folder, str(folder), str(folder / "stepcache_schedule.json")):
+        with stepcache.cache(plain_dit, spec) as handle:
+            assert torch.equal(sample(plain_dit, y, N), expected)
+        assert handle.schedule == sched()
+    with pytest.raises(stepcache.ScheduleError, match="stepcache_schedule.json"):
+        stepcache.cache(plain_dit, tmp_path)
