@@ -47,7 +47,8 @@ def test_one_way_to_enable_with_typed_keyword_options():
 
 def test_every_error_is_a_stepcache_error():
     for name in errors.__all__:
-        assert issubclass(getattr(errors, name), StepCacheError), name
+        kind = getattr(errors, name)
+        assert issubclass(kind, StepCacheError) or issubclass(kind, Warning), name
     assert issubclass(StepCacheError, ValueError)
 
 
@@ -98,5 +99,5 @@ def test_cache_finds_a_schedule_saved_next_to_the_model(plain_dit, tmp_path):
         with stepcache.cache(plain_dit, spec) as handle:
             assert torch.equal(sample(plain_dit, y, N), expected)
         assert handle.schedule == sched()
-    with pytest.raises(stepcache.ScheduleError, match="stepcache_schedule.json"):
+    with pytest.raises(stepcache.ScheduleError, match=r"stepcache_schedule\.json"):
         stepcache.cache(plain_dit, tmp_path)

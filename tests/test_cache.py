@@ -233,10 +233,17 @@ def test_pipeline_step_count_mismatch_names_both_numbers(tiny_pipe):
 
 
 def test_pipeline_step_count_mismatch_can_resample(tiny_pipe):
-    with stepcache.cache(tiny_pipe, fixed(), on_length_mismatch="resample") as handle:
+    schedule = fixed()
+    with stepcache.cache(tiny_pipe, schedule, on_length_mismatch="resample") as handle:
         gen_pipe(tiny_pipe, steps=7)
-    assert handle.schedule.num_steps == 7
-    assert handle.stats.compute_fraction == pytest.approx(handle.schedule.compute_fraction)
+        assert handle.running_schedule.num_steps == 7
+        seven = handle.stats.as_dict()
+        # 50 -> 20 -> 50 style: back at the schedule's own length, its own plan runs again
+        ref = gen_pipe(tiny_pipe, steps=N)
+        assert handle.running_schedule is schedule and handle.schedule is schedule
+    assert seven["compute_fraction"] == pytest.approx(schedule.resample(7).compute_fraction)
+    with stepcache.cache(tiny_pipe, schedule):
+        assert torch.equal(gen_pipe(tiny_pipe, steps=N), ref)
 
 
 def test_unknown_schedule_key_is_an_error_and_changes_nothing(plain_dit):

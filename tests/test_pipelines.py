@@ -208,11 +208,12 @@ def test_resample_on_length_mismatch(setup: Setup, other: int) -> None:
     with stepcache.cache(pipe, schedule, on_length_mismatch="resample") as handle:
         out = generate(case, pipe, steps=other)
     assert out.shape == uncached.shape and torch.isfinite(out).all()
-    assert handle.schedule.num_steps == other
+    assert handle.schedule is schedule  # the schedule given is never replaced
+    assert handle.running_schedule.num_steps == other
     stats = handle.stats
     assert stats.generations == 1
     assert stats.computed + stats.reused == len(setup.components) * other * case.calls_per_step
-    assert stats.compute_fraction == pytest.approx(handle.schedule.compute_fraction)
+    assert stats.compute_fraction == pytest.approx(handle.running_schedule.compute_fraction)
     assert model_state(setup.model) == setup.state
 
 

@@ -27,6 +27,7 @@ from .errors import (
     ScheduleError,
     ScheduleLengthError,
     StepCacheError,
+    StepCacheWarning,
 )
 from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
@@ -51,6 +52,7 @@ __all__ = [
     "ScheduleLengthError",
     "SmoothCacheConfig",
     "StepCacheError",
+    "StepCacheWarning",
     "TypeStats",
     "__version__",
     "apply_smoothcache",

@@ -13,6 +13,7 @@ __all__ = [
     "ScheduleError",
     "ScheduleLengthError",
     "StepCacheError",
+    "StepCacheWarning",
 ]
 
 
@@ -38,3 +39,8 @@ class CalibrationError(StepCacheError):
 
 class ReferenceWeightsError(StepCacheError):
     """A shipped reference-model weights or config file is missing, corrupt, or does not fit the model."""
+
+
+class StepCacheWarning(UserWarning):
+    """Something works but is probably not what was meant (a generation shorter than its schedule, a
+    lossy export); the message says what to do."""

@@ -96,12 +96,14 @@ def _hook_classes() -> tuple[type, type]:
                 super().__init__()
                 self._pre, self._post, self._reset = pre, post, reset
 
-            def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+            def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
                 self._pre(module, args, kwargs)
-                return args, kwargs
-
-            def post_forward(self, module: nn.Module, output: Any) -> Any:
-                self._post(module)
+                try:
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+                except Exception:
+                    self._post(module, None)  # the call raised: this generation is over
+                    raise
+                self._post(module, output)
                 return output
 
             def reset_state(self, module: nn.Module) -> nn.Module:

@@ -14,8 +14,10 @@ denoiser call, outside the hot path, by checking which stored outputs were repla
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -177,11 +179,14 @@ class CacheHandle:
             raise ScheduleError(
                 "the schedule covers none of the discovered components; nothing would be cached."
             )
-        self.schedule = schedule
+        self.schedule = schedule  # always the schedule given: resampling never replaces it
+        self._running = schedule  # the one the current generation follows (resampled if need be)
         self.components = [c for c in found if c.name in plans]
         self._pipeline = None if isinstance(target, nn.Module) else target
         self._resample = on_length_mismatch == "resample"
         self.tracker = StepTracker(num_steps=schedule.num_steps)
+        self._boundary = _SchedulerWatch(self._pipeline)
+        self.tracker.boundary = self._boundary.new_generation
         self._slots: dict[str, _Slot] = {}
         self._plans = plans
         self._count = count_macs
@@ -207,26 +212,43 @@ class CacheHandle:
         return slot.forward
 
     def open(self) -> CacheHandle:
-        """Install the cache (a no-op when it is already active)."""
+        """Install the cache (a no-op when it is already active). All or nothing: on any failure
+        nothing stays installed."""
         if self._session.open:
             return self
-        self._session.install()
-        logger.debug(
-            "cache enabled on %d components (compute fraction %.3f)",
-            len(self.components),
-            self.schedule.compute_fraction,
+        message = (
+            f"cache enabled on {len(self.components)} components "
+            f"(compute fraction {self.schedule.compute_fraction:.3f})"
         )
+        self.tracker.reset()
+        try:
+            self._session.install()
+            self._boundary.install()
+        except BaseException:
+            self._boundary.remove()
+            self._session.remove()
+            raise
+        logger.debug(message)
         return self
 
     def close(self) -> None:
         """Remove every hook and stored output; the model is exactly as before."""
         was_open = self._session.open
+        self._boundary.remove()
         self._session.remove()
+        if was_open:
+            self.tracker.check_complete()  # a run shorter than the schedule gets a warning
         self._clear()  # drop stored outputs; counters stay readable through .stats
         if was_open:
             stats = self.stats
             for model in self.models:
                 _LAST_STATS[model] = stats
+
+    @property
+    def running_schedule(self) -> Schedule:
+        """The schedule the current generation follows: :attr:`schedule`, or (with
+        ``on_length_mismatch="resample"``) it resampled to the run's step count."""
+        return self._running
 
     @property
     def active(self) -> bool:
@@ -279,16 +301,19 @@ class CacheHandle:
     def _on_generation(self) -> None:
         self._clear()
         n = _pipeline_steps(self._pipeline)
-        if n is not None and n != self.schedule.num_steps:
-            if not self._resample:
+        want = self.schedule.num_steps if n is None else n
+        if want != self._running.num_steps:
+            if want != self.schedule.num_steps and not self._resample:
                 raise ScheduleLengthError(
                     f"the schedule has {self.schedule.num_steps} steps but the pipeline is set up for {n}. Use a "
                     f"schedule made for {n} steps, or cache(..., on_length_mismatch='resample')."
                 )
-            logger.info("resampling the schedule from %d to %d steps", self.schedule.num_steps, n)
-            self.schedule = self.schedule.resample(n)
-            self.tracker.num_steps = n
-            plans = self.schedule.resolve(self.components)
+            if want != self.schedule.num_steps:
+                logger.info("resampling the schedule from %d to %d steps", self.schedule.num_steps, want)
+            # Always from the schedule given, never from an earlier resampling of it.
+            self._running = self.schedule.resample(want)
+            self.tracker.num_steps = want
+            plans = self._running.resolve(self.components)
             for name, slot in self._slots.items():
                 slot.set_plan(plans[name])
         self._generations += 1
@@ -303,6 +328,63 @@ class CacheHandle:
             slot.store.clear()
             slot.seen.clear()
             slot.mode = COMPUTE
+
+
+class _SchedulerWatch:
+    """Generation boundaries from a pipeline: every diffusers pipeline calls its scheduler's
+    ``set_timesteps`` once at the start of a generation (and ReferencePipeline makes a new
+    scheduler). Seeing either means the next denoiser call starts a new generation, so nothing of
+    an interrupted one (an exception, Ctrl-C, a ``break``, diffusers' interrupt flag) can leak into
+    it, whatever its first timestep. The wrapper is an instance attribute, removed exactly on close.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+        self._scheduler: Any = None
+        self._saved: Any = _MISSING
+        self._pending: int | None = None  # the thread that set up a scheduler since the last call
+
+    def install(self) -> None:
+        scheduler = getattr(self._pipeline, "scheduler", None)
+        if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+            return
+        self._scheduler = scheduler
+        self._saved = scheduler.__dict__.get("set_timesteps", _MISSING)
+        original = scheduler.set_timesteps
+
+        @functools.wraps(original)  # pipelines inspect its signature (Flux checks for `sigmas`)
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            self._pending = threading.get_ident()
+            return original(*args, **kwargs)
+
+        scheduler.set_timesteps = set_timesteps
+
+    def remove(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is None:
+            return
+        if self._saved is _MISSING:
+            scheduler.__dict__.pop("set_timesteps", None)
+        else:
+            scheduler.set_timesteps = self._saved
+        self._saved, self._pending = _MISSING, None
+
+    def new_generation(self) -> bool:
+        """Asked at each denoiser call: did this thread's pipeline set up a generation since?"""
+        if self._pipeline is None:
+            return False
+        current = getattr(self._pipeline, "scheduler", None)
+        if current is not self._scheduler and self._scheduler is not None:
+            self.remove()  # the pipeline got a new scheduler: watch that one from now on
+            self.install()
+            return True
+        if self._pending is not None and self._pending == threading.get_ident():
+            self._pending = None
+            return True
+        return False
+
+
+_MISSING = object()
 
 
 def _pipeline_steps(pipeline: Any) -> int | None:

@@ -29,18 +29,30 @@ __all__ = ["Installer", "Interceptor", "Session", "TorchInstaller", "active_sess
 
 _MISSING = object()
 
-# Denoisers that currently have a stepcache session: enabling twice is an error, never a leak.
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+# Denoisers that currently have a stepcache session, and the components a session intercepts:
+# enabling twice, or two sessions on one shared block, is an error, never a leak. Weak both ways:
+# the model's own hooks keep its session alive, and nothing here keeps a model alive.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Session]] = weakref.WeakKeyDictionary()
+_INTERCEPTED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Session]] = weakref.WeakKeyDictionary()
+
+
+def _live(
+    table: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Session]], key: nn.Module
+) -> Session | None:
+    ref = table.get(key)
+    session = ref() if ref is not None else None
+    return session if session is not None and session.open else None
+
 
 Interceptor = Callable[[Component, Callable[..., Any]], Callable[..., Any]]
 PreCall = Callable[[nn.Module, tuple, dict], None]
-PostCall = Callable[[nn.Module], None]
+PostCall = Callable[[nn.Module, Any], None]  # output None: the call raised
 Undo = Callable[[], None]
 
 
 def active_session(model: nn.Module) -> Session | None:
     """The session currently installed on ``model``, if any."""
-    return _ACTIVE.get(model)
+    return _live(_ACTIVE, model)
 
 
 class Installer(Protocol):
@@ -55,13 +67,12 @@ class TorchInstaller:
     """Torch forward hooks on the denoiser; an instance ``forward`` on each component."""
 
     def hook_denoiser(self, model: nn.Module, pre: PreCall, post: PostCall, *, first: bool) -> Undo:
-        # A tracking-only session runs first and always closes its call (what drives another library
-        # per call must see every call end); a cache session leaves a call that raised open, so the
-        # tracker starts the next generation afresh.
+        # The post hook runs even when the call raises (torch then passes output None), so the tracker
+        # knows at once that the generation is dead. A tracking-only session runs first.
         h1 = model.register_forward_pre_hook(
             lambda m, args, kwargs: pre(m, args, kwargs), with_kwargs=True, prepend=first
         )
-        h2 = model.register_forward_hook(lambda m, args, out: post(m), always_call=first)
+        h2 = model.register_forward_hook(lambda m, args, out: post(m, out), always_call=True)
 
         def undo() -> None:
             h1.remove()
@@ -128,10 +139,16 @@ class Session:
 
     def install(self) -> None:
         for model in self.models if self.exclusive else ():
-            if model in _ACTIVE:
+            if _live(_ACTIVE, model) is not None:
                 raise StepCacheError(
                     f"{type(model).__name__} already has an active stepcache session; "
                     "disable it (or leave its `with` block) before enabling another."
+                )
+        for comp in self.components:
+            if _live(_INTERCEPTED, comp.module) is not None:
+                raise StepCacheError(
+                    f"{comp.name} is already cached by another stepcache session (a block shared between "
+                    "two models?); close that cache first."
                 )
         try:
             for model in self.models:
@@ -143,17 +160,22 @@ class Session:
         except BaseException:
             self.remove()
             raise
+        me = weakref.ref(self)
         if self.exclusive:
             for model in self.models:
-                _ACTIVE[model] = self
+                _ACTIVE[model] = me
+        for comp in self.components:
+            _INTERCEPTED[comp.module] = me
         self.open = True
 
     def remove(self) -> None:
         while self._undo:
             self._undo.pop()()
-        for model in self.models:
-            if _ACTIVE.get(model) is self:
-                del _ACTIVE[model]
+        for table, keys in ((_ACTIVE, self.models), (_INTERCEPTED, [c.module for c in self.components])):
+            for key in keys:
+                ref = table.get(key)
+                if ref is not None and ref() is self:
+                    del table[key]
         self.open = False
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -170,8 +192,8 @@ class Session:
                 t = read_timestep(args[index])
         self.tracker.begin_call(t)
 
-    def _post(self, module: nn.Module) -> None:
-        self.tracker.end_call()
+    def _post(self, module: nn.Module, output: Any) -> None:
+        self.tracker.end_call(failed=output is None)
 
 
 def track_steps(

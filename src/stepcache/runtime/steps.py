@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ScheduleLengthError, StepCacheError
+from ..errors import ScheduleLengthError, StepCacheError, StepCacheWarning
 
 __all__ = ["TIMESTEP_NAMES", "StepTracker", "read_timestep", "timestep_slot"]
 
@@ -63,6 +65,13 @@ class StepTracker:
     ``num_steps`` (when known) lets the tracker tell a longer run from a new generation and raise a
     clear error. ``manual`` mode ignores timesteps: the caller sets steps through :meth:`set_step`
     (for models that receive no timestep, or are called through a path the hooks cannot see).
+
+    Generation boundaries: a timestep that goes up starts a new generation; so does ``boundary()``
+    returning True (a pipeline that set up its scheduler again: see the runtime cache), which makes
+    an interrupted generation unable to leak into the next one whatever its first timestep.
+
+    One generation at a time: a call from another thread while a generation is in progress is an
+    error (its steps would interleave with the running one's and both would be wrong).
     """
 
     def __init__(self, num_steps: int | None = None) -> None:
@@ -73,6 +82,9 @@ class StepTracker:
         self.manual = False
         self._t: float | None = None
         self._in_call = False
+        self._thread: int | None = None  # the thread whose generation is running
+        # Asked at each call: must a new generation start here (e.g. the pipeline set up its scheduler)?
+        self.boundary: Callable[[], bool] | None = None
         # Listeners: a generation is about to begin; a step began; a denoiser call (any branch) began,
         # after the step and branch are known; a call ended; state was dropped after a failure.
         self.on_generation: list[Callable[[], None]] = []
@@ -87,9 +99,31 @@ class StepTracker:
         return self._t
 
     # -- automatic mode -------------------------------------------------------------------------
+    def in_progress(self) -> bool:
+        """A generation has started and not yet reached its last step (or a call is running)."""
+        if self._in_call:
+            return True
+        if self.step < 0:
+            return False
+        return self.num_steps is None or self.step + 1 < self.num_steps
+
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        owner = self._thread
+        if owner is not None and owner != me and self.in_progress() and _alive(owner):
+            raise StepCacheError(
+                "a second thread called the cached model while another thread's generation is running. "
+                "A cache follows one generation at a time: give each worker thread its own model (or its "
+                "own process), or batch the requests into one generation."
+            )
+        self._thread = me
+
     def begin_call(self, t: float | None) -> None:
+        self._check_thread()
         if self._in_call:
             logger.debug("previous denoiser call raised; starting the next generation afresh")
+            self.reset()
+        if self.boundary is not None and self.boundary():
             self.reset()
         if self.manual:
             self._in_call = True
@@ -120,7 +154,14 @@ class StepTracker:
         for fn in self.on_call_begin:
             fn()
 
-    def end_call(self) -> None:
+    def end_call(self, failed: bool = False) -> None:
+        """The denoiser call returned; ``failed``: it raised, so this generation is over."""
+        if self._thread is not None and self._thread != threading.get_ident():
+            return  # a call refused by _check_thread: it never began, the running one goes on
+        if failed:
+            logger.debug("a denoiser call raised; the next call starts a new generation")
+            self.reset()
+            return
         self._in_call = False
         for fn in self.on_call_end:
             fn()
@@ -141,18 +182,23 @@ class StepTracker:
     # -- shared ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the current generation: the next call starts a new one."""
-        self.step, self.branch, self._t, self._in_call = -1, 0, None, False
+        self.step, self.branch, self._t, self._in_call, self._thread = -1, 0, None, False, None
         for fn in self.on_reset:
             fn()
 
-    def _new_generation(self) -> None:
+    def check_complete(self) -> None:
+        """Warn when the current generation stopped before the schedule's last step."""
         if self.step >= 0 and self.num_steps is not None and self.step + 1 < self.num_steps:
-            logger.warning(
-                "a generation ended after %d of the schedule's %d steps (interrupted, or a run with "
-                "fewer steps than the schedule?)",
-                self.step + 1,
-                self.num_steps,
+            warnings.warn(
+                f"a generation ended after {self.step + 1} of the schedule's {self.num_steps} steps "
+                "(interrupted, or a run with fewer steps than the schedule: use a schedule for the run's "
+                "step count, or schedule.resample(n)).",
+                StepCacheWarning,
+                stacklevel=3,
             )
+
+    def _new_generation(self) -> None:
+        self.check_complete()
         self.generation += 1
         for fn in self.on_generation:
             fn()
@@ -163,3 +209,8 @@ class StepTracker:
         self.step, self.branch = step, 0
         for fn in self.on_step:
             fn(step)
+
+
+def _alive(ident: int) -> bool:
+    """Whether the thread ``ident`` still runs (a dead thread's generation holds nothing up)."""
+    return any(t.ident == ident for t in threading.enumerate())

@@ -1,0 +1,208 @@
+"""Runtime reliability: generation boundaries that cannot leak, concurrency, all-or-nothing enable,
+no model kept alive, closes in any order. Each test failed before the fix it guards."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from model_state import model_state
+from plain_models import PlainDiT, sample
+
+import stepcache
+from stepcache import Schedule, StepCacheError, StepCacheWarning
+from stepcache.runtime import session as session_module
+
+N = 10
+PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
+
+
+def sched(n=N, plan=PLAN):
+    return Schedule(n, {"attn": plan, "ff": plan})
+
+
+def gen_pipe(pipe, steps=N, seed=0, on_step=None):
+    """A DiT pipeline run; ``on_step(i)`` runs in the scheduler's step, outside the model (where a
+    user's callback, Ctrl-C or diffusers' interrupt flag would stop a generation)."""
+    scheduler = pipe.scheduler
+    original = scheduler.step
+    count = {"i": 0}
+
+    def step(*args, **kwargs):
+        if on_step is not None:
+            on_step(count["i"])
+        count["i"] += 1
+        return original(*args, **kwargs)
+
+    scheduler.step = step
+    try:
+        return pipe(
+            [1, 2],
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        ).images
+    finally:
+        del scheduler.step
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at", range(N))
+def test_pipeline_interrupted_between_calls_at_any_step_leaks_nothing(tiny_pipe, at):
+    with stepcache.cache(tiny_pipe, sched()) as handle:
+        expected = gen_pipe(tiny_pipe)
+
+        def stop(i):
+            if i == at:
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            gen_pipe(tiny_pipe, on_step=stop)
+        # the next generation starts at the same first timestep: before the fix, after an
+        # interruption at step 0 it was read as a second guidance branch of step 0
+        assert torch.equal(gen_pipe(tiny_pipe), expected)
+    assert handle.stats.generations == 3
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("at", [2, 5, 9])
+def test_plain_loop_interrupted_between_calls(plain_dit, split, at):
+    y = torch.tensor([1, 3])
+    with stepcache.cache(plain_dit, sched()):
+        expected = sample(plain_dit, y, N, guidance=2.0, split=split)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            sample(plain_dit, y, N, guidance=2.0, split=split, fail_at=at)
+        with pytest.warns(StepCacheWarning, match=f"ended after {at} of the schedule's {N} steps"):
+            got = sample(plain_dit, y, N, guidance=2.0, split=split)
+    assert torch.equal(got, expected)
+
+
+def test_plain_loop_interrupted_after_its_first_step_needs_reset(plain_dit):
+    """A plain loop stopped right after step 0 and restarted at the same timestep looks exactly like a
+    second guidance branch of step 0: nothing in the calls tells them apart (a pipeline's scheduler
+    does, see above). handle.reset() says so explicitly."""
+    y = torch.tensor([1, 3])
+    with stepcache.cache(plain_dit, sched()) as handle:
+        expected = sample(plain_dit, y, N, guidance=2.0)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            sample(plain_dit, y, N, guidance=2.0, fail_at=1)
+        handle.reset()
+        assert torch.equal(sample(plain_dit, y, N, guidance=2.0), expected)
+
+
+def test_a_plain_loop_shorter_than_the_schedule_warns(plain_dit):
+    warns = pytest.warns(StepCacheWarning, match="ended after 6 of the schedule's 10 steps")
+    with warns, stepcache.cache(plain_dit, sched()):
+        sample(plain_dit, torch.tensor([1]), 6)
+
+
+def test_resampling_never_replaces_the_schedule_given(tiny_pipe):
+    schedule = sched()
+    with stepcache.cache(tiny_pipe, schedule, on_length_mismatch="resample") as handle:
+        gen_pipe(tiny_pipe, steps=N)
+        first = handle.stats.computed
+        gen_pipe(tiny_pipe, steps=4)
+        gen_pipe(tiny_pipe, steps=N)
+    assert handle.schedule is schedule
+    computed_in_four = schedule.resample(4).plans["attn"].count(1) * 3 * 2
+    assert handle.stats.computed == 2 * first + computed_in_four
+
+
+def test_a_second_thread_during_a_generation_is_a_clear_error(plain_dit):
+    y = torch.tensor([2])
+    with stepcache.cache(plain_dit, sched()):
+        expected = sample(plain_dit, y, N)
+    at_step_3, resume = threading.Event(), threading.Event()
+    results: dict = {}
+
+    def forward(x, t, yy, step, branch):
+        if step == 3 and not at_step_3.is_set():
+            at_step_3.set()
+            resume.wait(10)
+        return plain_dit(x, t, yy)
+
+    def first():
+        results["first"] = sample(plain_dit, y, N, forward=forward)
+
+    with stepcache.cache(plain_dit, sched()):
+        worker = threading.Thread(target=first)
+        worker.start()
+        assert at_step_3.wait(10)
+        with pytest.raises(StepCacheError, match="second thread"):
+            sample(plain_dit, y, N)
+        resume.set()
+        worker.join(10)
+        # once that generation is done, another thread may generate
+        assert torch.equal(sample(plain_dit, y, N), expected)
+    assert torch.equal(results["first"], expected)  # the running generation was not disturbed
+
+
+def test_a_call_that_raises_ends_its_generation_for_every_thread(plain_dit):
+    y = torch.tensor([2])
+    with stepcache.cache(plain_dit, sched()):
+        expected = sample(plain_dit, y, N)
+
+        def failing():
+            def forward(x, t, yy, step, branch):
+                if step == 2:
+                    return plain_dit(x, t, torch.tensor([99]))  # an index error inside the model
+                return plain_dit(x, t, yy)
+
+            with pytest.raises(IndexError):
+                sample(plain_dit, y, N, forward=forward)
+
+        worker = threading.Thread(target=failing)
+        worker.start()
+        worker.join(10)
+        assert torch.equal(sample(plain_dit, y, N), expected)
+
+
+def test_enable_is_all_or_nothing(plain_dit, monkeypatch):
+    before = model_state(plain_dit)
+    original = session_module.TorchInstaller.hook_component
+    calls = {"n": 0}
+
+    def flaky(self, comp, make_forward):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("disk on fire")
+        return original(self, comp, make_forward)
+
+    monkeypatch.setattr(session_module.TorchInstaller, "hook_component", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        stepcache.cache(plain_dit, sched())
+    assert model_state(plain_dit) == before
+    monkeypatch.undo()
+    stepcache.cache(plain_dit, sched()).close()  # nothing stale blocks a new cache
+    assert model_state(plain_dit) == before
+
+
+def test_an_enabled_model_that_is_dropped_is_freed():
+    model = PlainDiT()
+    stepcache.cache(model, sched())  # enabled, never closed
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_two_models_sharing_blocks_close_in_any_order():
+    torch.manual_seed(0)
+    a, b = PlainDiT(), PlainDiT()
+    b.blocks = a.blocks  # shared blocks
+    before_a, before_b = model_state(a), model_state(b)
+    handle_a = stepcache.cache(a, sched())
+    with pytest.raises(StepCacheError, match="already cached by another stepcache session"):
+        stepcache.cache(b, sched())
+    handle_a.close()
+    handle_b = stepcache.cache(b, sched())
+    handle_b.close()
+    handle_a.close()  # closing twice, in any order, is harmless
+    assert model_state(a) == before_a and model_state(b) == before_b
