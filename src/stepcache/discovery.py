@@ -32,6 +32,7 @@ __all__ = [
     "denoisers_of",
     "discover",
     "register_layout",
+    "unwrap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,17 @@ class Component:
     def child(self) -> str:
         """The attribute name inside the block (``ff``), or ``""`` for a whole block."""
         return "" if self.type == "block" else self.name.rsplit(".", 1)[-1]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s wrapper (``OptimizedModule._orig_mod``), or the module.
+
+    Discovery, fingerprints, timestep parameters and component names all read the model itself, so
+    a schedule made on the uncompiled model applies unchanged to the compiled one.
+    """
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod  # type: ignore[assignment]
+    return module
 
 
 def denoiser_of(target: object) -> nn.Module:
@@ -243,7 +255,7 @@ def discover(
             raise DiscoveryError(f"components: unknown type(s) {bad}; choose from {COMPONENT_TYPES[:3]}.")
     result: list[Component] = []
     for prefix, model in denoisers_of(target):
-        for c in _discover_one(model, blocks, override, wanted):
+        for c in _discover_one(unwrap(model), blocks, override, wanted):
             result.append(
                 Component(prefix + c.name, c.type, prefix + c.block, prefix + c.stack, c.index, c.module)
             )

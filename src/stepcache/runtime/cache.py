@@ -15,6 +15,7 @@ denoiser call, outside the hot path, by checking which stored outputs were repla
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -26,11 +27,11 @@ import torch
 from torch import nn
 
 from .._logging import follow_diffusers
-from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover
+from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover, unwrap
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError
 from ..schedule import COMPUTE, FORECAST, Schedule
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class
-from .session import Installer, Session, active_session
+from .session import Installer, Session, active_session, hook_state
 from .stats import CacheStats, TypeStats
 from .steps import StepTracker
 
@@ -45,19 +46,29 @@ class _Slot:
     ``store[branch]`` is ``(input shape, last output, previous output or None)``: the two most recent
     computed outputs, so a reuse step can copy the last one or extrapolate from both. What to do at
     the current step (``mode``) and the extrapolation weight (``coef``) are set once per step.
+
+    Under ``torch.compile`` the decision is data instead (:meth:`_traced`): ``pred`` and ``coef_t``
+    are tensors filled on the host when a step starts and read by ``torch.cond`` when the graph
+    runs, so dynamo never specialises a graph on the plan. One graph then serves every step and
+    every layer, whatever the schedule (per type or per layer), and no recompile limit is reached.
     """
 
     __slots__ = (
         "coef",
+        "coef_t",
         "coefs",
+        "compiled",
         "computed",
         "count",
+        "forced",
         "keep_two",
         "macs",
         "mode",
+        "module",
         "name",
         "original",
         "plan",
+        "pred",
         "reused",
         "seen",
         "store",
@@ -73,7 +84,7 @@ class _Slot:
         tracker: StepTracker,
         count: bool,
     ):
-        self.name, self.type = comp.name, comp.type
+        self.name, self.type, self.module = comp.name, comp.type, comp.module
         self.original, self.tracker, self.count = original, tracker, count
         self.set_plan(plan)
         self.mode, self.coef = COMPUTE, 0.0
@@ -81,6 +92,11 @@ class _Slot:
         self.seen: dict[int, Any] = {}  # the store entry last counted, per branch
         self.computed = self.reused = 0
         self.macs: float | None = None
+        # Compiled path: the step's decision as tensors (on the host: torch.cond reads its predicate
+        # there, so no device sync), and whether the last traced call had to compute regardless.
+        self.compiled = self.forced = False
+        self.pred = torch.ones((), dtype=torch.bool)
+        self.coef_t = torch.zeros((), dtype=torch.float32)
 
     def set_plan(self, plan: tuple[int, ...]) -> None:
         self.plan = plan
@@ -96,8 +112,13 @@ class _Slot:
 
     def start_step(self, step: int) -> None:
         self.mode, self.coef = self.plan[step], self.coefs[step]
+        if self.compiled:
+            self.pred.fill_(self.mode == COMPUTE)
+            self.coef_t.fill_(self.coef if self.mode == FORECAST else 0.0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self._traced(args, kwargs)
         branch = self.tracker.branch
         entry = self.store.get(branch)
         if self.mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
@@ -114,10 +135,60 @@ class _Slot:
         self.store[branch] = (shape, out, previous)
         return out
 
+    def _traced(self, args: tuple, kwargs: dict) -> Any:
+        """The forward dynamo traces: compute or reuse chosen by ``torch.cond`` on ``self.pred``.
+
+        Only what is fixed for a whole generation is Python here (the guidance branch, whether an
+        output is kept for this input shape, whether the plan forecasts), so the number of graphs
+        is bounded by those few cases, never by layers, steps or the plan's values.
+        """
+        self.compiled = True
+        branch = self.tracker.branch
+        entry = self.store.get(branch)
+        shape = first_tensor_shape(args, kwargs)
+        if entry is None or entry[0] != shape:  # nothing kept for this input: compute (a static case)
+            self.forced = True
+            out = self.original(*args, **kwargs)
+            self.store[branch] = (shape, out, None)
+            return out
+        self.forced = False
+        last, prev = entry[1], entry[2]
+        _warm_signature_cache(self.module)
+
+        def compute() -> Any:
+            return self.original(*args, **kwargs)
+
+        if not self.keep_two:
+            out = torch.cond(self.pred, compute, lambda: _clone(last), ())
+            self.store[branch] = (shape, out, None)
+            return out
+        # Forecasting plans keep two outputs. A reuse extrapolates with coef_t (0 on a copy step,
+        # and before two computations, when the previous output stands in for itself).
+        before = last if prev is None else prev
+
+        def computed() -> Any:
+            out = compute()
+            return out, _clone(out), _clone(last)
+
+        def reused() -> Any:
+            return _extrapolate(last, before, self.coef_t), _clone(last), _clone(before)
+
+        out, new_last, new_prev = torch.cond(self.pred, computed, reused, ())
+        self.store[branch] = (shape, new_last, new_prev)
+        return out
+
     def tally(self, branch: int) -> None:
-        """After a denoiser call: a new store entry means the component ran, the same one a reuse."""
+        """After a denoiser call: a new store entry means the component ran, the same one a reuse.
+        (Compiled calls replace the entry either way: there the step's plan value says which.)"""
         entry = self.store.get(branch)
         if entry is None:
+            return
+        if self.compiled:
+            if self.forced or self.mode == COMPUTE:
+                self.computed += 1
+            else:
+                self.reused += 1
+            self.seen[branch] = entry
             return
         if entry is self.seen.get(branch):
             self.reused += 1
@@ -126,7 +197,24 @@ class _Slot:
             self.seen[branch] = entry
 
 
-def _extrapolate(last: Any, previous: Any, coef: float) -> Any:
+def _warm_signature_cache(module: Any) -> None:
+    """diffusers' attention forwards call ``inspect.signature(self.processor.__call__)``. Dynamo
+    caches that per graph; first traced inside one torch.cond branch, the cached value cannot be
+    used inside the next (whole-model compile traces many attentions in one graph). Asking for it
+    once in the graph itself, outside any branch, makes every branch reuse a valid entry."""
+    processor = getattr(module, "processor", None)
+    if processor is not None and callable(processor):
+        inspect.signature(processor.__call__)
+
+
+def _clone(value: Any) -> Any:
+    """A copy of a kept output (torch.cond's branches may not return their inputs themselves)."""
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _extrapolate(last: Any, previous: Any, coef: float | torch.Tensor) -> Any:
     """last + coef * (last - previous), through tuples of tensors (two-stream attention)."""
     if isinstance(last, tuple):
         return tuple(_extrapolate(a, b, coef) for a, b in zip(last, previous, strict=True))
@@ -185,7 +273,7 @@ class CacheHandle:
         self._pipeline = None if isinstance(target, nn.Module) else target
         self._resample = on_length_mismatch == "resample"
         self.tracker = StepTracker(num_steps=schedule.num_steps)
-        self._boundary = _SchedulerWatch(self._pipeline)
+        self._boundary = _SchedulerWatch(self._pipeline, self._relocate)
         self.tracker.boundary = self._boundary.new_generation
         self._slots: dict[str, _Slot] = {}
         self._plans = plans
@@ -259,6 +347,19 @@ class CacheHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _relocate(self) -> None:
+        """At the start of a pipeline's generation (eager code): if the transformer was compiled since
+        the cache was enabled (``pipe.transformer = torch.compile(...)``, ``transformer.compile()``),
+        move the step-tracking hooks outside the compiled call before it is first traced."""
+        if not self._session.open or self._pipeline is None:
+            return
+        current = [m for _, m in denoisers_of(self._pipeline)]
+        if [unwrap(m) for m in current] != [unwrap(m) for m in self._session.models]:
+            return  # other models altogether: the next call's checks will say so
+        if [hook_state(m) for m in current] != self._session.hooked:
+            logger.info("the transformer was compiled after the cache was enabled: moving its step hooks")
+            self._session.rehook(current)
 
     # ---------------------------------------------------------------- explicit steps
     def set_step(self, step: int, branch: int = 0) -> None:
@@ -338,8 +439,9 @@ class _SchedulerWatch:
     it, whatever its first timestep. The wrapper is an instance attribute, removed exactly on close.
     """
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, on_setup: Callable[[], None]) -> None:
         self._pipeline = pipeline
+        self._on_setup = on_setup
         self._scheduler: Any = None
         self._saved: Any = _MISSING
         self._pending: int | None = None  # the thread that set up a scheduler since the last call
@@ -355,6 +457,7 @@ class _SchedulerWatch:
         @functools.wraps(original)  # pipelines inspect its signature (Flux checks for `sigmas`)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             self._pending = threading.get_ident()
+            self._on_setup()
             return original(*args, **kwargs)
 
         scheduler.set_timesteps = set_timesteps

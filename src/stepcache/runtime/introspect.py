@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..discovery import Component, denoisers_of
+from ..discovery import Component, denoisers_of, unwrap
 from ..errors import StepCacheError
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
 
 def fingerprint(target: object) -> str:
     """A short hash of the architecture of every denoiser of ``target`` (module or pipeline)."""
-    models = denoisers_of(target)
+    models = [(prefix, unwrap(m)) for prefix, m in denoisers_of(target)]
     if len(models) == 1:
         return _fingerprint_one(models[0][1])
     joined = "|".join(prefix + _fingerprint_one(m) for prefix, m in models)
@@ -43,7 +43,7 @@ def fingerprint(target: object) -> str:
 
 def model_class(target: object) -> str:
     """Class name(s) of the denoiser(s), for metadata and messages."""
-    return "+".join(type(m).__name__ for _, m in denoisers_of(target))
+    return "+".join(type(unwrap(m)).__name__ for _, m in denoisers_of(target))
 
 
 def _fingerprint_one(model: nn.Module) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from ..discovery import Component
+from ..discovery import Component, unwrap
 from ..errors import StepCacheError
 from .steps import StepTracker, read_timestep, timestep_slot
 
@@ -51,8 +51,8 @@ Undo = Callable[[], None]
 
 
 def active_session(model: nn.Module) -> Session | None:
-    """The session currently installed on ``model``, if any."""
-    return _live(_ACTIVE, model)
+    """The session currently installed on ``model`` (or the model it compiles), if any."""
+    return _live(_ACTIVE, unwrap(model))
 
 
 class Installer(Protocol):
@@ -67,6 +67,8 @@ class TorchInstaller:
     """Torch forward hooks on the denoiser; an instance ``forward`` on each component."""
 
     def hook_denoiser(self, model: nn.Module, pre: PreCall, post: PostCall, *, first: bool) -> Undo:
+        if model.__dict__.get("_compiled_call_impl") is not None:
+            return _shim_compiled_call(model, pre, post)
         # The post hook runs even when the call raises (torch then passes output None), so the tracker
         # knows at once that the generation is dead. A tracking-only session runs first.
         h1 = model.register_forward_pre_hook(
@@ -92,6 +94,37 @@ class TorchInstaller:
                 mod.forward = saved
 
         return undo
+
+
+def _shim_compiled_call(model: nn.Module, pre: PreCall, post: PostCall) -> Undo:
+    """A model compiled in place (``model.compile()``) runs ``_compiled_call_impl``, which compiles
+    ``_call_impl`` and with it any hook: tracking there would be traced (a graph break reading the
+    timestep). So the step is tracked around the compiled call instead, outside the graph."""
+    compiled = model.__dict__["_compiled_call_impl"]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        pre(model, args, kwargs)
+        try:
+            out = compiled(*args, **kwargs)
+        except Exception:
+            post(model, None)
+            raise
+        post(model, out)
+        return out
+
+    call.__stepcache_shim__ = True  # type: ignore[attr-defined]
+    model.__dict__["_compiled_call_impl"] = call
+
+    def undo() -> None:
+        if model.__dict__.get("_compiled_call_impl") is call:
+            model.__dict__["_compiled_call_impl"] = compiled
+
+    return undo
+
+
+def hook_state(model: nn.Module) -> tuple[int, Any]:
+    """What decides where a denoiser's hooks must go: the object called, and its compiled call."""
+    return id(model), model.__dict__.get("_compiled_call_impl")
 
 
 class Session:
@@ -120,10 +153,13 @@ class Session:
         self.components = list(components)
         self.tracker = tracker
         self._make_forward = make_forward
+        self._timestep_arg = timestep_arg
         self._slots = {id(m): timestep_slot(m, timestep_arg) for m in self.models}
+        self.hooked: list[tuple[int, Any]] = []
         self.owner: Any = None  # the CacheHandle (or other object) that manages this session
         self.installer: Installer = installer if installer is not None else TorchInstaller()
         self._undo: list[Undo] = []
+        self._undo_denoisers: list[Undo] = []
         self.open = False
         self.exclusive = exclusive  # registered as the model's one stepcache session
         modules = [c.module for c in self.components]
@@ -139,7 +175,7 @@ class Session:
 
     def install(self) -> None:
         for model in self.models if self.exclusive else ():
-            if _live(_ACTIVE, model) is not None:
+            if _live(_ACTIVE, unwrap(model)) is not None:
                 raise StepCacheError(
                     f"{type(model).__name__} already has an active stepcache session; "
                     "disable it (or leave its `with` block) before enabling another."
@@ -151,10 +187,7 @@ class Session:
                     "two models?); close that cache first."
                 )
         try:
-            for model in self.models:
-                self._undo.append(
-                    self.installer.hook_denoiser(model, self._pre, self._post, first=not self.exclusive)
-                )
+            self._hook_denoisers()
             for comp in self.components:
                 self._undo.append(self.installer.hook_component(comp, self._make_forward))
         except BaseException:
@@ -163,7 +196,7 @@ class Session:
         me = weakref.ref(self)
         if self.exclusive:
             for model in self.models:
-                _ACTIVE[model] = me
+                _ACTIVE[unwrap(model)] = me
         for comp in self.components:
             _INTERCEPTED[comp.module] = me
         self.open = True
@@ -171,12 +204,31 @@ class Session:
     def remove(self) -> None:
         while self._undo:
             self._undo.pop()()
-        for table, keys in ((_ACTIVE, self.models), (_INTERCEPTED, [c.module for c in self.components])):
+        while self._undo_denoisers:
+            self._undo_denoisers.pop()()
+        models = [unwrap(m) for m in self.models]
+        for table, keys in ((_ACTIVE, models), (_INTERCEPTED, [c.module for c in self.components])):
             for key in keys:
                 ref = table.get(key)
                 if ref is not None and ref() is self:
                     del table[key]
         self.open = False
+
+    def _hook_denoisers(self) -> None:
+        for model in self.models:
+            self._undo_denoisers.append(
+                self.installer.hook_denoiser(model, self._pre, self._post, first=not self.exclusive)
+            )
+        self.hooked = [hook_state(m) for m in self.models]
+
+    def rehook(self, models: Sequence[nn.Module]) -> None:
+        """Move the denoiser hooks to ``models`` (the same models, now called through a compiled
+        wrapper or compiled in place), so that tracking stays outside the compiled graph."""
+        while self._undo_denoisers:
+            self._undo_denoisers.pop()()
+        self.models = list(models)
+        self._slots = {id(m): timestep_slot(m, self._timestep_arg) for m in self.models}
+        self._hook_denoisers()
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.tracker.manual:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..discovery import unwrap
 from ..errors import ScheduleLengthError, StepCacheError, StepCacheWarning
 
 __all__ = ["TIMESTEP_NAMES", "StepTracker", "read_timestep", "timestep_slot"]
@@ -30,7 +31,10 @@ TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "nois
 
 
 def timestep_slot(module: nn.Module, timestep_arg: str | None) -> tuple[str, int | None] | None:
-    """Where the timestep arrives in ``module.forward``: (keyword name, positional index or None)."""
+    """Where the timestep arrives in ``module.forward``: (keyword name, positional index or None).
+
+    torch.compile's wrapper takes ``(*args, **kwargs)``: the model's own signature is read."""
+    module = unwrap(module)
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
