@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import stepcache
 from stepcache import Schedule
-from stepcache.bench.speed import generate, uniform_plan
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.speed import generate, uniform_plan
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,34 +1,44 @@
-"""`stepcache bench`: the quick run end to end, its report schema, the peers' adapters."""
+"""The benchmark harness (benchmarks/, not installed with the package): the quick run end to end
+through `benchmarks/bench.py`, its report schema, the peers' adapters."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from model_state import model_state
-from typer.testing import CliRunner
 
 import stepcache
+from benchmarks import bench
+from benchmarks.harness import peers, validate
 from stepcache import Schedule, StepCacheError
-from stepcache.bench import peers, validate
-from stepcache.cli import app
 
-runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*argv: str) -> int:
+    try:
+        bench.main(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = runner.invoke(app, ["bench", "--quick", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    assert run_bench("--quick", "--threads", "1", "--out", str(out)) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
 def test_quick_bench_runs_end_to_end_and_validates(quick_report):
     out, report = quick_report
-    validate(report)  # the documented schema (src/stepcache/bench/schema.json)
+    validate(report)  # the documented schema (benchmarks/harness/schema.json)
     assert (out / "bench.md").exists() and (out / "frontier-ddim-6.png").exists()
     sampler = report["quality"]["samplers"][0]
     families = {(p["library"], p["method"]) for p in sampler["points"]}
@@ -62,14 +72,14 @@ def test_quick_bench_runs_the_installed_peers(quick_report):
         ]
         assert same and all(same)
     if not all(have.values()):
-        assert any("pip install -e .[bench]" in s for s in report["skipped"])
+        assert any("pip install -r benchmarks/requirements.txt" in s for s in report["skipped"])
 
 
-def test_bench_without_peers_says_so(tmp_path):
-    result = runner.invoke(
-        app, ["bench", "--quick", "--no-peers", "--suite", "speed", "--out", str(tmp_path)]
+def test_bench_without_peers_says_so(tmp_path, capsys):
+    assert (
+        run_bench("--quick", "--no-peers", "--suite", "speed", "--threads", "1", "--out", str(tmp_path)) == 0
     )
-    assert result.exit_code == 0, result.output
+    assert "# stepcache bench (quick smoke run)" in capsys.readouterr().out  # prints bench.md
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["skipped"] == ["all peers: --no-peers"] and "quality" not in report
     assert [r["method"] for r in report["speed"]["shapes"][0]["rows"]] == [
@@ -91,11 +101,39 @@ def test_schema_rejects_a_malformed_report(quick_report):
         validate(broken)
 
 
-def test_bad_bench_arguments_are_clean_errors(tmp_path):
-    result = runner.invoke(app, ["bench", "--shape", "DiT-Z", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "--shape must be among" in result.output
-    result = runner.invoke(app, ["bench", "--sampler", "ddim", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "scheduler-steps" in result.output
+def test_bad_bench_arguments_are_clean_errors(tmp_path, capsys):
+    assert run_bench("--shape", "DiT-Z", "--out", str(tmp_path)) == 2
+    assert "--shape must be among" in capsys.readouterr().err
+    assert run_bench("--sampler", "ddim", "--out", str(tmp_path)) == 2
+    assert "scheduler-steps" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_script_runs_from_the_repository_root():
+    # `python benchmarks/bench.py` (what `make bench` runs) finds the harness without pytest's path.
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "--rerun" in result.stdout
+
+
+def test_the_library_does_not_ship_the_harness():
+    import stepcache.cli
+
+    src = Path(stepcache.__file__).parent
+    assert not (src / "bench").exists()
+    assert "bench" not in {c.name for c in stepcache.cli.app.registered_commands}
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        for needle in (
+            "cache_dit",
+            "import SmoothCache",
+            "from SmoothCache",
+            "diffusers.hooks",
+            "benchmarks.harness",
+        ):
+            assert needle not in text, f"{path.relative_to(src)} mentions {needle!r}"
 
 
 def test_counted_fraction_matches_our_stats(tiny_pipe):

@@ -2,7 +2,7 @@
 
 Every method runs in this process, on the same model, sampler and seeds. For each point of each
 method's sweep: the compute fraction (attention and feed-forward computations actually executed,
-counted the same way for every method by :func:`~stepcache.bench.peers.count_component_calls`),
+counted the same way for every method by :func:`~benchmarks.harness.peers.count_component_calls`),
 wall time, and PSNR / SSIM against the uncached samples of the same seeds. At the matched fractions,
 the point of each method nearest to the target is re-run on ``fd_samples`` samples for the Fréchet
 distance to real held-out digits (with a bootstrap interval and the real-vs-real floor) and class
@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from .. import metrics, reference
-from ..calibration import Calibration
-from ..errors import ScheduleError
-from ..policies.tuned import tune
-from ..runtime import cache
-from ..schedule import Schedule
+from stepcache import Calibration, Schedule, metrics, reference
+from stepcache.errors import ScheduleError
+from stepcache.policies import tune
+from stepcache.runtime import cache
+
 from . import peers
 
 logger = logging.getLogger(__name__)
@@ -429,7 +428,7 @@ def _fd(
 
 
 def _calibration(scheduler: str, steps: int) -> Calibration:
-    from ..reference import calibrate_reference, shipped_calibration
+    from stepcache.reference import calibrate_reference, shipped_calibration
 
     cal = shipped_calibration(scheduler, steps)
     return cal if cal is not None else calibrate_reference(scheduler, steps)

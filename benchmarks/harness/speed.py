@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..discovery import discover
-from ..runtime import cache
-from ..schedule import Schedule
+from stepcache import Schedule
+from stepcache.discovery import discover
+from stepcache.runtime import cache
+
 from . import peers
 
 SHAPES: dict[str, dict[str, int]] = {
