@@ -1,11 +1,17 @@
 """Other caching libraries ("peers") run on the reference DiT, for side-by-side benchmarks.
 
-Three libraries are covered, each through its own public entry points:
+Three libraries are covered, each through its own public entry points, one module each:
 
-* diffusers' built-in cache hooks (``diffusers.hooks.apply_*``): FirstBlockCache, TaylorSeer, Pyramid
-  Attention Broadcast, FasterCache and MagCache;
-* cache-dit's DBCache (Fn/Bn dual block cache), with and without its TaylorSeer calibrator;
-* dit-smoothcache's ``SmoothCacheHelper`` (the original SmoothCache runtime) with a given schedule.
+* :mod:`.diffusers_caches`: diffusers' built-in cache hooks (``diffusers.hooks.apply_*``):
+  FirstBlockCache, TaylorSeer, Pyramid Attention Broadcast, FasterCache and MagCache;
+* :mod:`.cache_dit`: cache-dit's DBCache (Fn/Bn dual block cache), with and without its TaylorSeer
+  calibrator;
+* :mod:`.smoothcache`: dit-smoothcache's ``SmoothCacheHelper`` (the original SmoothCache runtime)
+  with a given schedule.
+
+This module holds what is common to them: :class:`PeerMethod`, :class:`PeerError`, which peers are
+installed, their sweeps (:func:`peer_sweeps`), the entry point :func:`apply_peer` and the compute
+counter :func:`count_component_calls`.
 
 None of them fits the reference loop out of the box: ``DiTTransformer2DModel`` is not a diffusers
 ``CacheMixin`` (no ``enable_cache`` / ``cache_context``), and the reference ``sample()`` is a bare loop, not
@@ -27,20 +33,15 @@ leaf ``Linear`` inside each component, which gives every method a comparable com
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import importlib.metadata
 import io
-import logging
 import math
-import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from stepcache.errors import StepCacheError
@@ -62,8 +63,6 @@ __all__ = [
     "unsupported_peers",
 ]
 
-logger = logging.getLogger(__name__)
-
 DIFFUSERS = "diffusers"
 CACHE_DIT = "cache-dit"
 SMOOTHCACHE = "dit-smoothcache"
@@ -84,7 +83,6 @@ _METHODS = {
 # TaylorSeer caches these outputs. Its default patterns ("^transformer_blocks.*attn") must match the
 # whole module name, so they never match diffusers' "transformer_blocks.<i>.attn1" and would hook nothing.
 _TAYLORSEER_TARGETS = (r"transformer_blocks\.\d+\.(attn1|ff)",)
-_CONTEXT_NAME = "denoise"  # one model call per step holds the whole (CFG-batched) batch
 
 
 class PeerError(StepCacheError):
@@ -403,352 +401,6 @@ def count_component_calls(model: nn.Module) -> Iterator[Callable[[], dict[str, A
             handle.remove()
 
 
-# ---------------------------------------------------------------------------------------- shared runtime
-class _Discard(io.TextIOBase):
-    """A text sink (SmoothCacheHelper prints one line per wrapped call)."""
-
-    def write(self, s: str) -> int:
-        return len(s)
-
-
-class _StdoutSilencer:
-    """Discards stdout between :meth:`enter` and :meth:`exit` (a model call), and only then.
-
-    Tolerates an ``exit`` without ``enter`` (a pre-hook that raised before entering).
-    """
-
-    def __init__(self) -> None:
-        self._redirect: contextlib.redirect_stdout[Any] | None = None
-
-    def enter(self) -> None:
-        if self._redirect is None:
-            self._redirect = contextlib.redirect_stdout(_Discard())
-            self._redirect.__enter__()
-
-    def exit(self) -> None:
-        if self._redirect is not None:
-            redirect, self._redirect = self._redirect, None
-            redirect.__exit__(None, None, None)
-
-
-class _StepTracker:
-    """A pre-hook on the model that follows the reference loop: one call per step, timesteps descending.
-
-    Each call either starts a generation (first call, or the timestep went up) or is the next step of
-    the current one. Peers register what to do at a new generation (reset their state) and around
-    each step (set diffusers' cache context, silence prints).
-    """
-
-    def __init__(self, num_steps: int) -> None:
-        self.num_steps = num_steps
-        self.timestep: float = float("nan")
-        self.step_index = -1
-        self.generations = 0
-        self._previous: float | None = None
-        self._warned = False
-        self.on_generation: list[Callable[[], None]] = []
-        self.before_step: list[Callable[[], None]] = []
-        self.after_step: list[Callable[[], None]] = []
-
-    def current_timestep(self) -> int:
-        return int(self.timestep)
-
-    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if t is None:
-            raise PeerError(
-                "the model was called without a timestep; peer caches need the reference loop's "
-                "model(hidden_states=..., timestep=..., class_labels=...) calls."
-            )
-        t = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        if self._previous is None or t > self._previous:
-            if self._previous is not None and self.step_index + 1 != self.num_steps and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"a generation ran {self.step_index + 1} steps but the peer was set up for "
-                    f"num_inference_steps={self.num_steps}; step-indexed settings (warm-up, MagCache ratios, "
-                    "SmoothCache schedules) are then misaligned.",
-                    stacklevel=2,
-                )
-            self.step_index = 0
-            self.generations += 1
-            for fn in self.on_generation:
-                fn()
-        else:
-            self.step_index += 1
-            if self.step_index >= self.num_steps:
-                raise PeerError(
-                    f"step {self.step_index + 1} of a generation set up for num_inference_steps="
-                    f"{self.num_steps}: pass the number of steps sample() runs to apply_peer()."
-                )
-        self._previous = t
-        self.timestep = t
-        for fn in self.before_step:
-            fn()
-
-    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        for fn in self.after_step:
-            fn()
-
-    @contextmanager
-    def attached(self, model: nn.Module) -> Iterator[_StepTracker]:
-        pre = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
-        post = model.register_forward_hook(self._post, with_kwargs=True, always_call=True)
-        try:
-            yield self
-        finally:
-            pre.remove()
-            post.remove()
-
-
-_MODULE_DICTS = ("_modules", "_parameters", "_buffers")
-
-
-@contextmanager
-def _restore_modules(model: nn.Module) -> Iterator[None]:
-    """On exit, undo every attribute, child, parameter or buffer set on any submodule meanwhile.
-
-    Runs after the library's own removal; it catches what that leaves behind (an instance ``forward``,
-    ``_diffusers_hook`` registries, cache-dit's ``_norm1_emb`` child and ``_is_patched`` flag).
-    Hook dictionaries are left alone: the peers use none, and a caller's own hooks must survive.
-    """
-    saved = []
-    for module in model.modules():
-        attrs = dict(vars(module))
-        inner = {key: dict(attrs[key]) for key in _MODULE_DICTS if key in attrs}
-        saved.append((module, attrs, inner))
-    try:
-        yield
-    finally:
-        cleaned = []
-        for module, attrs, inner in saved:
-            current = vars(module)
-            for key in [k for k in current if k not in attrs]:
-                del current[key]
-                cleaned.append(f"{type(module).__name__}.{key}")
-            for key, value in attrs.items():
-                if current.get(key, _MISSING) is not value:
-                    current[key] = value
-                    cleaned.append(f"{type(module).__name__}.{key}")
-            for key, before in inner.items():
-                now = current[key]
-                if list(now) != list(before) or any(now[k] is not before[k] for k in now):
-                    now.clear()
-                    now.update(before)
-                    cleaned.append(f"{type(module).__name__}.{key}")
-        if cleaned:
-            logger.debug("restored after peer: %s", sorted(set(cleaned)))
-
-
-_MISSING = object()
-
-
-@contextmanager
-def _quiet_loggers(prefixes: Sequence[str], level: int = logging.ERROR) -> Iterator[None]:
-    """Raise the level of the named loggers (and their existing children) for the duration."""
-    manager = logging.Logger.manager
-    names = [
-        name
-        for name in list(manager.loggerDict)
-        if any(name == p or name.startswith(p + ".") for p in prefixes)
-    ]
-    names += [p for p in prefixes if p not in names]
-    loggers = [logging.getLogger(name) for name in names]
-    before = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(level, lg.level))
-    try:
-        yield
-    finally:
-        for lg, old in zip(loggers, before, strict=True):
-            lg.setLevel(old)
-
-
-# ---------------------------------------------------------------------------------------- diffusers
-class _DiffusersHooks:
-    """Applies one diffusers cache hook set and drives it from the step tracker."""
-
-    def __init__(self, model: nn.Module, tracker: _StepTracker) -> None:
-        self.model = model
-        self.tracker = tracker
-        self.added: list[tuple[Any, str]] = []  # (registry, hook name), in registration order
-        self.managers: list[Any] = []
-        self.registries: list[Any] = []
-        tracker.on_generation.append(self.reset)
-        tracker.before_step.append(self.enter_step)
-        tracker.after_step.append(self.exit_step)
-
-    def _registries(self) -> list[Any]:
-        return [m._diffusers_hook for m in self.model.modules() if hasattr(m, "_diffusers_hook")]
-
-    def install(self, apply: Callable[[nn.Module, Any], None], config: Any) -> None:
-        from diffusers.hooks.hooks import StateManager
-
-        before = {id(r): set(r.hooks) for r in self._registries()}
-        apply(self.model, config)
-        self.registries = self._registries()
-        self.added = [
-            (r, name) for r in self.registries for name in r.hooks if name not in before.get(id(r), set())
-        ]
-        if not self.added:
-            raise PeerError(f"{type(config).__name__} hooked no module of {type(self.model).__name__}.")
-        self.managers = []
-        for registry, name in self.added:
-            for value in vars(registry.hooks[name]).values():
-                if isinstance(value, StateManager) and all(value is not m for m in self.managers):
-                    self.managers.append(value)
-
-    def uninstall(self) -> None:
-        for registry, name in reversed(self.added):
-            if name in registry.hooks:
-                registry.remove_hook(name, recurse=False)
-        for registry in self.registries:
-            if hasattr(registry, "invalidate_child_registries_cache"):
-                registry.invalidate_child_registries_cache()
-        self.added, self.managers, self.registries = [], [], []
-
-    def reset(self) -> None:
-        # reset_state of every stateful hook: step counters, stored outputs, Taylor factors, contexts.
-        for registry in self.registries:
-            registry.reset_stateful_hooks(recurse=False)
-
-    def enter_step(self) -> None:
-        from diffusers.hooks.hooks import CacheContext
-
-        context = CacheContext(
-            _CONTEXT_NAME,
-            step_index=self.tracker.step_index,
-            num_inference_steps=self.tracker.num_steps,
-            timestep=self.tracker.timestep,
-        )
-        for manager in self.managers:
-            manager.set_context(context)
-
-    def exit_step(self) -> None:
-        for manager in self.managers:
-            manager.set_context(None)
-
-    def state(self) -> Any:
-        """The shared state of the (single) state manager, e.g. MagCache's calibration record."""
-        from diffusers.hooks.hooks import CacheContext
-
-        if len(self.managers) != 1:
-            raise PeerError(f"expected one state manager, found {len(self.managers)}.")
-        manager = self.managers[0]
-        manager.set_context(CacheContext(_CONTEXT_NAME))
-        try:
-            return manager.get_state()
-        finally:
-            manager.set_context(None)
-
-
-def _diffusers_config(method: PeerMethod, tracker: _StepTracker, n: int) -> tuple[Callable[..., None], Any]:
-    _require(DIFFUSERS)
-    hooks = importlib.import_module("diffusers.hooks")
-    p = dict(method.params)
-
-    def get(name: str) -> Any:
-        if not hasattr(hooks, name):
-            raise PeerError(
-                f"this diffusers ({_version_of(DIFFUSERS)}) has no diffusers.hooks.{name}; {method.name} needs "
-                f"a newer diffusers ({INSTALL_HINT})."
-            )
-        return getattr(hooks, name)
-
-    try:
-        if method.name == "FirstBlockCache":
-            return get("apply_first_block_cache"), get("FirstBlockCacheConfig")(**p)
-        if method.name == "TaylorSeer":
-            dtype = p.get("taylor_factors_dtype", "bfloat16")
-            if isinstance(dtype, str):
-                p["taylor_factors_dtype"] = getattr(torch, dtype)
-            p.setdefault("cache_identifiers", list(_TAYLORSEER_TARGETS))
-            return get("apply_taylorseer_cache"), get("TaylorSeerCacheConfig")(**p)
-        if method.name == "PAB":
-            for key in ("spatial_attention_timestep_skip_range",):
-                if key in p:
-                    p[key] = tuple(p[key])
-            config = get("PyramidAttentionBroadcastConfig")(
-                **p, current_timestep_callback=tracker.current_timestep
-            )
-            return get("apply_pyramid_attention_broadcast"), config
-        if method.name == "FasterCache":
-            if not p.get("is_guidance_distilled", True):
-                raise PeerError(
-                    "FasterCache's CFG-Cache (is_guidance_distilled=False) cannot run on the reference loop: "
-                    + unsupported_peers()["diffusers/FasterCache CFG-Cache (unconditional-branch skipping)"]
-                )
-            for key in ("spatial_attention_timestep_skip_range",):
-                if key in p:
-                    p[key] = tuple(p[key])
-            p["is_guidance_distilled"] = True
-            p.setdefault("tensor_format", "BCHW")
-            config = get("FasterCacheConfig")(**p, current_timestep_callback=tracker.current_timestep)
-            return get("apply_faster_cache"), config
-        if method.name == "MagCache":
-            p.pop("calibrate", None)
-            p["num_inference_steps"] = n
-            if p.get("mag_ratios") is None:
-                raise PeerError("MagCache needs mag_ratios (or calibrate=True with a calibration_run).")
-            return get("apply_mag_cache"), get("MagCacheConfig")(**p)
-    except TypeError as exc:
-        raise PeerError(f"bad params for diffusers {method.name}: {exc}") from exc
-    raise PeerError(f"diffusers has no peer method {method.name!r} here.")
-
-
-# Ratios measured by MagCache's calibration mode, per calibration_run callable and (model, steps), so a
-# sweep of MagCache settings runs the calibration once.
-_MAG_RATIOS: weakref.WeakKeyDictionary[Callable[[], Any], dict[tuple[int, int], list[float]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def calibrate_mag_ratios(
-    model: nn.Module, calibration_run: Callable[[], Any], num_inference_steps: int
-) -> list[float]:
-    """MagCache's per-step magnitude ratios for ``model``, from its own calibration mode.
-
-    ``calibration_run`` runs one (or more) ordinary sampling(s) of ``num_inference_steps`` steps; the
-    ratios of the last generation are returned. The model is left as it was.
-    """
-    n = _check_positive_int(num_inference_steps, "num_inference_steps")
-    _require(DIFFUSERS)
-    from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
-    tracker = _StepTracker(n)
-    with _restore_modules(model), _quiet_loggers(["diffusers.hooks"]), contextlib.ExitStack() as stack:
-        hooks = _DiffusersHooks(model, tracker)
-        # num_inference_steps far beyond the run: the hook would otherwise print its ratios and clear
-        # them at the last step; the tracker resets the state at each new generation instead.
-        hooks.install(apply_mag_cache, MagCacheConfig(calibrate=True, num_inference_steps=10**9))
-        stack.callback(hooks.uninstall)
-        stack.enter_context(tracker.attached(model))
-        calibration_run()
-        ratios = [float(r) for r in hooks.state().calibration_ratios]
-    if len(ratios) != n:
-        raise PeerError(
-            f"the MagCache calibration run made {len(ratios)} steps in its last generation, expected "
-            f"num_inference_steps={n}: calibration_run must sample with the same scheduler and steps."
-        )
-    return ratios
-
-
-def _mag_ratios(model: nn.Module, calibration_run: Callable[[], Any] | None, n: int) -> list[float]:
-    if calibration_run is None:
-        raise PeerError(
-            "MagCache with calibrate=True needs calibration_run (a callable that samples once without "
-            "caching) to measure its magnitude ratios; or pass params['mag_ratios']."
-        )
-    key = (id(model), n)
-    try:
-        memo = _MAG_RATIOS.setdefault(calibration_run, {})
-    except TypeError:  # not weak-referenceable: calibrate every time
-        memo = {}
-    if key not in memo:
-        memo[key] = calibrate_mag_ratios(model, calibration_run, n)
-    return list(memo[key])
-
-
 def _version_of(library: str) -> str:
     try:
         return importlib.metadata.version(_PACKAGES[library][1])
@@ -756,88 +408,16 @@ def _version_of(library: str) -> str:
         return "unknown version"
 
 
-# ---------------------------------------------------------------------------------------- cache-dit
-def _cache_dit_enable(
-    method: PeerMethod, model: nn.Module, tracker: _StepTracker, n: int, stack: contextlib.ExitStack
-) -> None:
-    cache_dit = _require(CACHE_DIT)
-    from cache_dit.caching.patch_functors import DiTPatchFunctor
-    from diffusers import DiTTransformer2DModel
-
-    if not isinstance(model, DiTTransformer2DModel):
-        raise PeerError(
-            f"the cache-dit peer is wired for diffusers' DiTTransformer2DModel (its DiTPatchFunctor), "
-            f"got {type(model).__name__}."
-        )
-    p = dict(method.params)
-    order = p.pop("taylorseer_order", None)
-    if method.name.endswith("TaylorSeer") and order is None:
-        order = 1
-    depth = len(model.transformer_blocks)
-    fn, bn = int(p.get("Fn_compute_blocks", 1)), int(p.get("Bn_compute_blocks", 0))
-    if fn < 1 or bn < 0 or fn + bn > depth:
-        raise PeerError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit {depth} blocks.")
-    try:
-        # Fused CFG (one call per step) and a persistent context that refreshes after n steps.
-        cache_config = cache_dit.DBCacheConfig(**p, enable_separate_cfg=False, num_inference_steps=n)
-        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=int(order)) if order else None
-    except TypeError as exc:
-        raise PeerError(f"bad params for cache-dit {method.name}: {exc}") from exc
-    pristine = (copy.deepcopy(cache_config), copy.deepcopy(calibrator))
-    adapter = cache_dit.BlockAdapter(
-        transformer=model,
-        blocks=model.transformer_blocks,
-        forward_pattern=cache_dit.ForwardPattern.Pattern_3,  # block(hidden_states, ...) -> hidden_states
-        patch_functor=DiTPatchFunctor(),  # DiT's forward reads transformer_blocks[0] after the loop
-        check_forward_pattern=True,
-    )
-    # enable_cache returns the normalized adapter, which is what disable_cache expects.
-    adapter = cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
-    stack.callback(cache_dit.disable_cache, adapter)
-
-    def refresh() -> None:
-        # A fresh context per generation: the step count, cached residuals and Taylor factors restart
-        # even when a previous generation stopped early.
-        kwargs: dict[str, Any] = {"cache_config": copy.deepcopy(pristine[0])}
-        if pristine[1] is not None:
-            kwargs["calibrator_config"] = copy.deepcopy(pristine[1])
-        cache_dit.refresh_context(model, **kwargs)
-
-    tracker.on_generation.append(refresh)
-
-
-# ---------------------------------------------------------------------------------------- SmoothCache
-def _smoothcache_enable(
-    method: PeerMethod, model: nn.Module, tracker: _StepTracker, n: int, stack: contextlib.ExitStack
-) -> None:
-    smoothcache = _require(SMOOTHCACHE)
-    from diffusers.models.attention import BasicTransformerBlock
-
-    schedule = method.params.get("schedule")
-    if not isinstance(schedule, Mapping) or not schedule:
-        raise PeerError('SmoothCacheHelper needs params["schedule"] = {"attn1": [1, 0, ...], "ff": [...]}.')
-    schedule = {str(k): [int(v) for v in plan] for k, plan in schedule.items()}
-    for key, plan in schedule.items():
-        if len(plan) != n or any(v not in (0, 1) for v in plan) or plan[0] != 1:
-            raise PeerError(
-                f"SmoothCache plan {key!r} must be {n} values of 0/1 starting with 1 (num_inference_steps={n})."
-            )
-    components = sorted({k.split("-")[0] for k in schedule})
-    block = next((m for m in model.modules() if isinstance(m, BasicTransformerBlock)), None)
-    missing = [c for c in components if block is None or getattr(block, c, None) is None]
-    if missing:
-        raise PeerError(f"SmoothCache schedule names {missing}, which the model's blocks do not have.")
-    helper = smoothcache.SmoothCacheHelper(model, BasicTransformerBlock, components, schedule)
-    helper.enable()
-    stack.callback(helper.disable)
-    # The helper counts steps per wrapped call and never resets them itself.
-    tracker.on_generation.append(helper.reset_state)
-    silencer = _StdoutSilencer()
-    tracker.before_step.append(silencer.enter)
-    tracker.after_step.append(silencer.exit)
-
-
 # ---------------------------------------------------------------------------------------- entry point
+def calibrate_mag_ratios(
+    model: nn.Module, calibration_run: Callable[[], Any], num_inference_steps: int
+) -> list[float]:
+    """MagCache's per-step magnitude ratios for ``model`` (see :mod:`.diffusers_caches`)."""
+    from . import diffusers_caches
+
+    return diffusers_caches.calibrate_mag_ratios(model, calibration_run, num_inference_steps)
+
+
 @contextmanager
 def apply_peer(
     method: PeerMethod,
@@ -873,23 +453,17 @@ def apply_peer(
     _require(method.library)  # first: loggers created at import time must exist to be quieted
     if method.library == CACHE_DIT:
         importlib.import_module("cache_dit.caching.patch_functors")
+    from . import cache_dit, diffusers_caches, smoothcache
+    from ._common import _StepTracker, quiet_loggers, restore_modules
+
     tracker = _StepTracker(n)
     quiet = ["diffusers.hooks", "cache_dit", "CACHE_DIT"]
-    with _restore_modules(model), _quiet_loggers(quiet), contextlib.ExitStack() as stack:
+    with restore_modules(model), quiet_loggers(quiet), contextlib.ExitStack() as stack:
         if method.library == DIFFUSERS:
-            params = dict(method.params)
-            if method.name == "MagCache" and params.get("mag_ratios") is None:
-                if not params.get("calibrate", False):
-                    raise PeerError("MagCache needs params['mag_ratios'] or params['calibrate']=True.")
-                params["mag_ratios"] = _mag_ratios(model, calibration_run, n)
-                method = PeerMethod(method.library, method.name, method.knob, params)
-            hooks = _DiffusersHooks(model, tracker)
-            apply, config = _diffusers_config(method, tracker, n)
-            hooks.install(apply, config)
-            stack.callback(hooks.uninstall)
+            diffusers_caches.enable(method, model, tracker, n, stack, calibration_run=calibration_run)
         elif method.library == CACHE_DIT:
-            _cache_dit_enable(method, model, tracker, n, stack)
+            cache_dit.enable(method, model, tracker, n, stack)
         else:
-            _smoothcache_enable(method, model, tracker, n, stack)
+            smoothcache.enable(method, model, tracker, n, stack)
         stack.enter_context(tracker.attached(model))
         yield
