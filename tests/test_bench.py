@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,49 @@ def test_peer_adapters_restore_the_model_exactly(tiny_pipe, name):
         raise RuntimeError("boom")
     assert model_state(model) == before
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def _first_block_cache(model, n):
+    return next(m for m in peers.peer_sweeps(n, len(model.transformer_blocks)) if m.name == "FirstBlockCache")
+
+
+def test_a_generation_longer_than_set_up_is_a_peer_error(tiny_pipe):
+    # The peers follow steps with stepcache's own StepTracker; its ScheduleLengthError becomes a PeerError.
+    model = tiny_pipe.transformer
+    before = model_state(model)
+    with (
+        pytest.raises(peers.PeerError, match="num_inference_steps=4"),
+        peers.apply_peer(_first_block_cache(model, 4), model, num_inference_steps=4),
+    ):
+        tiny_pipe([1], num_inference_steps=6, guidance_scale=1.0, output_type="pt")
+    assert model_state(model) == before
+
+
+def test_a_shorter_generation_warns_once_and_each_generation_starts_afresh(tiny_pipe, caplog):
+    model = tiny_pipe.transformer
+    method = _first_block_cache(model, 6)
+
+    def run(steps):
+        return tiny_pipe(
+            [1],
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            output_type="pt",
+            generator=torch.manual_seed(0),
+        ).images
+
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        peers.apply_peer(method, model, num_inference_steps=6),
+    ):
+        warnings.simplefilter("always")
+        first = run(6)
+        run(3)
+        run(3)
+        again = run(6)
+    assert [str(w.message) for w in caught if "set up for" in str(w.message)] == [
+        "a generation ran 3 steps but the peer was set up for num_inference_steps=6; step-indexed settings "
+        "(warm-up, MagCache ratios, SmoothCache schedules) are then misaligned."
+    ]
+    assert torch.equal(first, again)  # the peer's state was reset at each new generation
+    assert not [r for r in caplog.records if r.name.startswith("stepcache")]

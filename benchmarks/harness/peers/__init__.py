@@ -16,7 +16,8 @@ counter :func:`count_component_calls`.
 None of them fits the reference loop out of the box: ``DiTTransformer2DModel`` is not a diffusers
 ``CacheMixin`` (no ``enable_cache`` / ``cache_context``), and the reference ``sample()`` is a bare loop, not
 a pipeline whose ``__call__`` the libraries could use to notice a new generation. So :func:`apply_peer`
-puts a forward pre-hook on the model that
+drives the peer from stepcache's own step tracker (:class:`stepcache.runtime.StepTracker`, attached with
+:func:`stepcache.runtime.track_steps`: the same reading of timesteps as stepcache's cache), which
 
 * notices the start of each generation (the timestep goes up: the first step has the largest one) and
   resets the peer's state there, so several ``sample()`` calls inside one context are independent;
@@ -454,10 +455,11 @@ def apply_peer(
     if method.library == CACHE_DIT:
         importlib.import_module("cache_dit.caching.patch_functors")
     from . import cache_dit, diffusers_caches, smoothcache
-    from ._common import _StepTracker, quiet_loggers, restore_modules
+    from ._common import peer_errors, quiet_loggers, restore_modules, step_tracker
 
-    tracker = _StepTracker(n)
-    quiet = ["diffusers.hooks", "cache_dit", "CACHE_DIT"]
+    tracker, tracking = step_tracker(model, n)
+    # stepcache's tracker logs a short generation too; the peer's own warning (once) says more.
+    quiet = ["diffusers.hooks", "cache_dit", "CACHE_DIT", "stepcache.runtime"]
     with restore_modules(model), quiet_loggers(quiet), contextlib.ExitStack() as stack:
         if method.library == DIFFUSERS:
             diffusers_caches.enable(method, model, tracker, n, stack, calibration_run=calibration_run)
@@ -465,5 +467,6 @@ def apply_peer(
             cache_dit.enable(method, model, tracker, n, stack)
         else:
             smoothcache.enable(method, model, tracker, n, stack)
-        stack.enter_context(tracker.attached(model))
-        yield
+        stack.enter_context(tracking)
+        with peer_errors(n):
+            yield

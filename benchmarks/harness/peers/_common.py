@@ -3,7 +3,9 @@
 * :func:`restore_modules` undoes, on exit, every attribute, child, parameter or buffer a peer set on
   any submodule (after the library's own removal ran);
 * :func:`quiet_loggers` raises the peers' log levels while they run;
-* :class:`StdoutSilencer` discards stdout during a model call (dit-smoothcache prints per call).
+* :class:`StdoutSilencer` discards stdout during a model call (dit-smoothcache prints per call);
+* :func:`step_tracker` drives a peer from stepcache's own step tracker (the same reading of
+  timesteps as stepcache's cache), :func:`peer_errors` translates its errors.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
+
+from stepcache.errors import ScheduleLengthError, StepCacheError
+from stepcache.runtime import Session, StepTracker, track_steps
 
 from . import PeerError
 
@@ -51,74 +55,53 @@ class StdoutSilencer:
             redirect.__exit__(None, None, None)
 
 
-class _StepTracker:
-    """A pre-hook on the model that follows the reference loop: one call per step, timesteps descending.
+def step_tracker(model: nn.Module, num_steps: int) -> tuple[StepTracker, Session]:
+    """stepcache's step tracker for a peer set up for ``num_steps`` steps, and the session driving it.
 
-    Each call either starts a generation (first call, or the timestep went up) or is the next step of
-    the current one. Peers register what to do at a new generation (reset their state) and around
-    each step (set diffusers' cache context, silence prints).
+    The session (:func:`stepcache.runtime.track_steps`: a pre-hook that runs first, a post-hook that
+    runs even when the call raises) reads the ``timestep`` argument of each model call. It is built
+    here, before the peer replaces any ``forward``, and entered after the peer is enabled. Peers
+    register on the tracker what to do at a new generation (``on_generation``: reset their state) and
+    around each call (``on_call_begin`` / ``on_call_end``: diffusers' cache context, silencing).
+
+    A generation that runs a different number of steps than set up warns once (step-indexed settings
+    are then misaligned); one that runs more raises in the tracker (see :func:`peer_errors`).
     """
+    tracker = StepTracker(num_steps)
+    try:
+        session = track_steps(model, tracker, timestep_arg="timestep")
+    except StepCacheError as e:
+        raise PeerError(
+            f"peer caches need the reference loop's model(hidden_states=..., timestep=..., class_labels=...) "
+            f"calls: {e}"
+        ) from e
+    warned = False
 
-    def __init__(self, num_steps: int) -> None:
-        self.num_steps = num_steps
-        self.timestep: float = float("nan")
-        self.step_index = -1
-        self.generations = 0
-        self._previous: float | None = None
-        self._warned = False
-        self.on_generation: list[Callable[[], None]] = []
-        self.before_step: list[Callable[[], None]] = []
-        self.after_step: list[Callable[[], None]] = []
-
-    def current_timestep(self) -> int:
-        return int(self.timestep)
-
-    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if t is None:
-            raise PeerError(
-                "the model was called without a timestep; peer caches need the reference loop's "
-                "model(hidden_states=..., timestep=..., class_labels=...) calls."
+    def check_length() -> None:  # runs before the next generation starts: step is the last one's
+        nonlocal warned
+        if tracker.step >= 0 and tracker.step + 1 != num_steps and not warned:
+            warned = True
+            warnings.warn(
+                f"a generation ran {tracker.step + 1} steps but the peer was set up for "
+                f"num_inference_steps={num_steps}; step-indexed settings (warm-up, MagCache ratios, "
+                "SmoothCache schedules) are then misaligned.",
+                stacklevel=2,
             )
-        t = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        if self._previous is None or t > self._previous:
-            if self._previous is not None and self.step_index + 1 != self.num_steps and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"a generation ran {self.step_index + 1} steps but the peer was set up for "
-                    f"num_inference_steps={self.num_steps}; step-indexed settings (warm-up, MagCache ratios, "
-                    "SmoothCache schedules) are then misaligned.",
-                    stacklevel=2,
-                )
-            self.step_index = 0
-            self.generations += 1
-            for fn in self.on_generation:
-                fn()
-        else:
-            self.step_index += 1
-            if self.step_index >= self.num_steps:
-                raise PeerError(
-                    f"step {self.step_index + 1} of a generation set up for num_inference_steps="
-                    f"{self.num_steps}: pass the number of steps sample() runs to apply_peer()."
-                )
-        self._previous = t
-        self.timestep = t
-        for fn in self.before_step:
-            fn()
 
-    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        for fn in self.after_step:
-            fn()
+    tracker.on_generation.append(check_length)
+    return tracker, session
 
-    @contextmanager
-    def attached(self, model: nn.Module) -> Iterator[_StepTracker]:
-        pre = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
-        post = model.register_forward_hook(self._post, with_kwargs=True, always_call=True)
-        try:
-            yield self
-        finally:
-            pre.remove()
-            post.remove()
+
+@contextmanager
+def peer_errors(num_steps: int) -> Iterator[None]:
+    """Turn the tracker's error for a generation longer than set up into a :class:`PeerError`."""
+    try:
+        yield
+    except ScheduleLengthError as e:
+        raise PeerError(
+            f"a generation ran more steps than num_inference_steps={num_steps}: pass the number of steps "
+            f"sample() runs to apply_peer(). ({e})"
+        ) from e
 
 
 _MODULE_DICTS = ("_modules", "_parameters", "_buffers")

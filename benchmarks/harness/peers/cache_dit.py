@@ -12,12 +12,13 @@ from typing import Any
 
 from torch import nn
 
+from stepcache.runtime import StepTracker
+
 from . import CACHE_DIT, PeerError, PeerMethod, _require
-from ._common import _StepTracker
 
 
 def enable(
-    method: PeerMethod, model: nn.Module, tracker: _StepTracker, n: int, stack: contextlib.ExitStack
+    method: PeerMethod, model: nn.Module, tracker: StepTracker, n: int, stack: contextlib.ExitStack
 ) -> None:
     cache_dit = _require(CACHE_DIT)
     from cache_dit.caching.patch_functors import DiTPatchFunctor

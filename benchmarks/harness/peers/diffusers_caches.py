@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stepcache.runtime import StepTracker
+
 from . import (
     _TAYLORSEER_TARGETS,
     DIFFUSERS,
@@ -28,7 +30,7 @@ from . import (
     _version_of,
     unsupported_peers,
 )
-from ._common import _StepTracker, quiet_loggers, restore_modules
+from ._common import peer_errors, quiet_loggers, restore_modules, step_tracker
 
 _CONTEXT_NAME = "denoise"  # one model call per step holds the whole (CFG-batched) batch
 
@@ -36,15 +38,15 @@ _CONTEXT_NAME = "denoise"  # one model call per step holds the whole (CFG-batche
 class _DiffusersHooks:
     """Applies one diffusers cache hook set and drives it from the step tracker."""
 
-    def __init__(self, model: nn.Module, tracker: _StepTracker) -> None:
+    def __init__(self, model: nn.Module, tracker: StepTracker) -> None:
         self.model = model
         self.tracker = tracker
         self.added: list[tuple[Any, str]] = []  # (registry, hook name), in registration order
         self.managers: list[Any] = []
         self.registries: list[Any] = []
         tracker.on_generation.append(self.reset)
-        tracker.before_step.append(self.enter_step)
-        tracker.after_step.append(self.exit_step)
+        tracker.on_call_begin.append(self.enter_step)
+        tracker.on_call_end.append(self.exit_step)
 
     def _registries(self) -> list[Any]:
         return [m._diffusers_hook for m in self.model.modules() if hasattr(m, "_diffusers_hook")]
@@ -85,7 +87,7 @@ class _DiffusersHooks:
 
         context = CacheContext(
             _CONTEXT_NAME,
-            step_index=self.tracker.step_index,
+            step_index=self.tracker.step,
             num_inference_steps=self.tracker.num_steps,
             timestep=self.tracker.timestep,
         )
@@ -110,10 +112,13 @@ class _DiffusersHooks:
             manager.set_context(None)
 
 
-def _diffusers_config(method: PeerMethod, tracker: _StepTracker, n: int) -> tuple[Callable[..., None], Any]:
+def _diffusers_config(method: PeerMethod, tracker: StepTracker, n: int) -> tuple[Callable[..., None], Any]:
     _require(DIFFUSERS)
     hooks = importlib.import_module("diffusers.hooks")
     p = dict(method.params)
+
+    def current_timestep() -> int:  # what PAB and FasterCache compare with their timestep ranges
+        return int(tracker.timestep)
 
     def get(name: str) -> Any:
         if not hasattr(hooks, name):
@@ -136,9 +141,7 @@ def _diffusers_config(method: PeerMethod, tracker: _StepTracker, n: int) -> tupl
             for key in ("spatial_attention_timestep_skip_range",):
                 if key in p:
                     p[key] = tuple(p[key])
-            config = get("PyramidAttentionBroadcastConfig")(
-                **p, current_timestep_callback=tracker.current_timestep
-            )
+            config = get("PyramidAttentionBroadcastConfig")(**p, current_timestep_callback=current_timestep)
             return get("apply_pyramid_attention_broadcast"), config
         if method.name == "FasterCache":
             if not p.get("is_guidance_distilled", True):
@@ -151,7 +154,7 @@ def _diffusers_config(method: PeerMethod, tracker: _StepTracker, n: int) -> tupl
                     p[key] = tuple(p[key])
             p["is_guidance_distilled"] = True
             p.setdefault("tensor_format", "BCHW")
-            config = get("FasterCacheConfig")(**p, current_timestep_callback=tracker.current_timestep)
+            config = get("FasterCacheConfig")(**p, current_timestep_callback=current_timestep)
             return get("apply_faster_cache"), config
         if method.name == "MagCache":
             p.pop("calibrate", None)
@@ -183,15 +186,17 @@ def calibrate_mag_ratios(
     _require(DIFFUSERS)
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
-    tracker = _StepTracker(n)
-    with restore_modules(model), quiet_loggers(["diffusers.hooks"]), contextlib.ExitStack() as stack:
+    tracker, tracking = step_tracker(model, n)
+    quiet = ["diffusers.hooks", "stepcache.runtime"]
+    with restore_modules(model), quiet_loggers(quiet), contextlib.ExitStack() as stack:
         hooks = _DiffusersHooks(model, tracker)
         # num_inference_steps far beyond the run: the hook would otherwise print its ratios and clear
         # them at the last step; the tracker resets the state at each new generation instead.
         hooks.install(apply_mag_cache, MagCacheConfig(calibrate=True, num_inference_steps=10**9))
         stack.callback(hooks.uninstall)
-        stack.enter_context(tracker.attached(model))
-        calibration_run()
+        stack.enter_context(tracking)
+        with peer_errors(n):
+            calibration_run()
         ratios = [float(r) for r in hooks.state().calibration_ratios]
     if len(ratios) != n:
         raise PeerError(
@@ -220,7 +225,7 @@ def _mag_ratios(model: nn.Module, calibration_run: Callable[[], Any] | None, n: 
 def enable(
     method: PeerMethod,
     model: nn.Module,
-    tracker: _StepTracker,
+    tracker: StepTracker,
     n: int,
     stack: contextlib.ExitStack,
     *,

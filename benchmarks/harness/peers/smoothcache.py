@@ -7,12 +7,14 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from stepcache.runtime import StepTracker
+
 from . import SMOOTHCACHE, PeerError, PeerMethod, _require
-from ._common import StdoutSilencer, _StepTracker
+from ._common import StdoutSilencer
 
 
 def enable(
-    method: PeerMethod, model: nn.Module, tracker: _StepTracker, n: int, stack: contextlib.ExitStack
+    method: PeerMethod, model: nn.Module, tracker: StepTracker, n: int, stack: contextlib.ExitStack
 ) -> None:
     smoothcache = _require(SMOOTHCACHE)
     from diffusers.models.attention import BasicTransformerBlock
@@ -37,5 +39,5 @@ def enable(
     # The helper counts steps per wrapped call and never resets them itself.
     tracker.on_generation.append(helper.reset_state)
     silencer = StdoutSilencer()
-    tracker.before_step.append(silencer.enter)
-    tracker.after_step.append(silencer.exit)
+    tracker.on_call_begin.append(silencer.enter)
+    tracker.on_call_end.append(silencer.exit)
