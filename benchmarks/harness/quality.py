@@ -175,10 +175,7 @@ def peer_methods(
 
 def _keep(pm: peers.PeerMethod, cfg: QualityConfig) -> bool:
     """Trim the peers' full sweeps to what fits a CPU run: one Fn/Bn split for cache-dit (F1B0, the
-    split its docs recommend for shallow models), and the original package on our SmoothCache
-    schedules (added separately) instead of uniform ones."""
-    if pm.library == peers.SMOOTHCACHE:
-        return False
+    split its docs recommend for shallow models), two points each of PAB and FasterCache when lean."""
     if pm.library == peers.CACHE_DIT:
         return pm.knob.startswith("F1B0")
     if cfg.lean and pm.name in ("PAB", "FasterCache"):

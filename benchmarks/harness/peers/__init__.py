@@ -37,7 +37,6 @@ import contextlib
 import importlib
 import importlib.metadata
 import io
-import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +59,6 @@ __all__ = [
     "calibrate_mag_ratios",
     "count_component_calls",
     "peer_sweeps",
-    "uniform_schedule",
     "unsupported_peers",
 ]
 
@@ -205,21 +203,6 @@ def unsupported_peers() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- sweeps
-def uniform_schedule(num_steps: int, fraction: float) -> list[int]:
-    """A 0/1 plan computing about ``fraction`` of ``num_steps`` steps, evenly spread; first and last compute.
-
-    A calibration-free schedule for ``SmoothCacheHelper`` (FORA-like, but any fraction, not only 1/k).
-    """
-    if not 0 < fraction <= 1:
-        raise PeerError(f"fraction must be in (0, 1], got {fraction!r}.")
-    plan = [
-        1 if s == 0 or math.floor(s * fraction) != math.floor((s - 1) * fraction) else 0
-        for s in range(num_steps)
-    ]
-    plan[-1] = 1
-    return plan
-
-
 def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
     """Every peer method with a sweep of its main knob.
 
@@ -230,6 +213,9 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
     Thresholds of the adaptive methods (FirstBlockCache, MagCache, DBCache) are not rescaled: with fewer
     steps the features change more per step, so on DPM-Solver++ 20 their lowest thresholds compute
     (almost) every step and the whole sweep sits higher (about 0.3..1.0).
+
+    dit-smoothcache has no sweep here: it runs stepcache's SmoothCache schedules (built by the suite,
+    see ``quality.peer_methods``), so the two runtimes can be compared on the same plans.
     """
     n = _check_positive_int(num_inference_steps, "num_inference_steps")
     depth = _check_positive_int(depth, "depth")
@@ -317,16 +303,6 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
                     params["taylorseer_order"] = 1
                 out.append(PeerMethod(CACHE_DIT, name, f"F{fn}B{bn}, threshold={threshold:g}", params))
 
-    for fraction in (0.8, 0.6, 0.5, 0.4, 0.3, 0.25):
-        plan = uniform_schedule(n, fraction)
-        out.append(
-            PeerMethod(
-                SMOOTHCACHE,
-                "SmoothCacheHelper",
-                f"uniform {sum(plan)}/{n} steps",
-                {"schedule": {"attn1": plan, "ff": list(plan)}},
-            )
-        )
     return out
 
 
