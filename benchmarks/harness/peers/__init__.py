@@ -66,7 +66,7 @@ DIFFUSERS = "diffusers"
 CACHE_DIT = "cache-dit"
 SMOOTHCACHE = "dit-smoothcache"
 LIBRARIES = (DIFFUSERS, CACHE_DIT, SMOOTHCACHE)
-INSTALL_HINT = "pip install -e .[bench]"
+INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
 
 # library -> (import name, distribution name)
 _PACKAGES = {
@@ -141,7 +141,7 @@ def _require(library: str) -> Any:
         return _import_peer(library)
     except ImportError as exc:
         raise PeerError(
-            f"{library} is not installed or fails to import ({exc}); install the bench extra: {INSTALL_HINT}"
+            f"{library} is not installed or fails to import ({exc}); install the benchmark peers: {INSTALL_HINT}"
         ) from exc
 
 
@@ -149,7 +149,7 @@ def available_peers() -> dict[str, str | None]:
     """Library -> installed version, or ``None`` where it cannot be imported.
 
     The bench reports a missing library as skipped (with :data:`INSTALL_HINT`) instead of failing, since
-    the peers are an optional extra.
+    the peers are not dependencies of stepcache.
     """
     out: dict[str, str | None] = {}
     for library, (_import_name, dist_name) in _PACKAGES.items():
