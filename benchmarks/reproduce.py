@@ -6,7 +6,7 @@ the committed settings (same model, seeds, sample count, schedules and peer sett
 compute fraction, PSNR and SSIM against the uncached samples are compared with the committed values
 for exact equality. Writes benchmarks/results/reproduce.md and exits 1 if any point differs.
 
-    python benchmarks/reproduce.py                       # every family, ~10 min on 2 CPU cores
+    python benchmarks/reproduce.py                       # every family, ~5 min alone on 2 CPU cores
     python benchmarks/reproduce.py --family baseline/FORA --family diffusers/MagCache
 
 Run it alone: two torch jobs on 2 cores slow each other down badly (the result does not change).
