@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stepcache-setup
 
 .PHONY: setup demo calibrations bench test test-fast lint typecheck format
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh benchmarks/requirements.txt
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 

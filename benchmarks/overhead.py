@@ -7,7 +7,7 @@ taken within one run:
 
 * overhead = time(all-compute schedule) / time(uncached) - 1 (target <= 2 %);
 * speed-up at compute fraction f = time(uncached) / time(cached), against the ideal
-  1 / (1 - skipped MACs / total MACs) from torch's FLOP counter (target >= 0.9 x ideal).
+  1 / (1 - skipped MACs / total MACs) from ``stepcache.runtime.mac_shares`` (target >= 0.9 x ideal).
 
     python benchmarks/overhead.py                # ~10 min on 2 CPU cores
     python benchmarks/overhead.py --quick        # tiny smoke run
@@ -19,16 +19,22 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
 import stepcache
 from stepcache import Schedule
-from stepcache.bench.speed import generate, uniform_plan
+from stepcache.policies import uniform_plan
+from stepcache.runtime import mac_shares
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.speed import generate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,17 +61,17 @@ def main() -> None:
     n = args.steps
 
     # Total MACs of one denoiser call, and of one call of each cached component.
-    comps = stepcache.discover(model)
     x = torch.randn(2 * args.batch, 4, config["sample_size"], config["sample_size"])
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(
+    shares = mac_shares(
+        model,
+        stepcache.discover(model),
+        lambda: model(
             x,
             timestep=torch.full((2 * args.batch,), 500),
             class_labels=torch.zeros(2 * args.batch, dtype=torch.long),
-        )
-    step_macs = fc.get_total_flops() / 2
-    flops = fc.get_flop_counts()
-    comp_macs = sum(sum(flops.get(f"{type(model).__name__}.{c.name}", {}).values()) / 2 for c in comps)
+        ),
+    )
+    step_macs, comp_macs = shares.total, sum(shares.by_component.values())
 
     fractions = [1.0, 0.75, 0.5, 0.35]
     schedules = {f: Schedule(n, dict.fromkeys(("attn", "ff"), uniform_plan(n, f))) for f in fractions}

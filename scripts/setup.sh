@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with stepcache and everything its demo and tests need.
+# Set up a virtual environment with stepcache and everything its demo, tests and benchmarks need.
 #
-# The peers (dit-smoothcache, cache-dit) come with the `bench` extra, so the side-by-side tests run;
-# they cannot change torch either (see below).
+# The benchmark peers (dit-smoothcache, cache-dit) are no extra of the package: they come from
+# benchmarks/requirements.txt, installed after the package so the side-by-side tests and `make bench`
+# run; they cannot change torch either (see below).
 #
 # torch: a torch that is already importable (from the venv, or the base interpreter seen through
 # --system-site-packages) is kept exactly as it is: a constraint pins it while the rest installs, so
@@ -12,7 +13,8 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,bench}
+EXTRAS=${EXTRAS:-dev}
+BENCH_REQUIREMENTS=${BENCH_REQUIREMENTS-benchmarks/requirements.txt}  # set empty to skip the peers
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv --system-site-packages "$VENV"
@@ -34,4 +36,7 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" >"$constraints"
 "${PIP[@]}" -c "$constraints" -e ".[$EXTRAS]"
+if [ -n "$BENCH_REQUIREMENTS" ]; then
+  "${PIP[@]}" -c "$constraints" -r "$BENCH_REQUIREMENTS"
+fi
 echo "setup: done ($("$VENV/bin/stepcache" --help >/dev/null && echo 'stepcache CLI ready'))"

@@ -1,34 +1,45 @@
-"""`stepcache bench`: the quick run end to end, its report schema, the peers' adapters."""
+"""The benchmark harness (benchmarks/, not installed with the package): the quick run end to end
+through `benchmarks/bench.py`, its report schema, the peers' adapters."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from model_state import model_state
-from typer.testing import CliRunner
 
 import stepcache
+from benchmarks import bench
+from benchmarks.harness import peers, validate
 from stepcache import Schedule, StepCacheError
-from stepcache.bench import peers, validate
-from stepcache.cli import app
 
-runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*argv: str) -> int:
+    try:
+        bench.main(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = runner.invoke(app, ["bench", "--quick", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    assert run_bench("--quick", "--threads", "1", "--out", str(out)) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
 def test_quick_bench_runs_end_to_end_and_validates(quick_report):
     out, report = quick_report
-    validate(report)  # the documented schema (src/stepcache/bench/schema.json)
+    validate(report)  # the documented schema (benchmarks/harness/schema.json)
     assert (out / "bench.md").exists() and (out / "frontier-ddim-6.png").exists()
     sampler = report["quality"]["samplers"][0]
     families = {(p["library"], p["method"]) for p in sampler["points"]}
@@ -62,14 +73,14 @@ def test_quick_bench_runs_the_installed_peers(quick_report):
         ]
         assert same and all(same)
     if not all(have.values()):
-        assert any("pip install -e .[bench]" in s for s in report["skipped"])
+        assert any("pip install -r benchmarks/requirements.txt" in s for s in report["skipped"])
 
 
-def test_bench_without_peers_says_so(tmp_path):
-    result = runner.invoke(
-        app, ["bench", "--quick", "--no-peers", "--suite", "speed", "--out", str(tmp_path)]
+def test_bench_without_peers_says_so(tmp_path, capsys):
+    assert (
+        run_bench("--quick", "--no-peers", "--suite", "speed", "--threads", "1", "--out", str(tmp_path)) == 0
     )
-    assert result.exit_code == 0, result.output
+    assert "# stepcache bench (quick smoke run)" in capsys.readouterr().out  # prints bench.md
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["skipped"] == ["all peers: --no-peers"] and "quality" not in report
     assert [r["method"] for r in report["speed"]["shapes"][0]["rows"]] == [
@@ -91,11 +102,39 @@ def test_schema_rejects_a_malformed_report(quick_report):
         validate(broken)
 
 
-def test_bad_bench_arguments_are_clean_errors(tmp_path):
-    result = runner.invoke(app, ["bench", "--shape", "DiT-Z", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "--shape must be among" in result.output
-    result = runner.invoke(app, ["bench", "--sampler", "ddim", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "scheduler-steps" in result.output
+def test_bad_bench_arguments_are_clean_errors(tmp_path, capsys):
+    assert run_bench("--shape", "DiT-Z", "--out", str(tmp_path)) == 2
+    assert "--shape must be among" in capsys.readouterr().err
+    assert run_bench("--sampler", "ddim", "--out", str(tmp_path)) == 2
+    assert "scheduler-steps" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_script_runs_from_the_repository_root():
+    # `python benchmarks/bench.py` (what `make bench` runs) finds the harness without pytest's path.
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "--rerun" in result.stdout
+
+
+def test_the_library_does_not_ship_the_harness():
+    import stepcache.cli
+
+    src = Path(stepcache.__file__).parent
+    assert not (src / "bench").exists()
+    assert "bench" not in {c.name for c in stepcache.cli.app.registered_commands}
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        for needle in (
+            "cache_dit",
+            "import SmoothCache",
+            "from SmoothCache",
+            "diffusers.hooks",
+            "benchmarks.harness",
+        ):
+            assert needle not in text, f"{path.relative_to(src)} mentions {needle!r}"
 
 
 def test_counted_fraction_matches_our_stats(tiny_pipe):
@@ -119,3 +158,49 @@ def test_peer_adapters_restore_the_model_exactly(tiny_pipe, name):
         raise RuntimeError("boom")
     assert model_state(model) == before
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def _first_block_cache(model, n):
+    return next(m for m in peers.peer_sweeps(n, len(model.transformer_blocks)) if m.name == "FirstBlockCache")
+
+
+def test_a_generation_longer_than_set_up_is_a_peer_error(tiny_pipe):
+    # The peers follow steps with stepcache's own StepTracker; its ScheduleLengthError becomes a PeerError.
+    model = tiny_pipe.transformer
+    before = model_state(model)
+    with (
+        pytest.raises(peers.PeerError, match="num_inference_steps=4"),
+        peers.apply_peer(_first_block_cache(model, 4), model, num_inference_steps=4),
+    ):
+        tiny_pipe([1], num_inference_steps=6, guidance_scale=1.0, output_type="pt")
+    assert model_state(model) == before
+
+
+def test_a_shorter_generation_warns_once_and_each_generation_starts_afresh(tiny_pipe, caplog):
+    model = tiny_pipe.transformer
+    method = _first_block_cache(model, 6)
+
+    def run(steps):
+        return tiny_pipe(
+            [1],
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            output_type="pt",
+            generator=torch.manual_seed(0),
+        ).images
+
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        peers.apply_peer(method, model, num_inference_steps=6),
+    ):
+        warnings.simplefilter("always")
+        first = run(6)
+        run(3)
+        run(3)
+        again = run(6)
+    assert [str(w.message) for w in caught if "set up for" in str(w.message)] == [
+        "a generation ran 3 steps but the peer was set up for num_inference_steps=6; step-indexed settings "
+        "(warm-up, MagCache ratios, SmoothCache schedules) are then misaligned."
+    ]
+    assert torch.equal(first, again)  # the peer's state was reset at each new generation
+    assert not [r for r in caplog.records if r.name.startswith("stepcache")]

@@ -1,4 +1,4 @@
-"""Side by side with the original SmoothCache package (dit-smoothcache, the `bench` extra)."""
+"""Side by side with the original SmoothCache package (dit-smoothcache, from benchmarks/requirements.txt)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def generate(pipe, seed=0):
 
 def test_same_schedule_is_bit_identical_to_the_original_package(tiny_pipe):
     smoothcache = pytest.importorskip(
-        "SmoothCache", reason="dit-smoothcache is not installed (pip install -e .[bench]); comparison skipped"
+        "SmoothCache",
+        reason="dit-smoothcache is not installed (pip install -r benchmarks/requirements.txt); comparison skipped",
     )
     from diffusers.models.attention import BasicTransformerBlock
 

@@ -385,63 +385,6 @@ def demo(
     typer.echo(f"wrote {out / 'grid.png'}, {out / 'curves.png'}, {out / 'report.json'}")
 
 
-@app.command()
-def bench(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for bench.json, bench.md, plots.")] = Path(
-        "bench-results"
-    ),
-    suite: Annotated[
-        list[str] | None, typer.Option(help="quality (reference model) and/or speed (DiT shapes).")
-    ] = None,
-    quick: Annotated[bool, typer.Option(help="Tiny settings: a smoke run of everything (~1 min).")] = False,
-    peers: Annotated[bool, typer.Option(help="Also run the installed peer libraries.")] = True,
-    samples: Annotated[int | None, typer.Option(help="Suite A: images per sweep point.")] = None,
-    fd_samples: Annotated[int | None, typer.Option(help="Suite A: images per FD run (0 = skip FD).")] = None,
-    sampler: Annotated[
-        list[str] | None, typer.Option(help="Suite A: scheduler-steps, e.g. ddim-50 (repeatable).")
-    ] = None,
-    shape: Annotated[list[str] | None, typer.Option(help="Suite B: DiT-B/2 and/or DiT-XL/2.")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Suite B: interleaved repeats (median).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
-) -> None:
-    """Compare stepcache with FORA, dit-smoothcache, cache-dit and diffusers' caches, side by side."""
-    from .bench import BenchConfig, run_bench
-    from .bench.quality import QualityConfig
-    from .bench.speed import SHAPES, SpeedConfig
-
-    q, sp = QualityConfig(), SpeedConfig()
-    try:
-        samplers = tuple((n.split("-")[0], int(n.split("-")[1])) for n in sampler) if sampler else q.samplers
-    except (IndexError, ValueError):
-        _fail(StepCacheError(f"--sampler takes scheduler-steps such as ddim-50, got {sampler}."))
-    if shape and any(s not in SHAPES for s in shape):
-        _fail(StepCacheError(f"--shape must be among {list(SHAPES)}, got {shape}."))
-    q = QualityConfig(
-        **{
-            **q.__dict__,
-            "samplers": samplers,
-            "samples": samples or q.samples,
-            "fd_samples": q.fd_samples if fd_samples is None else fd_samples,
-        }
-    )
-    sp = SpeedConfig(**{**sp.__dict__, "shapes": tuple(shape or sp.shapes), "repeats": repeats or sp.repeats})
-    try:
-        cfg = BenchConfig(
-            out=out,
-            suites=tuple(suite or ("quality", "speed")),
-            quick=quick,
-            peers=peers,
-            threads=threads,
-            quality=q,
-            speed=sp,
-        )
-        run_bench(cfg, progress=lambda line: typer.echo(line, err=True))
-    except StepCacheError as e:
-        _fail(e)
-    typer.echo((out / "bench.md").read_text())
-    typer.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")
-
-
 def main() -> None:
     try:
         app()

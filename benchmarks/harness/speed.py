@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..discovery import discover
-from ..runtime import cache
-from ..schedule import Schedule
+from stepcache import Schedule
+from stepcache.discovery import discover
+from stepcache.policies import uniform_plan
+from stepcache.runtime import cache, mac_shares
+
 from . import peers
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -47,13 +48,6 @@ class SpeedConfig:
     fractions: tuple[float, ...] = (0.75, 0.5, 0.35)
     repeats: int = 3
     peers: bool = True
-
-
-def uniform_plan(n: int, fraction: float) -> tuple[int, ...]:
-    """Evenly spaced computes (first and last included) for a compute fraction."""
-    m = max(2, round(fraction * n))
-    picks = {round(i * (n - 1) / (m - 1)) for i in range(m)}
-    return tuple(int(s in picks) for s in range(n))
 
 
 def build(shape: str) -> torch.nn.Module:
@@ -89,16 +83,16 @@ def generate(model: torch.nn.Module, steps: int, batch: int, seed: int = 0) -> t
 def _macs(model: torch.nn.Module, batch: int) -> tuple[float, float]:
     """(MACs of one denoiser call, MACs of its cached components)."""
     size = model.config.sample_size
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+
+    def call() -> None:
         model(
             torch.randn(2 * batch, 4, size, size),
             timestep=torch.full((2 * batch,), 500),
             class_labels=torch.zeros(2 * batch, dtype=torch.long),
         )
-    flops = fc.get_flop_counts()
-    root = type(model).__name__
-    comps = sum(sum(flops.get(f"{root}.{c.name}", {}).values()) / 2 for c in discover(model))
-    return fc.get_total_flops() / 2, comps
+
+    shares = mac_shares(model, discover(model), call)
+    return shares.total, sum(shares.by_component.values())
 
 
 @contextlib.contextmanager

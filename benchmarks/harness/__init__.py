@@ -1,4 +1,7 @@
-"""Benchmarks against the peers a user would pick instead: ``stepcache bench``.
+"""Benchmarks against the peers a user would pick instead (``python benchmarks/bench.py``).
+
+Not part of the installed library: it drives other libraries through their internals and needs
+them installed (``pip install -r benchmarks/requirements.txt``).
 
 * :mod:`.peers`: adapters that run dit-smoothcache, cache-dit and diffusers' caches on a DiT;
 * :mod:`.quality`: suite A, the speed-quality frontier on the shipped reference model;

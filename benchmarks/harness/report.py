@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import dump
-from ..errors import StepCacheError
+from stepcache.errors import StepCacheError
+
 from . import peers
 from .quality import QualityConfig
 from .speed import SpeedConfig
 
 _FORMAT = "stepcache.bench"
+SCHEMA = Path(__file__).with_name("schema.json")
 
 
 @dataclass
 class BenchConfig:
-    """What ``stepcache bench`` runs. ``quick`` shrinks everything to a smoke run (CI)."""
+    """What ``benchmarks/bench.py`` runs. ``quick`` shrinks everything to a smoke run (CI)."""
 
     out: Path = Path("bench-results")
     suites: tuple[str, ...] = ("quality", "speed")
@@ -70,7 +72,7 @@ def validate(report: Any) -> None:
     """Raise ``StepCacheError`` if ``report`` does not follow ``schema.json``."""
     import jsonschema
 
-    schema = json.loads(resources.files(__package__).joinpath("schema.json").read_text())
+    schema = json.loads(SCHEMA.read_text())
     try:
         jsonschema.validate(report, schema)
     except jsonschema.ValidationError as e:
@@ -149,9 +151,18 @@ def rerun_families(
     return report
 
 
+def _dump(report: dict[str, Any]) -> str:
+    """Indented JSON with each list of numbers kept on one line (readable, diffable results)."""
+    text = json.dumps(report, indent=2, allow_nan=False)
+    one_line = re.sub(
+        r"\[\s+([-\d.eE+,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text
+    )
+    return one_line + "\n"
+
+
 def _write(out: Path, report: dict[str, Any]) -> None:
     validate(report)
-    (out / "bench.json").write_text(dump(report))
+    (out / "bench.json").write_text(_dump(report))
     (out / "bench.md").write_text(markdown(report))
     if "quality" in report:
         plot_frontier(report, out)

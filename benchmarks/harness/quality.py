@@ -2,7 +2,7 @@
 
 Every method runs in this process, on the same model, sampler and seeds. For each point of each
 method's sweep: the compute fraction (attention and feed-forward computations actually executed,
-counted the same way for every method by :func:`~stepcache.bench.peers.count_component_calls`),
+counted the same way for every method by :func:`~benchmarks.harness.peers.count_component_calls`),
 wall time, and PSNR / SSIM against the uncached samples of the same seeds. At the matched fractions,
 the point of each method nearest to the target is re-run on ``fd_samples`` samples for the Fréchet
 distance to real held-out digits (with a bootstrap interval and the real-vs-real floor) and class
@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from .. import metrics, reference
-from ..calibration import Calibration
-from ..errors import ScheduleError
-from ..policies.tuned import tune
-from ..runtime import cache
-from ..schedule import Schedule
+from stepcache import Calibration, Schedule, metrics, reference
+from stepcache.errors import ScheduleError
+from stepcache.policies import tune
+from stepcache.runtime import cache
+
 from . import peers
 
 logger = logging.getLogger(__name__)
@@ -176,10 +175,7 @@ def peer_methods(
 
 def _keep(pm: peers.PeerMethod, cfg: QualityConfig) -> bool:
     """Trim the peers' full sweeps to what fits a CPU run: one Fn/Bn split for cache-dit (F1B0, the
-    split its docs recommend for shallow models), and the original package on our SmoothCache
-    schedules (added separately) instead of uniform ones."""
-    if pm.library == peers.SMOOTHCACHE:
-        return False
+    split its docs recommend for shallow models), two points each of PAB and FasterCache when lean."""
     if pm.library == peers.CACHE_DIT:
         return pm.knob.startswith("F1B0")
     if cfg.lean and pm.name in ("PAB", "FasterCache"):
@@ -232,6 +228,25 @@ def run_point(
     return images, wall, frac
 
 
+def replay_runs(
+    model: torch.nn.Module, scheduler: str, steps: int, cfg: QualityConfig
+) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """(calibration run, tuning run): uncached-style generations on seeds the evaluation never uses.
+
+    The first is what MagCache calibrates its ratios on; the second is what the tuned policy replays.
+    """
+
+    def calibration_run() -> torch.Tensor:
+        return generate(model, scheduler, steps, min(cfg.samples, 20), cfg.seed + 10_000, cfg.batch)
+
+    def tuning_run() -> torch.Tensor:
+        return generate(
+            model, scheduler, steps, min(cfg.tuning_samples, cfg.samples), cfg.seed + 20_000, cfg.batch
+        )
+
+    return calibration_run, tuning_run
+
+
 def run_suite(
     cfg: QualityConfig,
     *,
@@ -252,22 +267,14 @@ def run_suite(
     real_train, _ = reference.load_digits("train")
     floor = metrics.frechet_distance(real_test, real_train, classifier)
     section: dict[str, Any] = {"fd_floor": round(floor, 4), "samplers": []}
-    tuning_images = min(cfg.tuning_samples, cfg.samples)
     for scheduler, steps in cfg.samplers:
-        cal = _calibration(scheduler, steps)
+        cal = calibration(scheduler, steps)
         progress(f"[quality] {scheduler}-{steps}: uncached reference")
-
-        def calibration_run(scheduler: str = scheduler, steps: int = steps) -> Any:
-            return generate(model, scheduler, steps, min(cfg.samples, 20), cfg.seed + 10_000, cfg.batch)
-
+        calibration_run, tuning_run = replay_runs(model, scheduler, steps, cfg)
         base, base_wall, _ = run_point(model, None, scheduler, steps, cfg.samples, cfg)
         progress(
             f"[quality] {scheduler}-{steps}: tuning (closed loop on {cfg.tuning_samples} calibration images)"
         )
-
-        def tuning_run(scheduler: str = scheduler, steps: int = steps) -> Any:
-            return generate(model, scheduler, steps, tuning_images, cfg.seed + 20_000, cfg.batch)
-
         tuned = only is None or f"{STEPCACHE}/tuned" in only
         methods = stepcache_methods(model, cal, cfg, tuning_run if tuned else None)
         if cfg.peers:
@@ -287,13 +294,14 @@ def run_suite(
                 logger.warning("%s (%s) failed: %s", method.family, method.knob, e)
                 points.append({**_describe(method), "error": f"{type(e).__name__}: {e}"})
                 continue
+            score = scores(images, base, frac)
             row = {
                 **_describe(method),
-                "compute_fraction": round(frac, 4),
+                "compute_fraction": score["compute_fraction"],
                 "wall_s": round(wall, 3),
                 "speedup": round(base_wall / wall, 3),
-                "psnr_db": _db(metrics.psnr(images, base)),
-                "ssim": round(metrics.ssim(images, base), 5),
+                "psnr_db": score["psnr_db"],
+                "ssim": score["ssim"],
             }
             if method.library == STEPCACHE and method.name == "SmoothCache (type)":
                 ours_by_knob[method.knob] = images
@@ -341,6 +349,15 @@ def _check_reproducible(
             f"re-run does not reproduce the earlier run ({probe.family} {probe.knob}: {got} vs "
             f"{want['psnr_db']} dB): run the whole suite instead of merging."
         )
+
+
+def scores(images: torch.Tensor, base: torch.Tensor, fraction: float) -> dict[str, float]:
+    """A point's recorded numbers, rounded as in the report: compute fraction, PSNR and SSIM vs ``base``."""
+    return {
+        "compute_fraction": round(fraction, 4),
+        "psnr_db": _db(metrics.psnr(images, base)),
+        "ssim": round(metrics.ssim(images, base), 5),
+    }
 
 
 def _db(value: float) -> float:
@@ -428,8 +445,9 @@ def _fd(
     }
 
 
-def _calibration(scheduler: str, steps: int) -> Calibration:
-    from ..reference import calibrate_reference, shipped_calibration
+def calibration(scheduler: str, steps: int) -> Calibration:
+    """The calibration the suite uses for a sampler: the shipped one, else a fresh one."""
+    from stepcache.reference import calibrate_reference, shipped_calibration
 
     cal = shipped_calibration(scheduler, steps)
     return cal if cal is not None else calibrate_reference(scheduler, steps)
