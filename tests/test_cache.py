@@ -288,7 +288,7 @@ def test_manual_step_api(plain_dit):
 
 
 def test_stats_report_types_and_macs(plain_dit):
-    with stepcache.cache(plain_dit, fixed()) as handle:
+    with stepcache.cache(plain_dit, fixed(), count_macs=True) as handle:
         sample(plain_dit, torch.tensor([0]), N)
     stats = handle.stats
     assert set(stats.by_type) == {"attn", "ff"}

@@ -126,7 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     images["uncached"], times["uncached"] = generate()
     fractions["uncached"] = 1.0
     for name, sched in schedules.items():
-        with cache(pipe, sched) as handle:
+        with cache(pipe, sched, count_macs=True) as handle:
             images[name], times[name] = generate()
         fractions[name] = handle.stats.compute_fraction
         stats[name] = handle.stats.as_dict()

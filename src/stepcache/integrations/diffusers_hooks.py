@@ -63,7 +63,7 @@ class SmoothCacheConfig:
     on_length_mismatch: str = "error"
     timestep_arg: str | None = None
     strict: bool = True
-    count_macs: bool = True
+    count_macs: bool = False
 
     def __post_init__(self) -> None:
         from ..runtime.cache import _resolve_schedule

@@ -60,7 +60,6 @@ class _Slot:
         "compiled",
         "computed",
         "count",
-        "forced",
         "keep_two",
         "macs",
         "mode",
@@ -92,9 +91,9 @@ class _Slot:
         self.seen: dict[int, Any] = {}  # the store entry last counted, per branch
         self.computed = self.reused = 0
         self.macs: float | None = None
-        # Compiled path: the step's decision as tensors (on the host: torch.cond reads its predicate
-        # there, so no device sync), and whether the last traced call had to compute regardless.
-        self.compiled = self.forced = False
+        # Compiled path: the step's decision as tensors, on the host (torch.cond reads its predicate
+        # there, so no device sync).
+        self.compiled = False
         self.pred = torch.ones((), dtype=torch.bool)
         self.coef_t = torch.zeros((), dtype=torch.float32)
 
@@ -147,16 +146,14 @@ class _Slot:
         entry = self.store.get(branch)
         shape = first_tensor_shape(args, kwargs)
         if entry is None or entry[0] != shape:  # nothing kept for this input: compute (a static case)
-            self.forced = True
             out = self.original(*args, **kwargs)
             self.store[branch] = (shape, out, None)
             return out
-        self.forced = False
         last, prev = entry[1], entry[2]
         _warm_signature_cache(self.module)
 
         def compute() -> Any:
-            return self.original(*args, **kwargs)
+            return _own(self.original(*args, **kwargs))
 
         if not self.keep_two:
             out = torch.cond(self.pred, compute, lambda: _clone(last), ())
@@ -184,7 +181,8 @@ class _Slot:
         if entry is None:
             return
         if self.compiled:
-            if self.forced or self.mode == COMPUTE:
+            # The first call of a branch in a generation computes whatever the plan says.
+            if self.seen.get(branch) is None or self.mode == COMPUTE:
                 self.computed += 1
             else:
                 self.reused += 1
@@ -205,6 +203,15 @@ def _warm_signature_cache(module: Any) -> None:
     processor = getattr(module, "processor", None)
     if processor is not None and callable(processor):
         inspect.signature(processor.__call__)
+
+
+def _own(value: Any) -> Any:
+    """An output as torch.cond can merge it with a kept copy. The parts of a tuple (two-stream
+    attention slices one concatenated tensor) may be views at an offset: they are copied out, so
+    both branches return tensors at offset 0 (the offset cannot be read while tracing)."""
+    if isinstance(value, tuple):
+        return _clone(value)
+    return value
 
 
 def _clone(value: Any) -> Any:
@@ -242,7 +249,7 @@ class CacheHandle:
         on_length_mismatch: str = "error",
         timestep_arg: str | None = None,
         strict: bool = True,
-        count_macs: bool = True,
+        count_macs: bool = False,
         installer: Installer | None = None,
     ) -> None:
         schedule = _resolve_schedule(schedule)
@@ -524,7 +531,7 @@ def cache(
     on_length_mismatch: str = "error",
     timestep_arg: str | None = None,
     strict: bool = True,
-    count_macs: bool = True,
+    count_macs: bool = False,
 ) -> CacheHandle:
     """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
 
@@ -540,7 +547,8 @@ def cache(
             number of steps than the schedule has.
         timestep_arg: the denoiser's timestep parameter, when it is not one of the usual names.
         strict: refuse a schedule calibrated on a different model.
-        count_macs: measure each component's MACs once (for ``stats.macs_saved``).
+        count_macs: measure each component's MACs on its first eager call, under torch's FLOP counter
+            (for ``stats.macs_saved``; off by default: it slows that first call down).
     """
     follow_diffusers()
     return CacheHandle(

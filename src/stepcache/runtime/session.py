@@ -15,14 +15,16 @@ attributes of ours.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from ..discovery import Component, unwrap
-from ..errors import StepCacheError
+from ..errors import StepCacheError, StepCacheWarning
 from .steps import StepTracker, read_timestep, timestep_slot
 
 __all__ = ["Installer", "Interceptor", "Session", "TorchInstaller", "active_session", "track_steps"]
@@ -162,6 +164,7 @@ class Session:
         self._undo_denoisers: list[Undo] = []
         self.open = False
         self.exclusive = exclusive  # registered as the model's one stepcache session
+        self.warned_traced = False
         modules = [c.module for c in self.components]
         if len({id(m) for m in modules}) != len(modules):
             raise StepCacheError("the same module appears twice among the components; pass each once.")
@@ -231,6 +234,18 @@ class Session:
         self._hook_denoisers()
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            _outside_graph(self, self._pre_eager, module, args, kwargs)
+            return
+        self._pre_eager(module, args, kwargs)
+
+    def _post(self, module: nn.Module, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            _outside_graph(self, self._post_eager, module, output)
+            return
+        self._post_eager(module, output)
+
+    def _pre_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.tracker.manual:
             self.tracker.begin_call(None)
             return
@@ -244,8 +259,26 @@ class Session:
                 t = read_timestep(args[index])
         self.tracker.begin_call(t)
 
-    def _post(self, module: nn.Module, output: Any) -> None:
+    def _post_eager(self, module: nn.Module, output: Any) -> None:
         self.tracker.end_call(failed=output is None)
+
+
+@torch.compiler.disable
+def _outside_graph(session: Session, fn: Callable[..., None], *args: Any) -> None:
+    """Step tracking reached from inside a compiled call: the model was compiled as a whole after
+    the cache was enabled, and no pipeline let stepcache move its hooks out first. It runs here,
+    outside the graph (one graph break per call), and says how to avoid that."""
+    if not session.warned_traced:
+        session.warned_traced = True
+        warnings.warn(
+            "the model was compiled as a whole after stepcache's cache was enabled, so its step tracking "
+            "runs inside the compiled call (a graph break per call). enable the cache after compiling "
+            "(model.compile() or torch.compile(model) first, then stepcache.cache), or compile the blocks "
+            "(regional compilation); pipelines are handled automatically.",
+            StepCacheWarning,
+            stacklevel=2,
+        )
+    fn(*args)
 
 
 def track_steps(
