@@ -71,6 +71,7 @@ class _Slot:
         "reused",
         "seen",
         "store",
+        "traced_call",
         "tracker",
         "type",
     )
@@ -88,12 +89,12 @@ class _Slot:
         self.set_plan(plan)
         self.mode, self.coef = COMPUTE, 0.0
         self.store: dict[int, tuple[tuple[int, ...] | None, Any, Any]] = {}
-        self.seen: dict[int, Any] = {}  # the store entry last counted, per branch
+        self.seen: dict[int, bool] = {}  # compiled calls: branches already counted this generation
         self.computed = self.reused = 0
         self.macs: float | None = None
         # Compiled path: the step's decision as tensors, on the host (torch.cond reads its predicate
         # there, so no device sync).
-        self.compiled = False
+        self.compiled = self.traced_call = False
         self.pred = torch.ones((), dtype=torch.bool)
         self.coef_t = torch.zeros((), dtype=torch.float32)
 
@@ -122,9 +123,11 @@ class _Slot:
         entry = self.store.get(branch)
         if self.mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
+            self.reused += 1
             if self.mode == FORECAST and entry[2] is not None and self.coef:
                 return _extrapolate(entry[1], entry[2], self.coef)
             return entry[1]
+        self.computed += 1
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
         else:
@@ -141,7 +144,7 @@ class _Slot:
         output is kept for this input shape, whether the plan forecasts), so the number of graphs
         is bounded by those few cases, never by layers, steps or the plan's values.
         """
-        self.compiled = True
+        self.compiled = self.traced_call = self.tracker.compiled = True
         branch = self.tracker.branch
         entry = self.store.get(branch)
         shape = first_tensor_shape(args, kwargs)
@@ -175,24 +178,17 @@ class _Slot:
         return out
 
     def tally(self, branch: int) -> None:
-        """After a denoiser call: a new store entry means the component ran, the same one a reuse.
-        (Compiled calls replace the entry either way: there the step's plan value says which.)"""
-        entry = self.store.get(branch)
-        if entry is None:
+        """After a denoiser call whose graph ran this component: count it. (Eager calls count
+        themselves; a compiled call cannot, as dynamo would guard on the counters' values. The first
+        call of a branch in a generation computes whatever the plan says.)"""
+        if not self.traced_call:
             return
-        if self.compiled:
-            # The first call of a branch in a generation computes whatever the plan says.
-            if self.seen.get(branch) is None or self.mode == COMPUTE:
-                self.computed += 1
-            else:
-                self.reused += 1
-            self.seen[branch] = entry
-            return
-        if entry is self.seen.get(branch):
-            self.reused += 1
-        else:
+        self.traced_call = False
+        if self.seen.get(branch) is None or self.mode == COMPUTE:
             self.computed += 1
-            self.seen[branch] = entry
+        else:
+            self.reused += 1
+        self.seen[branch] = True
 
 
 def _warm_signature_cache(module: Any) -> None:
@@ -427,6 +423,8 @@ class CacheHandle:
         self._generations += 1
 
     def _tally(self) -> None:
+        if not self.tracker.compiled:
+            return  # eager calls counted themselves
         branch = self.tracker.branch
         for slot in self._slots.values():
             slot.tally(branch)

@@ -57,7 +57,14 @@ def read_timestep(value: Any) -> float | None:
     """The step's noise level. The maximum, not the first element: Wan 2.2 TI2V passes per-token
     timesteps that are 0 on the conditioning frame's tokens and t elsewhere."""
     if isinstance(value, torch.Tensor):
-        return None if value.numel() == 0 else float(value.max())
+        n = value.numel()
+        if n == 0:
+            return None
+        if n == 1:
+            return float(value.item())
+        if n <= 64 and value.device.type == "cpu":  # a batch of timesteps: cheaper in Python
+            return float(max(value.reshape(-1).tolist()))
+        return float(value.max())
     if isinstance(value, (int, float)):
         return float(value)
     return None
@@ -96,6 +103,7 @@ class StepTracker:
         self.on_call_begin: list[Callable[[], None]] = []
         self.on_call_end: list[Callable[[], None]] = []
         self.on_reset: list[Callable[[], None]] = []
+        self.compiled = False  # set by compiled calls (a side effect dynamo replays after the graph)
 
     @property
     def timestep(self) -> float | None:

@@ -1,0 +1,182 @@
+"""Per-step overhead of the cache's hooks at tiny shapes, where Python cost is most visible.
+
+A GPU run of a small transformer is launch-bound: what the hooks cost in Python per call adds
+directly to each step. On these tiny CPU models (DiT, PixArt and Flux transformers of 2-4 blocks)
+one denoiser call takes about a millisecond, so the same cost shows here. For each model this
+runs a 20-step denoising loop uncached and with an all-compute schedule (every component runs:
+only the hooks differ), alternating the two ``--repeats`` times, and measures the *thread CPU time*
+of each run (less sensitive to other processes than wall time). Reported: medians and the ratio
+all-compute / uncached - 1, per model, plus the same with MAC counting on (``count_macs=True``).
+
+    python benchmarks/hook_overhead.py            # ~2 min on 2 CPU cores; run it alone
+    python benchmarks/hook_overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import stepcache
+from stepcache import Schedule
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def tiny_models() -> dict[str, tuple[torch.nn.Module, Callable[[torch.nn.Module, torch.Tensor], Any]]]:
+    """name -> (model, one denoiser call at timestep t), random weights (speed does not depend on them)."""
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=4,
+    ).eval()
+    x_dit, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    pixart = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=16,
+        norm_num_groups=4,
+    ).eval()
+    text = torch.randn(2, 6, 16)
+    flux = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+    x_flux, txt = torch.randn(1, 16, 16), torch.randn(1, 6, 16)
+    img_ids, txt_ids = torch.zeros(16, 3), torch.zeros(6, 3)
+    pooled = torch.randn(1, 16)
+    return {
+        "dit": (dit, lambda m, t: m(x_dit, timestep=t.expand(2), class_labels=y).sample),
+        "pixart": (
+            pixart,
+            lambda m, t: (
+                m(
+                    x_dit,
+                    encoder_hidden_states=text,
+                    timestep=t.expand(2),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                ).sample
+            ),
+        ),
+        "flux": (
+            flux,
+            lambda m, t: (
+                m(
+                    x_flux,
+                    encoder_hidden_states=txt,
+                    pooled_projections=pooled,
+                    timestep=(t / 1000).expand(1),
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                ).sample
+            ),
+        ),
+    }
+
+
+def loop(model: torch.nn.Module, call: Callable[..., Any], steps: int) -> float:
+    """Thread CPU seconds of one denoising loop."""
+    ts = torch.linspace(999, 1, steps)
+    start = time.thread_time()
+    with torch.no_grad():
+        for t in ts:
+            call(model, t)
+    return time.thread_time() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=RESULTS / "hook_overhead.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 4, 5
+    torch.set_num_threads(1)
+    rows = {}
+    for name, (model, call) in tiny_models().items():
+        comps = stepcache.discover(model)
+        schedule = Schedule(args.steps, dict.fromkeys({c.type for c in comps}, (1,) * args.steps))
+        for _ in range(3):  # warm-up
+            loop(model, call, args.steps)
+        times: dict[str, list[float]] = {"uncached": [], "all-compute": [], "all-compute, count_macs": []}
+        for _ in range(args.repeats):  # alternating, so drift hits every configuration alike
+            times["uncached"].append(loop(model, call, args.steps))
+            with stepcache.cache(model, schedule):
+                times["all-compute"].append(loop(model, call, args.steps))
+            with stepcache.cache(model, schedule, count_macs=True):
+                times["all-compute, count_macs"].append(loop(model, call, args.steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows[name] = {
+            "components": len(comps),
+            "ms_per_step": {k: round(1e3 * v / args.steps, 4) for k, v in med.items()},
+            "overhead": round(med["all-compute"] / med["uncached"] - 1, 4),
+            "overhead_count_macs": round(med["all-compute, count_macs"] / med["uncached"] - 1, 4),
+        }
+        print(name, rows[name], flush=True)
+    report = {
+        "what": "per-step thread CPU time, 20-step loop, median of alternating repeats, 1 thread",
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "results": rows,
+        "versions": {
+            "stepcache": stepcache.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        lines = [
+            "| model | components | uncached ms/step | all-compute ms/step | overhead | with count_macs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            ms = r["ms_per_step"]
+            lines.append(
+                f"| {name} | {r['components']} | {ms['uncached']:.3f} | {ms['all-compute']:.3f} | "
+                f"{100 * r['overhead']:+.2f} % | {100 * r['overhead_count_macs']:+.2f} % |"
+            )
+        args.out.with_suffix(".md").write_text(
+            "# Hook overhead at tiny shapes\n\n"
+            + report["what"]
+            + f", {args.repeats} repeats.\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
