@@ -31,7 +31,7 @@ from ._logging import follow_diffusers
 from ._version import __version__
 from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError, StepCacheError
-from .runtime.introspect import count_macs, fingerprint, model_class
+from .runtime.introspect import count_macs, fingerprint, model_class, weights_state
 from .runtime.session import Session
 from .runtime.steps import StepTracker
 
@@ -136,7 +136,7 @@ class Calibration(JsonValue):
 
     def provenance(self) -> dict[str, Any]:
         """What a schedule made from this calibration records about where it came from."""
-        keys = ("model_class", "fingerprint", "scheduler")
+        keys = ("model_class", "fingerprint", "dtype", "adapters", "weights_digest", "scheduler")
         return {k: self.meta[k] for k in keys if self.meta.get(k) is not None} | {
             "lookahead": self.lookahead,
             "calibration_samples": self.num_samples,
@@ -444,6 +444,7 @@ def calibrate(
         **dict(meta or {}),
         "model_class": model_class(target),
         "fingerprint": fingerprint(target),
+        **weights_state(target),
         "scheduler": sched,
         "stepcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

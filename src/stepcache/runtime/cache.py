@@ -19,6 +19,7 @@ import inspect
 import logging
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,9 +29,9 @@ from torch import nn
 
 from .._logging import follow_diffusers
 from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover, unwrap
-from ..errors import ScheduleError, ScheduleLengthError, StepCacheError
+from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCacheWarning
 from ..schedule import COMPUTE, FORECAST, Schedule
-from .introspect import count_macs, fingerprint, first_tensor_shape, model_class
+from .introspect import count_macs, fingerprint, first_tensor_shape, model_class, weights_state
 from .session import Installer, Session, active_session, hook_state
 from .stats import CacheStats, TypeStats
 from .steps import StepTracker
@@ -246,6 +247,7 @@ class CacheHandle:
         timestep_arg: str | None = None,
         strict: bool = True,
         count_macs: bool = False,
+        allow_other_caches: bool = False,
         installer: Installer | None = None,
     ) -> None:
         schedule = _resolve_schedule(schedule)
@@ -262,6 +264,7 @@ class CacheHandle:
                 f"this {model_class(target)} (fingerprint {fingerprint(target)}). Calibrate this model, "
                 "or pass strict=False to apply it anyway."
             )
+        _warn_if_changed(schedule, target)
         if types is None:
             types = ("block",) if "block" in schedule.plans else DEFAULT_TYPES
         found = discover(target, blocks=blocks, components=components, types=types)
@@ -293,6 +296,7 @@ class CacheHandle:
             self.tracker,
             timestep_arg=timestep_arg,
             installer=installer,
+            allow_other_caches=allow_other_caches,
         )
         self._session.owner = self
 
@@ -503,6 +507,23 @@ def _pipeline_steps(pipeline: Any) -> int | None:
     return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
 
 
+def _warn_if_changed(schedule: Schedule, target: Any) -> None:
+    """A schedule is calibrated on weights: say so when they (or their dtype, or adapters) changed."""
+    recorded = {k: schedule.meta.get(k) for k in ("dtype", "adapters", "weights_digest")}
+    if all(v is None for v in recorded.values()):
+        return
+    now = weights_state(target)
+    changed = [k for k, v in recorded.items() if v is not None and now.get(k) != v]
+    if changed:
+        what = ", ".join(f"{k} {recorded[k]} -> {now[k]}" for k in changed)
+        warnings.warn(
+            f"the model changed since this schedule's calibration ({what}): a LoRA added or fused, another "
+            "checkpoint or dtype changes which steps can be reused. Recalibrate for the best schedule.",
+            StepCacheWarning,
+            stacklevel=4,
+        )
+
+
 def _resolve_schedule(schedule: Any) -> Schedule:
     """A Schedule as given, or read from a file, a folder or a hub repository."""
     if isinstance(schedule, Schedule):
@@ -530,6 +551,7 @@ def cache(
     timestep_arg: str | None = None,
     strict: bool = True,
     count_macs: bool = False,
+    allow_other_caches: bool = False,
 ) -> CacheHandle:
     """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
 
@@ -547,6 +569,8 @@ def cache(
         strict: refuse a schedule calibrated on a different model.
         count_macs: measure each component's MACs on its first eager call, under torch's FLOP counter
             (for ``stats.macs_saved``; off by default: it slows that first call down).
+        allow_other_caches: stack on top of another library's cache (diffusers' cache hooks,
+            cache-dit) instead of refusing; its skipped calls then count as this cache's reuse.
     """
     follow_diffusers()
     return CacheHandle(
@@ -559,6 +583,7 @@ def cache(
         timestep_arg=timestep_arg,
         strict=strict,
         count_macs=count_macs,
+        allow_other_caches=allow_other_caches,
     ).open()
 
 

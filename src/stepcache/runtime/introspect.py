@@ -29,6 +29,7 @@ __all__ = [
     "first_tensor_shape",
     "mac_shares",
     "model_class",
+    "weights_state",
 ]
 
 
@@ -44,6 +45,27 @@ def fingerprint(target: object) -> str:
 def model_class(target: object) -> str:
     """Class name(s) of the denoiser(s), for metadata and messages."""
     return "+".join(type(unwrap(m)).__name__ for _, m in denoisers_of(target))
+
+
+def weights_state(target: object) -> dict[str, Any]:
+    """What a config fingerprint cannot see but a schedule depends on: the weights' dtype, adapters
+    loaded (peft LoRA) and a digest of the weights themselves (a fused LoRA or another checkpoint
+    changes the features, hence the right schedule). One pass over the parameters, one host sync."""
+    models = [unwrap(m) for _, m in denoisers_of(target)]
+    params = [p for m in models for p in m.parameters()]
+    adapters = sorted({str(k) for m in models for k in (getattr(m, "peft_config", None) or {})})
+    if not params:
+        return {"dtype": None, "adapters": adapters, "weights_digest": None}
+    with torch.no_grad():
+        sums = torch.stack([torch.stack([p.float().sum(), p.float().abs().sum()]) for p in params])
+    values = [len(params), *(f"{v:.6g}" for v in sums.sum(0).double().tolist())]
+    names = "|".join(n for m in models for n, _ in m.named_parameters())
+    digest = hashlib.sha256((json.dumps(values) + names).encode()).hexdigest()[:16]
+    return {
+        "dtype": str(params[0].dtype).replace("torch.", ""),
+        "adapters": adapters,
+        "weights_digest": digest,
+    }
 
 
 def _fingerprint_one(model: nn.Module) -> str:

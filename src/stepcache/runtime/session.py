@@ -52,6 +52,27 @@ PostCall = Callable[[nn.Module, Any], None]  # output None: the call raised
 Undo = Callable[[], None]
 
 
+def other_caches(models: Sequence[nn.Module]) -> list[str]:
+    """Caches of other libraries active on ``models``: diffusers' cache hooks (by their registry
+    names) and cache-dit (its ``_is_cached`` mark). Two caches on one model skip calls on each
+    other's behalf: outputs change and neither's stats are right."""
+    found = []
+    for model in models:
+        root = unwrap(model)
+        if root.__dict__.get("_is_cached"):
+            found.append(f"cache-dit on {type(root).__name__}")
+        if getattr(root, "is_cache_enabled", False) is True:
+            found.append(f"diffusers' enable_cache() on {type(root).__name__}")
+        for name, module in root.named_modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            for hook in getattr(registry, "hooks", {}):
+                if hook.startswith("stepcache_"):
+                    continue
+                if "cache" in hook or hook.startswith(("fbc_", "pyramid_attention_broadcast")):
+                    found.append(f"diffusers hook {hook!r} on {name or type(root).__name__}")
+    return sorted(set(found))
+
+
 def active_session(model: nn.Module) -> Session | None:
     """The session currently installed on ``model`` (or the model it compiles), if any."""
     return _live(_ACTIVE, unwrap(model))
@@ -150,6 +171,7 @@ class Session:
         timestep_arg: str | None = None,
         exclusive: bool = True,
         installer: Installer | None = None,
+        allow_other_caches: bool = False,
     ) -> None:
         self.models = [models] if isinstance(models, nn.Module) else list(models)
         self.components = list(components)
@@ -165,6 +187,7 @@ class Session:
         self.open = False
         self.exclusive = exclusive  # registered as the model's one stepcache session
         self.warned_traced = False
+        self.allow_other_caches = allow_other_caches
         modules = [c.module for c in self.components]
         if len({id(m) for m in modules}) != len(modules):
             raise StepCacheError("the same module appears twice among the components; pass each once.")
@@ -183,6 +206,14 @@ class Session:
                     f"{type(model).__name__} already has an active stepcache session; "
                     "disable it (or leave its `with` block) before enabling another."
                 )
+        others = other_caches(self.models) if self.exclusive and not self.allow_other_caches else []
+        if others:
+            raise StepCacheError(
+                f"another cache is active on this model: {', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}. Remove it first (two caches skip calls on each "
+                "other's behalf and neither's schedule holds), or pass allow_other_caches=True to cache() "
+                "to stack them anyway."
+            )
         for comp in self.components:
             if _live(_INTERCEPTED, comp.module) is not None:
                 raise StepCacheError(
