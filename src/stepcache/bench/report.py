@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._io import dump
+from .._io import atomic_write, check_output, dump
 from ..errors import StepCacheError
 from . import peers
 from .quality import QualityConfig
@@ -112,7 +112,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] = print) -> d
         "unsupported": peers.unsupported_peers(),
         "skipped": skipped,
     }
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    check_output(cfg.out, "bench output folder", folder=True)
     if "quality" in cfg.suites:
         report["quality"] = quality.run_suite(cfg.quality, progress=progress)
         _write(cfg.out, report)
@@ -151,8 +151,8 @@ def rerun_families(
 
 def _write(out: Path, report: dict[str, Any]) -> None:
     validate(report)
-    (out / "bench.json").write_text(dump(report))
-    (out / "bench.md").write_text(markdown(report))
+    atomic_write(out / "bench.json", dump(report), what="bench report")
+    atomic_write(out / "bench.md", markdown(report), what="bench report")
     if "quality" in report:
         plot_frontier(report, out)
 
@@ -278,6 +278,8 @@ def plot_frontier(report: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plots import save_figure
+
     paths = []
     for s in report["quality"]["samplers"]:
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
@@ -308,7 +310,6 @@ def plot_frontier(report: dict[str, Any], out: Path) -> list[Path]:
         fig.legend(loc="lower center", ncol=4, fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0.14, 1, 0.95))
         path = out / f"frontier-{s['scheduler']}-{s['steps']}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
