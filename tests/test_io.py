@@ -119,6 +119,24 @@ def test_a_symlink_keeps_pointing_at_its_target_and_modes_are_kept(tmp_path):
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would, not mkstemp's 0600
 
 
+def test_smoothcache_export_and_plots_are_atomic_too(tmp_path, monkeypatch):
+    path = tmp_path / "orig.json"
+    path.write_text("keep")
+
+    def over_quota(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "fsync", over_quota)
+    with pytest.raises(ScheduleError, match="Disk quota"):
+        schedule(4).to_smoothcache(path)
+    assert path.read_text() == "keep"
+    plot = tmp_path / "c.png"
+    plot.write_text("keep")
+    with pytest.raises(StepCacheError, match="Disk quota"):
+        calibration().plot(plot)
+    assert plot.read_text() == "keep" and leftovers(tmp_path) == []
+
+
 # ---------------------------------------------------------------- output paths
 def test_output_paths_are_checked_before_writing(tmp_path):
     (tmp_path / "file").write_text("x")
