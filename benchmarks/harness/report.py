@@ -114,7 +114,6 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] = print) -> d
         "unsupported": peers.unsupported_peers(),
         "skipped": skipped,
     }
-    cfg.out.mkdir(parents=True, exist_ok=True)
     if "quality" in cfg.suites:
         report["quality"] = quality.run_suite(cfg.quality, progress=progress)
         _write(cfg.out, report)
@@ -289,6 +288,8 @@ def plot_frontier(report: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plots import save_figure
+
     paths = []
     for s in report["quality"]["samplers"]:
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
@@ -319,7 +320,6 @@ def plot_frontier(report: dict[str, Any], out: Path) -> list[Path]:
         fig.legend(loc="lower center", ncol=4, fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0.14, 1, 0.95))
         path = out / f"frontier-{s['scheduler']}-{s['steps']}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths

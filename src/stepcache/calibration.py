@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import CALIBRATION_FILE, JsonValue
+from ._io import CALIBRATION_FILE, JsonValue, check_format_version, is_int, is_number, kind_of
 from ._logging import follow_diffusers
 from ._version import __version__
-from .discovery import Component, denoisers_of, discover
+from .discovery import COMPONENT_TYPES, Component, denoisers_of, discover
 from .errors import CalibrationError, StepCacheError
 from .runtime.introspect import count_macs, fingerprint, model_class, weights_state
 from .runtime.session import Session
@@ -94,28 +94,48 @@ class Calibration(JsonValue):
     weights: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_steps < 2 or self.lookahead < 1 or self.num_samples < 1:
-            raise CalibrationError(
-                f"calibration needs >= 2 steps, lookahead >= 1 and >= 1 sample "
-                f"(got {self.num_steps}, {self.lookahead}, {self.num_samples})."
-            )
-        if set(self.errors) != set(self.components):
+        for label, value, least in (
+            ("num_steps", self.num_steps, 2),
+            ("lookahead", self.lookahead, 1),
+            ("num_samples", self.num_samples, 1),
+        ):
+            if not is_int(value) or value < least:
+                raise CalibrationError(f"{label} must be an integer >= {least}, got {value!r}.")
+        if not isinstance(self.components, Mapping) or not self.components:
+            raise CalibrationError("a calibration needs at least one component (name -> type).")
+        for name, kind in self.components.items():
+            if not isinstance(name, str) or not name:
+                raise CalibrationError(f"component names must be non-empty strings, got {name!r}.")
+            if kind not in COMPONENT_TYPES:
+                raise CalibrationError(
+                    f"component {name!r} has unknown type {kind!r}; types are {list(COMPONENT_TYPES)}."
+                )
+        if not isinstance(self.errors, Mapping) or set(self.errors) != set(self.components):
             raise CalibrationError("calibration errors and components name different sets of components.")
         shape = (self.num_steps, self.lookahead)
-        for name, arr in self.errors.items():
-            if np.shape(arr) != shape:
-                raise CalibrationError(f"errors of {name} have shape {np.shape(arr)}, expected {shape}.")
-        for label, table, want in (
-            ("forecast errors", self.forecast_errors, (*shape, self.lookahead + 1)),
-            ("weights", self.weights, (self.num_steps,)),
+        for label, table, want, full in (
+            ("errors", self.errors, shape, True),
+            ("spread", self.spread, shape, False),
+            ("forecast errors", self.forecast_errors, (*shape, self.lookahead + 1), True),
+            ("weights", self.weights, (self.num_steps,), True),
         ):
-            if table and set(table) != set(self.components):
+            if not isinstance(table, Mapping):
+                raise CalibrationError(f"calibration {label} must map component names to arrays.")
+            if table and (
+                set(table) != set(self.components) if full else not set(table) <= set(self.components)
+            ):
                 raise CalibrationError(
                     f"calibration {label} and components name different sets of components."
                 )
             for name, arr in table.items():
-                if np.shape(arr) != want:
-                    raise CalibrationError(f"{label} of {name} have shape {np.shape(arr)}, expected {want}.")
+                _check_array(f"{label} of {name}", arr, want, finite=label == "weights")
+        if not isinstance(self.macs, Mapping) or not set(self.macs) <= set(self.components):
+            raise CalibrationError("calibration macs name components the calibration does not have.")
+        for name, macs in self.macs.items():
+            if macs is not None and (not is_number(macs) or not 0 <= macs < math.inf):
+                raise CalibrationError(f"macs of {name} must be a finite number >= 0 or None, got {macs!r}.")
+        if not isinstance(self.meta, Mapping) or not all(isinstance(k, str) for k in self.meta):
+            raise CalibrationError(f"calibration meta must map strings to values, got {self.meta!r}.")
 
     # ---------------------------------------------------------------- views
     def type_errors(self) -> dict[str, np.ndarray]:
@@ -174,6 +194,21 @@ class Calibration(JsonValue):
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form :meth:`save` writes. NaN (a distance not measured) is written as ``null``;
+        so is an infinite error, with a warning, as JSON has no infinity and it reads back as missing."""
+        infinite = sum(
+            int(np.isinf(np.asarray(t[name], dtype=float)).sum())
+            for t in (self.errors, self.spread, self.forecast_errors)
+            for name in t
+        )
+        if infinite:
+            warnings.warn(
+                f"stepcache: {infinite} infinite error value(s) of this calibration are written as null "
+                "(JSON has no infinity) and read back as missing (NaN), which no schedule will reuse.",
+                UserWarning,
+                stacklevel=2,
+            )
+
         def arr(a: np.ndarray) -> list:
             return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(a)]
 
@@ -202,40 +237,130 @@ class Calibration(JsonValue):
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "calibration") -> Calibration:
+        """The calibration in a dict read from a file written by :meth:`save` (:meth:`to_dict`).
+
+        Strict: exact JSON types (``2.0``, ``"2"`` and ``true`` are not the integer ``2``), errors
+        ``>= 0`` or ``null`` (not measured), arrays of exactly the calibrated shape, known component
+        types, at least one component; unknown fields are refused rather than dropped.
+
+        Raises:
+            CalibrationError: naming ``source`` and the field that is wrong.
+        """
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise CalibrationError(f'{source} is not a stepcache calibration (no "format": "{_FORMAT}").')
-        if data.get("format_version", 0) > _FORMAT_VERSION:
-            raise CalibrationError(
-                f"{source} has format_version {data['format_version']}; upgrade stepcache."
-            )
+        check_format_version(data, source, CalibrationError, _FORMAT_VERSION)
 
-        def arr(rows: Any) -> np.ndarray:
-            return np.array([[math.nan if v is None else float(v) for v in row] for row in rows], dtype=float)
+        def fail(where: str, what: str) -> CalibrationError:
+            return CalibrationError(f"{source} is missing or has malformed field {where}: {what}.")
 
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise CalibrationError(f"{source} has unknown field(s) {unknown}; expected {sorted(_FIELDS)}.")
+        comps = data.get("components")
+        if not isinstance(comps, dict) or not comps:
+            raise fail("'components'", f"must be a non-empty object, got {kind_of(comps)}")
+        for key in ("num_steps", "lookahead", "num_samples"):
+            if not is_int(data.get(key)):
+                raise fail(repr(key), f"must be an integer, got {kind_of(data.get(key))}")
+        n, k = data["num_steps"], data["lookahead"]
+        if n < 2 or k < 1:
+            raise fail("'num_steps' or 'lookahead'", f"must be >= 2 and >= 1, got {n} and {k}")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise fail("'meta'", f"must be an object, got {kind_of(meta)}")
+        for key in ("model_class", "fingerprint", "scheduler", "stepcache_version"):
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                raise fail(f"meta[{key!r}]", f"must be a string or null, got {kind_of(meta[key])}")
+        if "stepcache_version" in data and not isinstance(data["stepcache_version"], str):
+            raise fail("'stepcache_version'", f"must be a string, got {kind_of(data['stepcache_version'])}")
+        types, macs, errors, spread, forecast, weights = {}, {}, {}, {}, {}, {}
+        for name, c in comps.items():
+            where = f"components[{name!r}]"
+            if not isinstance(c, dict):
+                raise fail(where, f"must be an object, got {kind_of(c)}")
+            extra = sorted(set(c) - _COMPONENT_FIELDS)
+            if extra:
+                raise CalibrationError(
+                    f"{source}: {where} has unknown field(s) {extra}; expected {sorted(_COMPONENT_FIELDS)}."
+                )
+            if c.get("type") not in COMPONENT_TYPES:
+                raise fail(f"{where}.type", f"must be one of {list(COMPONENT_TYPES)}, got {c.get('type')!r}")
+            types[name] = c["type"]
+            m = c.get("macs")
+            if m is not None and (not is_number(m) or m < 0):
+                raise fail(f"{where}.macs", f"must be a number >= 0 or null, got {kind_of(m)}")
+            macs[name] = None if m is None else float(m)
+            errors[name] = _table(c.get("errors"), (n, k), f"{where}.errors", fail, missing=True)
+            if c.get("spread") is not None:
+                spread[name] = _table(c["spread"], (n, k), f"{where}.spread", fail, missing=True)
+            if c.get("forecast_errors") is not None:
+                forecast[name] = _table(
+                    c["forecast_errors"], (n, k, k + 1), f"{where}.forecast_errors", fail, missing=True
+                )
+            if c.get("weights") is not None:
+                weights[name] = _table(c["weights"], (n,), f"{where}.weights", fail, missing=False)
         try:
-            comps = data["components"]
             return cls(
-                num_steps=int(data["num_steps"]),
-                lookahead=int(data["lookahead"]),
-                num_samples=int(data["num_samples"]),
-                components={n: c["type"] for n, c in comps.items()},
-                errors={n: arr(c["errors"]) for n, c in comps.items()},
-                spread={n: arr(c["spread"]) for n, c in comps.items() if c.get("spread") is not None},
-                macs={n: c.get("macs") for n, c in comps.items()},
-                meta=dict(data.get("meta", {})),
-                forecast_errors={
-                    n: np.stack([arr(t) for t in c["forecast_errors"]])
-                    for n, c in comps.items()
-                    if c.get("forecast_errors") is not None
-                },
-                weights={
-                    n: np.array(c["weights"], dtype=float)
-                    for n, c in comps.items()
-                    if c.get("weights") is not None
-                },
+                num_steps=n,
+                lookahead=k,
+                num_samples=data["num_samples"],
+                components=types,
+                errors=errors,
+                spread=spread,
+                macs=macs,
+                meta=dict(meta),
+                forecast_errors=forecast,
+                weights=weights,
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CalibrationError(f"{source} is missing or has malformed field {e}.") from None
+        except CalibrationError as e:
+            raise CalibrationError(f"{source}: {e}") from None
+
+
+_FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "lookahead", "num_samples"}
+_FIELDS |= {"meta", "components"}
+_COMPONENT_FIELDS = {"type", "macs", "errors", "spread", "forecast_errors", "weights"}
+
+
+def _check_array(label: str, arr: Any, shape: tuple[int, ...], *, finite: bool) -> None:
+    """Shape ``shape``, numbers >= 0; NaN (not measured) and inf allowed unless ``finite``."""
+    try:
+        values = np.asarray(arr, dtype=float)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{label} must be an array of numbers, got {type(arr).__name__}.") from None
+    if values.shape != shape:
+        raise CalibrationError(f"{label} have shape {values.shape}, expected {shape}.")
+    if finite and not np.all(np.isfinite(values)):
+        raise CalibrationError(f"{label} must be finite numbers >= 0.")
+    if np.any(values < 0):
+        raise CalibrationError(
+            f"{label} hold negative values; errors and weights are >= 0 (NaN where not measured)."
+        )
+
+
+def _table(
+    value: Any,
+    shape: tuple[int, ...],
+    where: str,
+    fail: Callable[[str, str], CalibrationError],
+    *,
+    missing: bool,
+) -> np.ndarray:
+    """A JSON array of exactly ``shape`` holding numbers >= 0 (and ``null`` if ``missing``) as floats."""
+    want = "a number >= 0" + (" or null" if missing else "")
+
+    def walk(v: Any, level: int, at: str) -> Any:
+        if level == len(shape):
+            if v is None and missing:
+                return math.nan
+            if not is_number(v) or v < 0:
+                raise fail(at, f"must be {want}, got {kind_of(v)}")
+            return float(v)
+        if not isinstance(v, list) or len(v) != shape[level]:
+            got = f"{len(v)} entries" if isinstance(v, list) else kind_of(v)
+            raise fail(at, f"must be an array of {shape[level]} entries, got {got}")
+        return [walk(x, level + 1, f"{at}[{i}]") for i, x in enumerate(v)]
+
+    return np.array(walk(value, 0, where), dtype=float)
 
 
 def _by_type(components: Mapping[str, str], tables: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

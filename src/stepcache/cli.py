@@ -1,8 +1,12 @@
-"""The ``stepcache`` command line: info, calibrate, schedule, demo.
+"""The ``stepcache`` command line: info, calibrate, schedule, tune, demo, bench.
 
 ``MODEL`` is ``reference`` (the shipped trained 16x16-digits DiT), ``tiny-dit`` (a built-in
 random-weight DiT pipeline), a diffusers model id or local folder (loading a hub id needs hub
 access), or ``module:factory`` (a function returning a pipeline or a denoiser module).
+
+Bad input never ends in a traceback: every option is checked (and output paths are checked)
+before any work starts, and every error is one line on stderr with exit code 2 saying what is wrong
+and what to do. Options a command would ignore in the mode asked for are refused, not dropped.
 """
 
 from __future__ import annotations
@@ -10,21 +14,92 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import random
 import sys
+import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
+from ._io import check_output
 from .errors import StepCacheError
 
 if TYPE_CHECKING:
     from .runtime.introspect import MacShares
 
+# The schedulers the built-in models (reference, tiny-dit) and the demo take.
+SCHEDULERS = ("ddim", "dpm")
+_MAX_SEED = 2**62
+_verbose = False
+
+# typer >= 0.2x vendors click (typer._click); older typer uses click itself. Take whichever it raises.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+_ClickException: type[Exception] = _click_errors.ClickException
+_NoArgsIsHelp: type[Exception] | None = getattr(_click_errors, "NoArgsIsHelpError", None)
+_ParameterSource = importlib.import_module(
+    _click_errors.__name__.rpartition(".")[0] + ".core"
+).ParameterSource
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad value, an unknown option, a missing argument) on one line with a pointer
+    to ``--help``, instead of click's usage block; anything unexpected on one line with exit code 1
+    (``--verbose`` shows the traceback)."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _ClickException as e:
+            if _NoArgsIsHelp is not None and isinstance(e, _NoArgsIsHelp):
+                e.show()  # type: ignore[attr-defined]
+                sys.exit(2)
+            ctx = getattr(e, "ctx", None)
+            hint = f" See '{ctx.command_path} --help'." if ctx is not None else ""
+            message = _one_line(e.format_message())  # type: ignore[attr-defined]
+            typer.secho(
+                f"error: {message}{'' if message.endswith('.') else '.'}{hint}",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            sys.exit(getattr(e, "exit_code", 2))
+        except typer.Abort:
+            typer.secho("aborted.", fg=typer.colors.RED, err=True)
+            sys.exit(1)
+        except Exception as e:
+            if _verbose:
+                raise
+            typer.secho(
+                f"error: unexpected {type(e).__name__}: {_one_line(str(e))} (this is a bug of stepcache or "
+                "of the model; rerun with --verbose for the traceback and report it).",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="stepcache",
+    cls=_OneLineErrors,
     help="Training-free step caching (SmoothCache and beyond) for diffusion transformers.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,13 +123,19 @@ def load_target(spec: str, *, scheduler: str = "ddim") -> Any:
         return tiny_dit_pipeline(scheduler=scheduler)
     if ":" in spec and not Path(spec).exists():
         module_name, _, attr = spec.partition(":")
+        hint = "Expected module:factory, e.g. mypkg.models:make_pipe."
         try:
             factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
+        except Exception as e:  # ImportError, AttributeError, an empty name, or the module's own error
+            raise StepCacheError(f"cannot load {spec!r}: {type(e).__name__}: {e}. {hint}") from None
+        if not callable(factory):
             raise StepCacheError(
-                f"cannot load {spec!r}: {e}. Expected module:factory, e.g. mypkg.models:make_pipe."
-            ) from None
-        return factory()
+                f"cannot load {spec!r}: {attr} is a {type(factory).__name__}, not a function. {hint}"
+            )
+        try:
+            return factory()
+        except Exception as e:  # the user's code: say where it failed
+            raise StepCacheError(f"{spec}() raised {type(e).__name__}: {e}") from None
     from .integrations.diffusers import load_pipeline
 
     try:
@@ -67,18 +148,41 @@ def load_target(spec: str, *, scheduler: str = "ddim") -> Any:
 
 
 def _inputs_for(
-    pipe: Any, samples: int, prompts: list[str], seed: int, guidance: float | None, batch: int = 1
+    pipe: Any,
+    samples: int,
+    prompts: list[str],
+    seed: int,
+    guidance: float | None,
+    batch: int = 1,
+    *,
+    strict: bool = True,
 ) -> list[dict]:
-    """One call's kwargs per calibration sample, from what the pipeline's __call__ accepts."""
+    """One call's kwargs per calibration sample, from what the pipeline's __call__ accepts.
+
+    ``strict``: refuse prompts the pipeline would not take (the user gave them)."""
     import torch
 
-    params = inspect.signature(pipe.__call__).parameters
+    if not callable(pipe) or isinstance(pipe, torch.nn.Module):
+        raise StepCacheError(
+            "this command runs a pipeline (a callable taking class_labels= or prompt=), but MODEL gave a "
+            f"{type(pipe).__name__}: make module:factory return a pipeline."
+        )
+    try:
+        params = inspect.signature(pipe).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if prompts and "prompt" not in params and strict:
+        raise StepCacheError("--prompt is for text-conditioned pipelines; this one takes no prompt.")
+    if guidance is not None and "guidance_scale" not in params:
+        raise StepCacheError("--guidance-scale is unused: this pipeline takes no guidance_scale.")
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    classes = getattr(config, "num_embeds_ada_norm", 1000) if config is not None else 1000
+    classes = classes if isinstance(classes, int) and classes > 0 else 1000
     out = []
     rng = random.Random(seed)
     for i in range(samples):
         kw: dict[str, Any] = {"generator": torch.Generator().manual_seed(seed + i)}
         if "class_labels" in params:
-            classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 1000) or 1000)
             kw["class_labels"] = [rng.randrange(classes) for _ in range(batch)]
         elif "prompt" in params:
             if not prompts:
@@ -108,26 +212,136 @@ def _replay(target: Any, inputs: list[dict], seed: int, steps: int) -> Any:
     return run
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+def _fail(e: Exception | str) -> NoReturn:
+    """One line on stderr, exit code 2: what is wrong and what to do."""
+    typer.secho(f"error: {_one_line(str(e))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _relay_warnings() -> Iterator[None]:
+    """Warnings of stepcache (a lossy export, say) as one ``warning:`` line each on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        typer.secho(f"warning: {_one_line(str(w.message))}", fg=typer.colors.YELLOW, err=True)
+
+
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options among ``names`` set on the command line (rather than left at their default)."""
+    return [
+        "--" + name.replace("_", "-")
+        for name in names
+        if ctx.get_parameter_source(name) not in (None, _ParameterSource.DEFAULT)
+    ]
+
+
+def _refuse_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
+    given = _given(ctx, *names)
+    if given:
+        _fail(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} unused {why}: leave {'it' if len(given) == 1 else 'them'} out."
+        )
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A typer callback from one of stepcache's argument checks (None passes: option not given)."""
+
+    def callback(value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except StepCacheError as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
+
+    return callback
+
+
+def _choice(*names: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if v not in names]
+        if bad:
+            raise StepCacheError(f"must be one of {', '.join(names)}, got {bad[0]!r}.")
+
+    return check
+
+
+def _check_finite(value: float) -> None:
+    if not math.isfinite(value):
+        raise StepCacheError(f"must be a finite number, got {value}.")
+
+
+def _check_scheduler(value: str) -> None:
+    if value not in SCHEDULERS:
+        raise StepCacheError(f"must be one of {', '.join(SCHEDULERS)}, got {value!r}.")
+
+
+def _check_fraction(value: float) -> None:
+    from .policies._plan import check_fraction
+
+    check_fraction(value)
+
+
+def _check_alpha(value: float) -> None:
+    from .policies._plan import check_alpha
+
+    check_alpha(value)
+
+
+def _scheduler_for(ctx: typer.Context, model: str, scheduler: str | None) -> str:
+    """The scheduler of a built-in model; refused for other models, which bring their own."""
+    if model not in ("reference", "tiny-dit") and scheduler is not None:
+        _fail(f"--scheduler applies to the built-in models (reference, tiny-dit); {model} brings its own.")
+    return scheduler or "ddim"
+
+
+def _outputs(*paths: tuple[Path | None, str], inputs: tuple[Path | None, ...] = ()) -> None:
+    """Check every output path before any work: writable, and no two the same (nor an input)."""
+    seen: dict[Path, str] = {}
+    for path, what in paths:
+        if path is None:
+            continue
+        try:
+            check_output(path, what)
+        except StepCacheError as e:
+            _fail(e)
+        key = path.expanduser().resolve()
+        if key in seen:
+            _fail(f"{what} and {seen[key]} are the same file {path}: give them different names.")
+        if any(i is not None and key == i.expanduser().resolve() for i in inputs):
+            _fail(f"{what} {path} is also an input of this command: write to another file.")
+        seen[key] = what
 
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at INFO level; show tracebacks of unexpected errors.")
+    ] = False,
 ) -> None:
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
 
 
 # Options shared by the commands that run a model (calibrate, tune).
-StepsOpt = Annotated[int, typer.Option(help="Denoising steps per generation.")]
-BatchOpt = Annotated[int, typer.Option(help="Class labels or prompts per generation.")]
-SchedulerOpt = Annotated[str, typer.Option(help="reference and tiny-dit: ddim or dpm.")]
+StepsOpt = Annotated[int, typer.Option(min=2, max=10_000, help="Denoising steps per generation.")]
+BatchOpt = Annotated[int, typer.Option(min=1, max=100_000, help="Class labels or prompts per generation.")]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(help="reference and tiny-dit: ddim (default) or dpm.", callback=_checked(_check_scheduler)),
+]
 PromptOpt = Annotated[list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")]
-GuidanceOpt = Annotated[float | None, typer.Option(help="Guidance scale passed to the pipeline.")]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option(help="Guidance scale passed to the pipeline.", callback=_checked(_check_finite)),
+]
+SeedOpt = Annotated[int, typer.Option(min=0, max=_MAX_SEED, help="Seed of the first generation.")]
 
 
 @app.command()
@@ -139,19 +353,23 @@ def info(
     ] = True,
 ) -> None:
     """List the blocks and cacheable components stepcache finds in MODEL, and their share of MACs."""
-    from .discovery import denoiser_of, discover
+    from .discovery import COMPONENT_TYPES, denoiser_of, discover
 
+    wanted = [t.strip() for t in types.split(",") if t.strip()]
+    if not wanted or any(t not in COMPONENT_TYPES for t in wanted):
+        _fail(f"--types takes comma-separated types among {', '.join(COMPONENT_TYPES)}, got {types!r}.")
     try:
         target = load_target(model)
-        comps = discover(target, types=[t for t in types.split(",") if t])
+        comps = discover(target, types=wanted)
+        denoiser = denoiser_of(target)
     except StepCacheError as e:
         _fail(e)
-    denoiser = denoiser_of(target)
     params = sum(p.numel() for p in denoiser.parameters())
     covered = sum(p.numel() for c in comps for p in c.module.parameters())
     shares = _mac_shares(target, denoiser, comps) if macs and target is not denoiser else None
     typer.echo(
-        f"{type(denoiser).__name__}: {params / 1e6:.2f} M parameters, {covered / params:.0%} of them in cached components"
+        f"{type(denoiser).__name__}: {params / 1e6:.2f} M parameters, "
+        f"{covered / params if params else 0:.0%} of them in cached components"
     )
     if shares is not None:
         parts = ", ".join(f"{k} {v / shares.total:.1%}" for k, v in shares.by_type(comps).items())
@@ -172,7 +390,7 @@ def _mac_shares(target: Any, denoiser: Any, comps: list) -> MacShares | None:
     from .runtime.introspect import mac_shares
 
     try:
-        kwargs = _inputs_for(target, 1, ["a photo"], 0, None)[0]
+        kwargs = _inputs_for(target, 1, ["a photo"], 0, None, strict=False)[0]
         shares = mac_shares(denoiser, comps, lambda: target(**kwargs, num_inference_steps=2))
     except Exception as e:  # any pipeline may need inputs we cannot guess: say so, do not fail
         logging.getLogger(__name__).info("MAC shares not measured: %s", e)
@@ -182,18 +400,21 @@ def _mac_shares(target: Any, denoiser: Any, comps: list) -> MacShares | None:
 
 @app.command()
 def calibrate(
+    ctx: typer.Context,
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration JSON to write.")] = Path(
         "calibration.json"
     ),
     steps: StepsOpt = 50,
-    samples: Annotated[int, typer.Option(help="Generations to average.")] = 4,
+    samples: Annotated[int, typer.Option(min=1, max=100_000, help="Generations to average.")] = 4,
     batch: BatchOpt = 1,
-    lookahead: Annotated[int, typer.Option(help="Longest reuse run to measure (k).")] = 3,
-    scheduler: SchedulerOpt = "ddim",
+    lookahead: Annotated[
+        int, typer.Option(min=1, max=64, help="Longest reuse run to measure (k), below --steps.")
+    ] = 3,
+    scheduler: SchedulerOpt = None,
     prompt: PromptOpt = None,
     guidance_scale: GuidanceOpt = None,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     plot: Annotated[Path | None, typer.Option(help="Also write the error curves as PNG.")] = None,
     forecast: Annotated[
         bool, typer.Option(help="Also record first-order forecast errors (used by the optimal policy).")
@@ -201,16 +422,36 @@ def calibrate(
     sensitivity: Annotated[
         int,
         typer.Option(
-            help="Step groups for sensitivity weights (0 = skip). Costs 1 + groups x layer groups "
-            "replays of --sensitivity-samples generations."
+            min=0,
+            help="Step groups for sensitivity weights (0 = skip), at most --steps. Costs 1 + groups x "
+            "layer groups replays of --sensitivity-samples generations.",
         ),
     ] = 0,
-    sensitivity_samples: Annotated[int, typer.Option(help="Generations replayed per sensitivity run.")] = 2,
+    sensitivity_samples: Annotated[
+        int, typer.Option(min=1, help="Generations replayed per sensitivity run (at most --samples).")
+    ] = 2,
 ) -> None:
     """Run MODEL uncached and record per-step error curves of every component."""
     from .calibration import calibrate as run_calibration
     from .sensitivity import sensitivity as measure_sensitivity
 
+    scheduler = _scheduler_for(ctx, model, scheduler)
+    if lookahead >= steps:
+        _fail(f"--lookahead {lookahead} must be below --steps {steps}: a reuse run fits in one generation.")
+    if sensitivity > steps:
+        _fail(f"--sensitivity {sensitivity} must be at most --steps {steps} (it groups steps).")
+    if not sensitivity:
+        _refuse_unused(ctx, ("sensitivity_samples",), "without --sensitivity N (N > 0)")
+    elif sensitivity_samples > samples:
+        _fail(f"--sensitivity-samples {sensitivity_samples} exceeds --samples {samples}: it replays those.")
+    _outputs((out, "calibration file (--out)"), (plot, "plot (--plot)"))
+    if plot is not None:
+        from .plots import plot_format
+
+        try:
+            plot_format(plot)
+        except StepCacheError as e:
+            _fail(e)
     try:
         target = load_target(model, scheduler=scheduler)
         inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
@@ -225,39 +466,53 @@ def calibrate(
             meta={"guidance_scale": guidance_scale},
         )
         if sensitivity:
-            run = _replay(target, inputs[: max(1, sensitivity_samples)], seed, steps)
+            run = _replay(target, inputs[:sensitivity_samples], seed, steps)
             cal = measure_sensitivity(target, cal, run, step_groups=sensitivity)
+        with _relay_warnings():
+            cal.save(out)
+        typer.echo(cal.summary())
+        typer.echo(f"wrote {out}")
+        if plot:
+            cal.plot(plot)
+            typer.echo(f"wrote {plot}")
     except StepCacheError as e:
         _fail(e)
-    cal.save(out)
-    typer.echo(cal.summary())
-    typer.echo(f"wrote {out}")
-    if plot:
-        cal.plot(plot)
-        typer.echo(f"wrote {plot}")
 
 
 @app.command()
 def schedule(
+    ctx: typer.Context,
     calibration: Annotated[Path, typer.Argument(help="Calibration JSON from `stepcache calibrate`.")],
-    alpha: Annotated[float | None, typer.Option(help="SmoothCache error threshold.")] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="SmoothCache error threshold.", callback=_checked(_check_alpha))
+    ] = None,
     compute_fraction: Annotated[
-        float | None, typer.Option(help="Target share of component calls to execute.")
+        float | None,
+        typer.Option(help="Target share of component calls to execute.", callback=_checked(_check_fraction)),
     ] = None,
     granularity: Annotated[
-        str | None, typer.Option(help="type (one plan per component type) or layer.")
-    ] = None,
+        str,
+        typer.Option(
+            help="type (one plan per component type) or layer.", callback=_checked(_choice("type", "layer"))
+        ),
+    ] = "type",
     policy: Annotated[
         str,
         typer.Option(
             help="smoothcache (greedy rule, by --alpha or --compute-fraction) or optimal (exact DP for "
-            "--compute-fraction, calibrated forecasting and sensitivity weights when recorded)."
+            "--compute-fraction, calibrated forecasting and sensitivity weights when recorded).",
+            callback=_checked(_choice("smoothcache", "optimal")),
         ),
     ] = "smoothcache",
     forecast: Annotated[
         bool | None, typer.Option(help="optimal: allow first-order forecasts (default: if calibrated).")
     ] = None,
-    budget: Annotated[str, typer.Option(help="optimal: count the budget in calls or macs.")] = "calls",
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="optimal: count the budget in calls or macs.", callback=_checked(_choice("calls", "macs"))
+        ),
+    ] = "calls",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Schedule JSON to write.")] = None,
     smoothcache_out: Annotated[
         Path | None, typer.Option(help="Also write the original package's format.")
@@ -268,92 +523,123 @@ def schedule(
     from .calibration import Calibration
     from .schedule import Schedule
 
-    if policy not in ("smoothcache", "optimal"):
-        _fail(StepCacheError(f"--policy must be smoothcache or optimal, got {policy!r}."))
     if policy == "optimal" and (alpha is not None or compute_fraction is None):
-        _fail(StepCacheError("--policy optimal takes --compute-fraction (not --alpha)."))
+        _fail("--policy optimal takes --compute-fraction (not --alpha).")
     if (alpha is None) == (compute_fraction is None):
-        _fail(StepCacheError("give exactly one of --alpha and --compute-fraction."))
+        _fail("give exactly one of --alpha and --compute-fraction.")
+    if policy == "smoothcache":
+        _refuse_unused(ctx, ("forecast", "budget"), "by --policy smoothcache (for --policy optimal only)")
+    _outputs(
+        (out, "schedule file (--out)"),
+        (smoothcache_out, "SmoothCache file (--smoothcache-out)"),
+        inputs=(calibration,),
+    )
     try:
         cal = Calibration.load(calibration)
         if policy == "optimal":
             sched = Schedule.optimal(
                 cal,
                 compute_fraction,  # type: ignore[arg-type]
-                granularity=granularity or "type",
+                granularity=granularity,
                 forecast=forecast,
                 budget=budget,
             )
         elif alpha is not None:
-            sched = Schedule.from_calibration(cal, alpha, granularity=granularity or "type")
+            sched = Schedule.from_calibration(cal, alpha, granularity=granularity)
         else:
-            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity or "type")  # type: ignore[arg-type]
+            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity)  # type: ignore[arg-type]
+        typer.echo(sched.render())
+        if out:
+            sched.save(out)
+            typer.echo(f"wrote {out}")
         if smoothcache_out:
-            sched.to_smoothcache(smoothcache_out)
+            with _relay_warnings():
+                sched.to_smoothcache(smoothcache_out)
+            typer.echo(f"wrote {smoothcache_out}")
     except StepCacheError as e:
         _fail(e)
-    typer.echo(sched.render())
-    if out:
-        sched.save(out)
-        typer.echo(f"wrote {out}")
 
 
 @app.command()
 def tune(
+    ctx: typer.Context,
     model: ModelArg,
-    compute_fraction: Annotated[float, typer.Option(help="Share of component calls to execute.")],
+    compute_fraction: Annotated[
+        float,
+        typer.Option(help="Share of component calls to execute.", callback=_checked(_check_fraction)),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Schedule JSON to write.")] = Path("schedule.json"),
     calibration: Annotated[
         Path | None, typer.Option(help="Calibration JSON: adds the optimal policy to the candidates.")
     ] = None,
-    steps: StepsOpt = 50,
-    samples: Annotated[int, typer.Option(help="Generations replayed per candidate.")] = 2,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=3, max=10_000, help="Denoising steps per generation (default: the calibration's, or 50)."
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, max=100_000, help="Generations replayed per candidate.")] = 2,
     batch: BatchOpt = 10,
-    scheduler: SchedulerOpt = "ddim",
+    scheduler: SchedulerOpt = None,
     prompt: PromptOpt = None,
     guidance_scale: GuidanceOpt = None,
-    seed: int = 1000,
+    seed: SeedOpt = 1000,
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached."""
     from .calibration import Calibration
     from .policies.tuned import tune as run_tune
 
+    scheduler = _scheduler_for(ctx, model, scheduler)
+    _outputs((out, "schedule file (--out)"), inputs=(calibration,))
     try:
+        cal = Calibration.load(calibration) if calibration else None
+        if cal is not None and steps is not None and steps != cal.num_steps:
+            _fail(f"--steps {steps} differs from the calibration's {cal.num_steps} steps: leave --steps out.")
+        steps = cal.num_steps if cal is not None else steps or 50
         target = load_target(model, scheduler=scheduler)
         inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
-        cal = Calibration.load(calibration) if calibration else None
         sched = run_tune(
             target, _replay(target, inputs, seed, steps), compute_fraction, num_steps=steps, calibration=cal
         )
+        typer.echo(sched.render())
+        typer.echo(f"chosen: {sched.meta['candidate']} ({sched.meta['tuning']['runs']} replays)")
+        sched.save(out)
+        typer.echo(f"wrote {out}")
     except StepCacheError as e:
         _fail(e)
-    typer.echo(sched.render())
-    typer.echo(f"chosen: {sched.meta['candidate']} ({sched.meta['tuning']['runs']} replays)")
-    sched.save(out)
-    typer.echo(f"wrote {out}")
 
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for grid.png, curves.png, report.json.")
     ] = Path("stepcache-demo"),
-    scheduler: Annotated[str, typer.Option(help="ddim or dpm (DPM-Solver++ 2M).")] = "ddim",
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
-    per_class: Annotated[int, typer.Option(help="Samples per class.")] = 20,
+    scheduler: Annotated[
+        str, typer.Option(help="ddim or dpm (DPM-Solver++ 2M).", callback=_checked(_check_scheduler))
+    ] = "ddim",
+    steps: Annotated[int, typer.Option(min=2, max=10_000, help="Denoising steps.")] = 50,
+    per_class: Annotated[int, typer.Option(min=1, max=10_000, help="Samples per class.")] = 20,
     classes: Annotated[str, typer.Option(help="Comma-separated digits.")] = "0,1,2,3,4,5,6,7,8,9",
     alpha: Annotated[
-        float | None, typer.Option(help="SmoothCache threshold of the first cached variant.")
+        float | None,
+        typer.Option(
+            help="SmoothCache threshold of the first cached variant.", callback=_checked(_check_alpha)
+        ),
     ] = None,
     compute_fraction: Annotated[
-        float, typer.Option(help="Compute budget of the second cached variant.")
+        float,
+        typer.Option(help="Compute budget of the second cached variant.", callback=_checked(_check_fraction)),
     ] = 0.5,
     guidance_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance (default: the model card's).")
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance (default: the model card's).", callback=_checked(_check_finite)
+        ),
     ] = None,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     calibration_samples: Annotated[
-        int, typer.Option(help="Generations to calibrate when nothing is shipped.")
+        int, typer.Option(min=1, max=10_000, help="Generations to calibrate when nothing is shipped.")
     ] = 8,
 ) -> None:
     """Uncached vs SmoothCache on the shipped reference model: images, curves, metrics. Offline."""
@@ -362,9 +648,24 @@ def demo(
     try:
         picked = [int(c) for c in classes.split(",") if c.strip()]
     except ValueError:
-        _fail(StepCacheError(f"--classes must be comma-separated digits, got {classes!r}."))
-    if not picked or any(not 0 <= c <= 9 for c in picked):
-        _fail(StepCacheError(f"--classes must name digits 0..9, got {classes!r}."))
+        _fail(f"--classes must be comma-separated digits, got {classes!r}.")
+    if not picked or any(not 0 <= c <= 9 for c in picked) or len(set(picked)) != len(picked):
+        _fail(f"--classes must name distinct digits 0..9, got {classes!r}.")
+    try:
+        check_output(out, "demo output folder (--out)", folder=True)
+        if _given(ctx, "calibration_samples"):
+            from .reference import DEFAULT_GUIDANCE_SCALE
+            from .reference.pipeline import shipped_calibration
+
+            shipped = shipped_calibration(scheduler, steps)
+            guidance = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+            if shipped is not None and shipped.meta.get("guidance_scale") == guidance:
+                _fail(
+                    f"--calibration-samples is unused: a calibration for {scheduler} {steps} steps ships "
+                    "with stepcache and is used. Leave it out."
+                )
+    except StepCacheError as e:
+        _fail(e)
     cfg = DemoConfig(
         out=out,
         scheduler=scheduler,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import atomic_write, check_output
 from ._version import __version__
 from .reference.pipeline import ReferencePipeline, calibrate_reference, shipped_calibration
 from .runtime import cache
@@ -67,7 +68,7 @@ def _grid(
 def _plot_grid(
     path: Path, columns: list[tuple[str, torch.Tensor]], labels: torch.Tensor, classes: list[int]
 ) -> None:
-    from .plots import _pyplot
+    from .plots import _pyplot, save_figure
 
     plt = _pyplot()
     per_row = 4
@@ -88,15 +89,14 @@ def _plot_grid(
     ax.tick_params(length=0)
     ax.set_title("per class: uncached | cached | |difference| x 10", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to ``cfg.out / "report.json"``)."""
     from . import metrics, reference
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    check_output(cfg.out, "demo output folder", folder=True)
     guidance = reference.DEFAULT_GUIDANCE_SCALE if cfg.guidance_scale is None else cfg.guidance_scale
     cal = shipped_calibration(cfg.scheduler, cfg.steps)
     cal_source = f"shipped ({cfg.scheduler}-{cfg.steps}.json)"
@@ -178,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     import json
 
-    (cfg.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(cfg.out / "report.json", json.dumps(report, indent=2) + "\n", what="demo report")
     return report
 
 

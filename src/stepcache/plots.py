@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._io import atomic_write
+from .errors import StepCacheError
+
 if TYPE_CHECKING:
     from .calibration import Calibration
 
@@ -14,18 +17,47 @@ _COLORS = {"attn": "tab:blue", "cross_attn": "tab:green", "ff": "tab:orange", "b
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise StepCacheError("plots need matplotlib: pip install 'stepcache[plot]'.") from None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
+def plot_format(path: str | Path) -> str:
+    """The image format ``path`` asks for (its suffix; none: PNG), checked against what matplotlib
+    writes, so a bad plot path fails before any work is done."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise StepCacheError(
+            f"cannot write a plot to {path}: .{fmt} is not an image format; use one of "
+            f"{', '.join('.' + f for f in sorted(supported))}."
+        )
+    return fmt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` atomically (a failed write leaves an existing file as it was) and close it."""
+    plt = _pyplot()
+    try:
+        fmt = plot_format(path)
+        return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), what="plot")
+    finally:
+        plt.close(fig)
+
+
 def plot_calibration(cal: Calibration, path: Path, *, schedule: Any = None) -> Path:
     """Per-type error curves (1-step change solid, longer distances fainter); with a schedule, its
     alpha as a dashed line and one compute/reuse strip per schedule entry underneath."""
     plt = _pyplot()
+    plot_format(path)  # before drawing: a bad suffix is an error, not a wasted figure
     tables = cal.type_errors()
     strips = list(schedule.plans.items()) if schedule is not None else []
     heights = [4.0] + ([0.35 * len(strips) + 0.4] if strips else [])
@@ -65,7 +97,4 @@ def plot_calibration(cal: Calibration, path: Path, *, schedule: Any = None) -> P
     else:
         ax.set_xlabel("denoising step")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

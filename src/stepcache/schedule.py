@@ -21,13 +21,22 @@ import enum
 import fnmatch
 import itertools
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._io import SCHEDULE_FILE, JsonValue, read_json
-from ._io import dump as _dump
+from ._io import (
+    SCHEDULE_FILE,
+    JsonValue,
+    check_format_version,
+    is_int,
+    is_number,
+    kind_of,
+    read_json,
+    write_json,
+)
 from ._version import __version__
 from .discovery import COMPONENT_TYPES, Component
 from .errors import ScheduleError, StepCacheError
@@ -49,6 +58,7 @@ class PlanValue(enum.IntEnum):
 COMPUTE, REUSE, FORECAST = int(PlanValue.COMPUTE), int(PlanValue.REUSE), int(PlanValue.FORECAST)
 _FORMAT = "stepcache.schedule"
 _FORMAT_VERSION = 1
+_FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta"}
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
 _SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>\d+))?$")
 # Our type -> the child name the original package uses for diffusers' BasicTransformerBlock.
@@ -78,33 +88,37 @@ class Schedule(JsonValue):
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+        if not is_int(self.num_steps) or self.num_steps < 1:
             raise ScheduleError(f"num_steps must be a positive integer, got {self.num_steps!r}.")
-        if not self.plans:
+        if not isinstance(self.plans, Mapping) or not self.plans:
             raise ScheduleError("a schedule needs at least one entry (selector -> per-step plan).")
         plans: dict[str, tuple[int, ...]] = {}
         for key, plan in self.plans.items():
             if not isinstance(key, str) or not key:
                 raise ScheduleError(f"schedule keys must be non-empty strings, got {key!r}.")
-            try:
-                values = tuple(int(v) for v in plan)
-            except (TypeError, ValueError):
+            plans[key] = _check_plan(key, plan, self.num_steps)
+        if not isinstance(self.counts, Mapping):
+            raise ScheduleError(f"counts must map selectors to numbers of components, got {self.counts!r}.")
+        counts: dict[str, int] = {}
+        for key, count in self.counts.items():
+            if key not in plans:
+                raise ScheduleError(f"counts names {key!r}, which has no plan in the schedule.")
+            if not is_int(count) or count < 1:
                 raise ScheduleError(
-                    f"plan for {key!r} must be a list of plan values 0/1/2, got {plan!r}."
-                ) from None
-            if any(v not in (COMPUTE, REUSE, FORECAST) for v in values):
-                raise ScheduleError(
-                    f"plan for {key!r} may hold only 1 (compute), 0 (reuse) and 2 (forecast)."
+                    f"counts[{key!r}] must be a positive integer (components the selector stands for), "
+                    f"got {count!r}."
                 )
-            if len(values) != self.num_steps:
-                raise ScheduleError(
-                    f"plan for {key!r} has {len(values)} steps, the schedule {self.num_steps}."
-                )
-            if values[0] != COMPUTE:
-                raise ScheduleError(f"plan for {key!r} reuses at step 0, where nothing is stored yet.")
-            plans[key] = values
+            counts[key] = int(count)
+        if not isinstance(self.meta, Mapping) or not all(isinstance(k, str) for k in self.meta):
+            raise ScheduleError(f"meta must map strings to values, got {self.meta!r}.")
+        lookahead = self.meta.get("lookahead")
+        if lookahead is not None and (not is_int(lookahead) or lookahead < 1):
+            raise ScheduleError(f'meta "lookahead" must be a positive integer, got {lookahead!r}.')
+        alpha = self.meta.get("alpha")
+        if alpha is not None and (not is_number(alpha) or not alpha >= 0):
+            raise ScheduleError(f'meta "alpha" must be a number >= 0, got {alpha!r}.')
         object.__setattr__(self, "plans", plans)
-        object.__setattr__(self, "counts", {k: int(v) for k, v in self.counts.items() if k in plans})
+        object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "meta", dict(self.meta))
 
     # ---------------------------------------------------------------- construction
@@ -186,7 +200,7 @@ class Schedule(JsonValue):
         computed; no reuse run exceeds the calibration's lookahead (or, without one, the longest run
         of the original, scaled by the stretch).
         """
-        if not isinstance(num_steps, int) or num_steps < 1:
+        if not is_int(num_steps) or num_steps < 1:
             raise ScheduleError(f"num_steps must be a positive integer, got {num_steps!r}.")
         if num_steps == self.num_steps:
             return self
@@ -265,19 +279,34 @@ class Schedule(JsonValue):
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "schedule") -> Schedule:
+        """The schedule in a dict read from a file written by :meth:`save` (:meth:`to_dict`).
+
+        Strict: every field must have its exact JSON type (``1.0``, ``"1"`` and ``true`` are not the
+        integer ``1``), values must be in range, and unknown fields are refused rather than dropped.
+
+        Raises:
+            ScheduleError: naming ``source`` and the field that is wrong.
+        """
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ScheduleError(
                 f'{source} is not a stepcache schedule (no "format": "{_FORMAT}"). A file of the original '
                 "SmoothCache package loads with Schedule.from_smoothcache()."
             )
-        if data.get("format_version", 0) > _FORMAT_VERSION:
-            raise ScheduleError(
-                f"{source} has format_version {data['format_version']}; upgrade stepcache to read it."
-            )
+        check_format_version(data, source, ScheduleError, _FORMAT_VERSION)
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ScheduleError(f"{source} has unknown field(s) {unknown}; expected {sorted(_FIELDS)}.")
+        if "num_steps" not in data or "plans" not in data:
+            missing = [f for f in ("num_steps", "plans") if f not in data]
+            raise ScheduleError(f"{source} is missing field(s) {missing}.")
+        for name, kind in (("plans", dict), ("counts", dict), ("meta", dict), ("stepcache_version", str)):
+            if name in data and not isinstance(data[name], kind):
+                want = "a JSON object" if kind is dict else "a string"
+                raise ScheduleError(f"{source}: field {name!r} must be {want}, got {kind_of(data[name])}.")
         try:
-            return cls(int(data["num_steps"]), data["plans"], data.get("counts", {}), data.get("meta", {}))
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ScheduleError(f"{source} is missing or has malformed field {e}.") from None
+            return cls(data["num_steps"], data["plans"], data.get("counts", {}), data.get("meta", {}))
+        except ScheduleError as e:
+            raise ScheduleError(f"{source}: {e}") from None
 
     # ---------------------------------------------------------------- the original package's format
     def to_smoothcache(
@@ -290,6 +319,14 @@ class Schedule(JsonValue):
         ``<stack>.<i>.<child>`` become ``<child>-<i>``.
         """
         names = dict(SMOOTHCACHE_NAMES if names is None else names)
+        forecasts = sum(plan.count(FORECAST) for plan in self.plans.values())
+        if forecasts:
+            warnings.warn(
+                f"stepcache: the original SmoothCache format has no forecasting; {forecasts} forecast "
+                "step(s) of this schedule are written as 0 (reuse), which copies instead of extrapolating.",
+                UserWarning,
+                stacklevel=2,
+            )
         out: dict[str, list[int]] = {}
         for key, plan in self.plans.items():
             if key in names:
@@ -300,7 +337,7 @@ class Schedule(JsonValue):
                 raise ScheduleError(f"{key!r} has no equivalent in the original package's format.")
             out[f"{m.group(2)}-{m.group(1)}"] = [int(v == COMPUTE) for v in plan]
         if path is not None:
-            Path(path).write_text(_dump(out))
+            write_json(path, out, what="SmoothCache schedule file", error=ScheduleError)
         return out
 
     @classmethod
@@ -341,12 +378,37 @@ class Schedule(JsonValue):
                 plans[f"{stack}.{index}.{child}"] = plan
             else:
                 plans[key_map.get(child, f"*.{child}")] = plan
-        lengths = {len(p) if isinstance(p, Sequence) else -1 for p in plans.values()}
+        lengths = {
+            len(p) if isinstance(p, Sequence) and not isinstance(p, str) else -1 for p in plans.values()
+        }
         if len(lengths) != 1 or -1 in lengths:
             raise ScheduleError(
                 f"SmoothCache schedule plans must be lists of one common length, got lengths {lengths}."
             )
+        for key, plan in plans.items():
+            if isinstance(plan, Sequence) and any(v not in (0, 1) or not is_int(v) for v in plan):
+                raise ScheduleError(
+                    f"SmoothCache plan {key!r} may hold only 1 (compute) and 0 (reuse), got {list(plan)!r}."
+                )
         return cls(lengths.pop(), {k: tuple(p) for k, p in plans.items()}, meta={"rule": "smoothcache-file"})
+
+
+def _check_plan(key: str, plan: Any, num_steps: int) -> tuple[int, ...]:
+    """A plan as a tuple of plain ints, or a ScheduleError saying what is wrong with it."""
+    if isinstance(plan, (str, bytes, Mapping, set, frozenset)) or not isinstance(plan, Iterable):
+        raise ScheduleError(f"plan for {key!r} must be a list of plan values 0/1/2, got {kind_of(plan)}.")
+    values = tuple(plan)
+    for step, v in enumerate(values):
+        if not is_int(v) or v not in (COMPUTE, REUSE, FORECAST):
+            raise ScheduleError(
+                f"plan for {key!r} may hold only 1 (compute), 0 (reuse) and 2 (forecast), as integers; "
+                f"step {step} is {kind_of(v) if not is_int(v) else v}."
+            )
+    if len(values) != num_steps:
+        raise ScheduleError(f"plan for {key!r} has {len(values)} steps, the schedule {num_steps}.")
+    if values[0] != COMPUTE:
+        raise ScheduleError(f"plan for {key!r} reuses at step 0, where nothing is stored yet.")
+    return tuple(int(v) for v in values)
 
 
 def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) -> tuple[int, ...]:

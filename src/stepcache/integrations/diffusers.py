@@ -27,6 +27,10 @@ def tiny_dit_pipeline(
     jump between steps). ``num_embeds_ada_norm=1000`` because ``DiTPipeline`` hard-codes class 1000
     as the null class for guidance.
     """
+    if scheduler not in ("ddim", "dpm"):
+        from ..errors import StepCacheError
+
+        raise StepCacheError(f"tiny_dit_pipeline: scheduler must be 'ddim' or 'dpm', got {scheduler!r}.")
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["CostCurve", "allocate", "cost_curve", "optimal_schedule", "plan_cost"]
 
 _INF = math.inf
+# Cells of the knapsack table (budget units x components): 4e6 cells are ~100 MB with their back-pointers.
+_MAX_KNAPSACK_CELLS = 4_000_000
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
@@ -196,11 +198,20 @@ def allocate(curves: Mapping[str, CostCurve], units: Mapping[str, float], budget
         ScheduleError: the budget is below the cheapest feasible allocation.
     """
     keys = list(curves)
+    if any(not math.isfinite(units[key]) or units[key] < 0 for key in keys) or not math.isfinite(budget):
+        raise ScheduleError("units and budget must be finite numbers >= 0.")
     floor = sum(units[key] * int(curves[key].feasible[0]) for key in keys)
     if budget + 1e-9 < floor:
         raise ScheduleError(f"budget {budget:g} is below the least possible {floor:g}.")
     if all(float(units[key]).is_integer() for key in keys):
-        return _knapsack(curves, {key: int(units[key]) for key in keys}, math.floor(budget + 1e-9))
+        # Whole units (calls, or MACs that happen to be whole numbers): in multiples of their common
+        # divisor the knapsack is exact, but its table has one cell per unit of budget and component,
+        # so it is used only while that stays small; MAC counts (~1e8 each) fall back to the Lagrangian.
+        ints = {key: int(units[key]) for key in keys}
+        step = math.gcd(*ints.values()) or 1
+        cells = math.floor(budget / step + 1e-9)
+        if (cells + 1) * len(keys) <= _MAX_KNAPSACK_CELLS:
+            return _knapsack(curves, {key: ints[key] // step for key in keys}, cells)
     return _lagrangian(curves, units, budget)
 
 
@@ -264,7 +275,7 @@ def _lagrangian(curves: Mapping[str, CostCurve], units: Mapping[str, float], bud
             c, cost = counts[key], curves[key].cost
             if units[key] > left + 1e-9 or c + 1 >= len(cost) or not math.isfinite(cost[c + 1]):
                 continue
-            gain = (cost[c] - cost[c + 1]) / units[key]
+            gain = (cost[c] - cost[c + 1]) / max(units[key], 1e-12)
             if gain > best_gain:
                 best_key, best_gain = key, gain
         if best_key is None:
@@ -331,6 +342,11 @@ def optimal_schedule(
                 raise ScheduleError("budget='macs' needs MACs per component; this calibration has none.")
             macs = float(np.mean(known))
         units[key] = counts[key] * macs
+    if not sum(units.values()) > 0:
+        raise ScheduleError(
+            "budget='macs' needs components that cost something: this calibration records 0 MACs for "
+            "all of them. Use budget='calls'."
+        )
     curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key)) for key in tables}
     total = sum(units.values()) * calibration.num_steps
     try:
