@@ -101,9 +101,9 @@ def _hook_classes() -> tuple[type, type]:
                 try:
                     output = self.fn_ref.original_forward(*args, **kwargs)
                 except Exception:
-                    self._post(module, None)  # the call raised: this generation is over
+                    self._post(module, args, None)  # the call raised: this generation is over
                     raise
-                self._post(module, output)
+                self._post(module, args, output)
                 return output
 
             def reset_state(self, module: nn.Module) -> nn.Module:

@@ -61,6 +61,7 @@ class _Slot:
         "compiled",
         "computed",
         "count",
+        "keep",
         "keep_two",
         "macs",
         "mode",
@@ -110,8 +111,17 @@ class _Slot:
                 a, b = s, a
             elif a is not None and b is not None:
                 self.coefs[s] = (s - a) / (a - b)
+        # Liveness: keep a computed output only if a later step reads it before the component
+        # computes again (the next step reuses it, or forecasts from it as the previous output).
+        n = len(plan)
+        self.keep = [
+            (s + 1 < n and plan[s + 1] != COMPUTE)
+            or (self.keep_two and s + 2 < n and plan[s + 1] == COMPUTE and plan[s + 2] == FORECAST)
+            for s in range(n)
+        ]
 
     def start_step(self, step: int) -> None:
+        """Compiled graphs read the step's plan from tensors: fill them (eager calls read the plan)."""
         self.mode, self.coef = self.plan[step], self.coefs[step]
         if self.compiled:
             self.pred.fill_(self.mode == COMPUTE)
@@ -120,19 +130,26 @@ class _Slot:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return self._traced(args, kwargs)
-        branch = self.tracker.branch
+        tracker = self.tracker
+        step, branch = tracker.step, tracker.branch  # eager: the plan is read here, per call
+        mode = self.plan[step]
         entry = self.store.get(branch)
-        if self.mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
+        if mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
             self.reused += 1
-            if self.mode == FORECAST and entry[2] is not None and self.coef:
-                return _extrapolate(entry[1], entry[2], self.coef)
+            coef = self.coefs[step]
+            if mode == FORECAST and entry[2] is not None and coef:
+                return _extrapolate(entry[1], entry[2], coef)
             return entry[1]
         self.computed += 1
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
         else:
             out = self.original(*args, **kwargs)
+        if not self.keep[step]:  # nothing reads it: hold no memory (and drop what is held)
+            if entry is not None:
+                del self.store[branch]
+            return out
         shape = first_tensor_shape(args, kwargs)
         previous = entry[1] if self.keep_two and entry is not None and entry[0] == shape else None
         self.store[branch] = (shape, out, previous)
@@ -403,6 +420,8 @@ class CacheHandle:
 
     # ---------------------------------------------------------------- tracker callbacks
     def _on_step(self, step: int) -> None:
+        if not self.tracker.compiled:
+            return  # eager calls read the plan themselves
         for slot in self._slots.values():
             slot.start_step(step)
 

@@ -48,7 +48,7 @@ def _live(
 
 Interceptor = Callable[[Component, Callable[..., Any]], Callable[..., Any]]
 PreCall = Callable[[nn.Module, tuple, dict], None]
-PostCall = Callable[[nn.Module, Any], None]  # output None: the call raised
+PostCall = Callable[[nn.Module, tuple, Any], None]  # (module, args, output); output None: it raised
 Undo = Callable[[], None]
 
 
@@ -94,10 +94,8 @@ class TorchInstaller:
             return _shim_compiled_call(model, pre, post)
         # The post hook runs even when the call raises (torch then passes output None), so the tracker
         # knows at once that the generation is dead. A tracking-only session runs first.
-        h1 = model.register_forward_pre_hook(
-            lambda m, args, kwargs: pre(m, args, kwargs), with_kwargs=True, prepend=first
-        )
-        h2 = model.register_forward_hook(lambda m, args, out: post(m, out), always_call=True)
+        h1 = model.register_forward_pre_hook(pre, with_kwargs=True, prepend=first)
+        h2 = model.register_forward_hook(post, always_call=True)
 
         def undo() -> None:
             h1.remove()
@@ -130,9 +128,9 @@ def _shim_compiled_call(model: nn.Module, pre: PreCall, post: PostCall) -> Undo:
         try:
             out = compiled(*args, **kwargs)
         except Exception:
-            post(model, None)
+            post(model, args, None)
             raise
-        post(model, out)
+        post(model, args, out)
         return out
 
     call.__stepcache_shim__ = True  # type: ignore[attr-defined]
@@ -264,17 +262,29 @@ class Session:
         self._slots = {id(m): timestep_slot(m, self._timestep_arg) for m in self.models}
         self._hook_denoisers()
 
+    # The two hooks run on every denoiser call: kept flat (no extra frames) on purpose.
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
             _outside_graph(self, self._pre_eager, module, args, kwargs)
             return
-        self._pre_eager(module, args, kwargs)
-
-    def _post(self, module: nn.Module, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            _outside_graph(self, self._post_eager, module, output)
+        if self.tracker.manual:
+            self.tracker.begin_call(None)
             return
-        self._post_eager(module, output)
+        slot = self._slots.get(id(module))
+        t = None
+        if slot is not None:
+            name, index = slot
+            if name in kwargs:
+                t = read_timestep(kwargs[name])
+            elif index is not None and index < len(args):
+                t = read_timestep(args[index])
+        self.tracker.begin_call(t)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            _outside_graph(self, self._post_eager, module, args, output)
+            return
+        self.tracker.end_call(failed=output is None)
 
     def _pre_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.tracker.manual:
@@ -290,7 +300,7 @@ class Session:
                 t = read_timestep(args[index])
         self.tracker.begin_call(t)
 
-    def _post_eager(self, module: nn.Module, output: Any) -> None:
+    def _post_eager(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.tracker.end_call(failed=output is None)
 
 

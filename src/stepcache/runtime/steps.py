@@ -60,10 +60,10 @@ def read_timestep(value: Any) -> float | None:
         n = value.numel()
         if n == 0:
             return None
-        if n == 1:
-            return float(value.item())
-        if n <= 64 and value.device.type == "cpu":  # a batch of timesteps: cheaper in Python
-            return float(max(value.reshape(-1).tolist()))
+        if n <= 64 and value.is_cpu:  # a batch of timesteps: cheapest read in Python
+            if value.dim() == 0:
+                return float(value.item())
+            return float(max(value.tolist() if value.dim() == 1 else value.reshape(-1).tolist()))
         return float(value.max())
     if isinstance(value, (int, float)):
         return float(value)
