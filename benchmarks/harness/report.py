@@ -288,7 +288,7 @@ def plot_frontier(report: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plots import save_figure
+    from stepcache.plots import save_figure
 
     paths = []
     for s in report["quality"]["samplers"]:
