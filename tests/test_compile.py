@@ -135,6 +135,9 @@ def test_regional_compile_of_a_plain_model_is_exact(plain_dit):
     assert breaks == 0 and unique <= 4
     assert handle.stats.computed == 2 * 3 * 2 * sum(PLAN)
     assert handle.stats.reused == 2 * 3 * 2 * (len(PLAN) - sum(PLAN))
+    # Stored bytes, counted on the host after each compiled call: compiled graphs keep every
+    # component's last output (3 layers x 2 types, a (2, 16, 32) float32 output each).
+    assert handle.stats.peak_stored_bytes == 3 * 2 * (2 * 16 * 32 * 4)
     assert not torch.equal(uncached, eager)
 
 

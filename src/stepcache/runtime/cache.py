@@ -36,9 +36,48 @@ from .session import Installer, Session, active_session, hook_state
 from .stats import CacheStats, TypeStats
 from .steps import StepTracker
 
-__all__ = ["CacheHandle", "cache", "disable", "summary"]
+__all__ = ["CacheHandle", "cache", "disable", "liveness", "summary"]
 
 logger = logging.getLogger(__name__)
+
+
+def liveness(plan: tuple[int, ...]) -> tuple[list[bool], bool]:
+    """Which computed outputs a plan keeps: ``(keep, keep_two)``.
+
+    ``keep[s]``: the output computed at step ``s`` is kept, because a later step reads it before the
+    component computes again (the next step reuses it, or, in a forecasting plan, a forecast two steps
+    on extrapolates from it as the previous output). ``keep_two``: the plan forecasts, so a kept entry
+    also holds the previous computed output. The runtime's slots and :func:`stepcache.memory.predict_peak`
+    both follow this one rule.
+    """
+    keep_two = FORECAST in plan  # plain reuse needs only the last output: half the memory
+    n = len(plan)
+    keep = [
+        (s + 1 < n and plan[s + 1] != COMPUTE)
+        or (keep_two and s + 2 < n and plan[s + 1] == COMPUTE and plan[s + 2] == FORECAST)
+        for s in range(n)
+    ]
+    return keep, keep_two
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of a stored value: a tensor's ``nbytes``, summed through tuples (0 for anything else)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, tuple):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+class _Bytes:
+    """Bytes held in the stores of a group of slots (one component type, or all): now and at peak.
+
+    Shared by the slots of the group; a slot updates it only when its store changes."""
+
+    __slots__ = ("now", "peak")
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
 
 
 class _Slot:
@@ -47,6 +86,8 @@ class _Slot:
     ``store[branch]`` is ``(input shape, last output, previous output or None)``: the two most recent
     computed outputs, so a reuse step can copy the last one or extrapolate from both. What to do at
     the current step (``mode``) and the extrapolation weight (``coef``) are set once per step.
+    ``held`` is the bytes the store holds; eager calls update it (and the shared ``bytes_type`` and
+    ``bytes_all``) when they change the store, compiled ones on the host after each denoiser call.
 
     Under ``torch.compile`` the decision is data instead (:meth:`_traced`): ``pred`` and ``coef_t``
     are tensors filled on the host when a step starts and read by ``torch.cond`` when the graph
@@ -55,12 +96,15 @@ class _Slot:
     """
 
     __slots__ = (
+        "bytes_all",
+        "bytes_type",
         "coef",
         "coef_t",
         "coefs",
         "compiled",
         "computed",
         "count",
+        "held",
         "keep",
         "keep_two",
         "macs",
@@ -85,9 +129,14 @@ class _Slot:
         original: Callable[..., Any],
         tracker: StepTracker,
         count: bool,
+        bytes_type: _Bytes | None = None,
+        bytes_all: _Bytes | None = None,
     ):
         self.name, self.type, self.module = comp.name, comp.type, comp.module
         self.original, self.tracker, self.count = original, tracker, count
+        self.held = 0
+        self.bytes_type = _Bytes() if bytes_type is None else bytes_type
+        self.bytes_all = _Bytes() if bytes_all is None else bytes_all
         self.set_plan(plan)
         self.mode, self.coef = COMPUTE, 0.0
         self.store: dict[int, tuple[tuple[int, ...] | None, Any, Any]] = {}
@@ -102,7 +151,7 @@ class _Slot:
 
     def set_plan(self, plan: tuple[int, ...]) -> None:
         self.plan = plan
-        self.keep_two = FORECAST in plan  # plain reuse needs only the last output: half the memory
+        self.keep, self.keep_two = liveness(plan)
         # First-order extrapolation weight per step: (s - a) / (a - b) for the last two computes a > b.
         self.coefs = [0.0] * len(plan)
         a = b = None
@@ -111,14 +160,6 @@ class _Slot:
                 a, b = s, a
             elif a is not None and b is not None:
                 self.coefs[s] = (s - a) / (a - b)
-        # Liveness: keep a computed output only if a later step reads it before the component
-        # computes again (the next step reuses it, or forecasts from it as the previous output).
-        n = len(plan)
-        self.keep = [
-            (s + 1 < n and plan[s + 1] != COMPUTE)
-            or (self.keep_two and s + 2 < n and plan[s + 1] == COMPUTE and plan[s + 2] == FORECAST)
-            for s in range(n)
-        ]
 
     def start_step(self, step: int) -> None:
         """Compiled graphs read the step's plan from tensors: fill them (eager calls read the plan)."""
@@ -149,11 +190,40 @@ class _Slot:
         if not self.keep[step]:  # nothing reads it: hold no memory (and drop what is held)
             if entry is not None:
                 del self.store[branch]
+                self._change(-nbytes(entry[1]) - nbytes(entry[2]))
             return out
         shape = first_tensor_shape(args, kwargs)
         previous = entry[1] if self.keep_two and entry is not None and entry[0] == shape else None
         self.store[branch] = (shape, out, previous)
+        # Bytes: the new output in, what the entry held out (the last output stays as the previous
+        # one in a forecasting plan). Replacing an output by one of the same size changes nothing.
+        delta = out.nbytes if type(out) is torch.Tensor else nbytes(out)
+        if entry is not None:
+            if entry[2] is not None:
+                delta -= nbytes(entry[2])
+            if previous is None:
+                last = entry[1]
+                delta -= last.nbytes if type(last) is torch.Tensor else nbytes(last)
+        if delta:
+            self._change(delta)
         return out
+
+    def _change(self, delta: int) -> None:
+        """The store's bytes changed by ``delta`` (eager code only: traced code counts nothing)."""
+        self.held += delta
+        kind, every = self.bytes_type, self.bytes_all
+        kind.now += delta
+        if kind.now > kind.peak:
+            kind.peak = kind.now
+        every.now += delta
+        if every.now > every.peak:
+            every.peak = every.now
+
+    def recount(self) -> None:
+        """Count the store's bytes afresh (on the host, after a compiled denoiser call)."""
+        held = sum(nbytes(e[1]) + nbytes(e[2]) for e in self.store.values())
+        if held != self.held:
+            self._change(held - self.held)
 
     def _traced(self, args: tuple, kwargs: dict) -> Any:
         """The forward dynamo traces: compute or reuse chosen by ``torch.cond`` on ``self.pred``.
@@ -207,6 +277,14 @@ class _Slot:
         else:
             self.reused += 1
         self.seen[branch] = True
+
+    def clear(self) -> None:
+        """Drop every stored output (the bytes held go back to zero; peaks stay)."""
+        self.store.clear()
+        self.seen.clear()
+        self.mode = COMPUTE
+        if self.held:
+            self._change(-self.held)
 
 
 def _warm_signature_cache(module: Any) -> None:
@@ -299,6 +377,8 @@ class CacheHandle:
         self._boundary = _SchedulerWatch(self._pipeline, self._relocate)
         self.tracker.boundary = self._boundary.new_generation
         self._slots: dict[str, _Slot] = {}
+        self._bytes: dict[str, _Bytes] = {}  # per component type, shared by its slots
+        self._bytes_all = _Bytes()
         self._plans = plans
         self._count = count_macs
         self._generations = 0
@@ -319,7 +399,8 @@ class CacheHandle:
 
     # ---------------------------------------------------------------- life cycle
     def _make_forward(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
-        slot = _Slot(comp, self._plans[comp.name], original, self.tracker, self._count)
+        kind = self._bytes.setdefault(comp.type, _Bytes())
+        slot = _Slot(comp, self._plans[comp.name], original, self.tracker, self._count, kind, self._bytes_all)
         self._slots[comp.name] = slot
         return slot.forward
 
@@ -413,10 +494,16 @@ class CacheHandle:
                 if any(s.macs is None for s in slots if s.reused)
                 else sum(s.reused * (s.macs or 0) for s in slots)
             )
+            held = self._bytes.get(kind) or _Bytes()
             out[kind] = TypeStats(
-                len(slots), sum(s.computed for s in slots), sum(s.reused for s in slots), macs
+                len(slots),
+                sum(s.computed for s in slots),
+                sum(s.reused for s in slots),
+                macs,
+                stored_bytes=held.now,
+                peak_stored_bytes=held.peak,
             )
-        return CacheStats(out, self._generations)
+        return CacheStats(out, self._generations, total_peak_bytes=self._bytes_all.peak)
 
     # ---------------------------------------------------------------- tracker callbacks
     def _on_step(self, step: int) -> None:
@@ -451,12 +538,11 @@ class CacheHandle:
         branch = self.tracker.branch
         for slot in self._slots.values():
             slot.tally(branch)
+            slot.recount()  # stored bytes, sampled after each compiled call
 
     def _clear(self) -> None:
         for slot in self._slots.values():
-            slot.store.clear()
-            slot.seen.clear()
-            slot.mode = COMPUTE
+            slot.clear()
 
 
 class _SchedulerWatch:
