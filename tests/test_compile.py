@@ -48,6 +48,13 @@ def compile_in(pattern: str, model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, backend="aot_eager")
 
 
+def calls(handle) -> dict:
+    """Computed and reused calls per type. (Stored bytes differ by design: a compiled graph keeps
+    every component's output at every step, eager keeps only what a later step reads.)"""
+    stats = handle.stats
+    return {k: (v.computed, v.reused) for k, v in stats.by_type.items()} | {"generations": stats.generations}
+
+
 def graphs() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
@@ -76,7 +83,7 @@ def test_family_compiles_without_breaks_and_bounded_graphs(name, granularity, pa
     # (first step, guidance branch, input strides), never from steps, layers or plan values
     stacks = len({c.stack for c in stepcache.discover(model)})
     assert unique <= (8 * stacks if pattern == "regional" else 8), unique
-    assert handle.stats.as_dict() == eager_handle.stats.as_dict()
+    assert calls(handle) == calls(eager_handle)
     assert model_state(model) == before
 
 
@@ -112,7 +119,7 @@ def test_pipeline_compiled_after_the_cache_was_enabled(tiny_pipe, pattern, granu
     torch._dynamo.reset()
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert breaks == 0 and unique <= 4, (dict(counters["graph_break"]), unique)
-    assert handle.stats.as_dict() == eager_handle.stats.as_dict()
+    assert calls(handle) == calls(eager_handle)
 
 
 def test_regional_compile_of_a_plain_model_is_exact(plain_dit):
