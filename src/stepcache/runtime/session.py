@@ -262,23 +262,12 @@ class Session:
         self._slots = {id(m): timestep_slot(m, self._timestep_arg) for m in self.models}
         self._hook_denoisers()
 
-    # The two hooks run on every denoiser call: kept flat (no extra frames) on purpose.
+    # The two hooks run on every denoiser call: kept short.
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
             _outside_graph(self, self._pre_eager, module, args, kwargs)
             return
-        if self.tracker.manual:
-            self.tracker.begin_call(None)
-            return
-        slot = self._slots.get(id(module))
-        t = None
-        if slot is not None:
-            name, index = slot
-            if name in kwargs:
-                t = read_timestep(kwargs[name])
-            elif index is not None and index < len(args):
-                t = read_timestep(args[index])
-        self.tracker.begin_call(t)
+        self._pre_eager(module, args, kwargs)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if torch.compiler.is_compiling():
