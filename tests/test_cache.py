@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dit_runs import generate as gen_pipe
 from model_state import model_state
 from plain_models import reference_forward, sample
 
@@ -16,16 +17,6 @@ PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)  # reuse runs of 2 and 2, and 1
 
 def fixed(plan=PLAN, types=("attn", "ff")):
     return Schedule(len(plan), dict.fromkeys(types, plan))
-
-
-def gen_pipe(pipe, seed=0, steps=N, labels=(1, 2), guidance=4.0):
-    return pipe(
-        list(labels),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
 
 
 def test_alpha_zero_is_bit_identical_on_dit_pipeline(tiny_pipe):

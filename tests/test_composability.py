@@ -19,16 +19,6 @@ def sched():
     return Schedule(N, {"attn": PLAN, "ff": PLAN})
 
 
-def generate(pipe):
-    return pipe(
-        [1, 2],
-        num_inference_steps=N,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images
-
-
 def test_a_diffusers_cache_hook_is_refused_unless_stacking_is_asked(tiny_pipe):
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 

@@ -12,6 +12,7 @@ from stepcache import Schedule, SmoothCacheConfig, StepCacheError, apply_smoothc
 
 pytest.importorskip("diffusers")
 from diffusers.hooks import HookRegistry
+from dit_runs import generate
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
@@ -20,16 +21,6 @@ PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
 def schedule(forecast=False):
     sched = Schedule(N, {"attn": PLAN, "ff": PLAN})
     return sched.with_forecast() if forecast else sched
-
-
-def generate(pipe, seed=0):
-    return pipe(
-        [1, 2],
-        num_inference_steps=N,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
 
 
 @pytest.mark.parametrize("forecast", [False, True])

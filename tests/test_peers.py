@@ -7,22 +7,13 @@ import io
 
 import pytest
 import torch
+from dit_runs import generate
 
 import stepcache
 from stepcache import Schedule
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
-
-
-def generate(pipe, seed=0):
-    return pipe(
-        [1, 2],
-        num_inference_steps=N,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
 
 
 def test_same_schedule_is_bit_identical_to_the_original_package(tiny_pipe):
