@@ -273,7 +273,7 @@ class Session:
         if torch.compiler.is_compiling():
             _outside_graph(self, self._post_eager, module, args, output)
             return
-        self.tracker.end_call(failed=output is None)
+        self._post_eager(module, args, output)
 
     def _pre_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.tracker.manual:
