@@ -9,9 +9,11 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "DiscoveryError",
+    "DistributedError",
     "ReferenceWeightsError",
     "ScheduleError",
     "ScheduleLengthError",
+    "ScheduleMismatchError",
     "StepCacheError",
     "StepCacheWarning",
 ]
@@ -31,6 +33,14 @@ class ScheduleError(StepCacheError):
 
 class ScheduleLengthError(ScheduleError):
     """The run made a different number of denoising steps than the schedule has."""
+
+
+class DistributedError(StepCacheError):
+    """The ranks of a process group disagree, or not all of them took part in a step they share."""
+
+
+class ScheduleMismatchError(DistributedError, ScheduleError):
+    """Ranks enabled caches with different schedules (under context parallelism they would hang)."""
 
 
 class CalibrationError(StepCacheError):

@@ -29,6 +29,7 @@ from torch import nn
 
 from .._logging import follow_diffusers
 from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover, unwrap
+from ..distributed import check_schedule_agreement
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCacheWarning
 from ..schedule import COMPUTE, FORECAST, Schedule
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class, weights_state
@@ -409,6 +410,7 @@ class CacheHandle:
         nothing stays installed."""
         if self._session.open:
             return self
+        check_schedule_agreement(self._plans, self.schedule.num_steps)  # ranks agree, or all raise
         message = (
             f"cache enabled on {len(self.components)} components "
             f"(compute fraction {self.schedule.compute_fraction:.3f})"
