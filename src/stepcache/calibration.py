@@ -12,8 +12,10 @@ applied to a different model, and turns into schedules through :class:`~stepcach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import operator
 import time
 import warnings
 from collections import deque
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from ._io import CALIBRATION_FILE, JsonValue, check_format_version, is_int, is_number, kind_of
 from ._logging import follow_diffusers
 from ._version import __version__
@@ -170,6 +173,92 @@ class Calibration(JsonValue):
                 f"this calibration was recorded on {self.meta.get('model_class')} (fingerprint {want}) but "
                 f"the model is {model_class(model)} (fingerprint {got}): recalibrate on this model."
             )
+
+    @classmethod
+    def merge(cls, calibrations: Iterable[Calibration | str | Path]) -> Calibration:
+        """One calibration of all the generations of ``calibrations`` (values or files), made by
+        separate jobs on the same model and setup: per cell the sample-weighted mean and the pooled
+        spread, what one job calibrating all their generations records (to float precision).
+
+        A calibration already holds its sufficient statistics, in files of every format version:
+        ``num_samples`` and, per cell, the mean (``errors``) and population standard deviation
+        (``spread``) over those generations. Every measured cell averages all ``num_samples``
+        generations (a calibration refuses generations of different lengths), so the count, sum and
+        sum of squared deviations of each cell follow exactly, and files written before this method
+        existed merge as well as new ones.
+
+        Must agree: the model (class, fingerprint, dtype, adapters, weights digest), scheduler,
+        guidance scale, ``num_steps``, ``lookahead``, the components and their types, and whether
+        forecast errors were recorded. A component without a spread in some input has none in the
+        result. Sensitivity weights come from replays of one calibration and do not pool: merge
+        calibrations without them (``cal.replace(weights={})``), then run :func:`stepcache.sensitivity`
+        on the result.
+
+        Raises:
+            CalibrationError: fewer than one calibration, or one that differs in any of the above.
+        """
+        cals = [c if isinstance(c, Calibration) else cls.load(c) for c in calibrations]
+        if not cals:
+            raise CalibrationError("Calibration.merge needs at least one calibration.")
+        first = cals[0]
+        keys = ("model_class", "fingerprint", "dtype", "adapters", "weights_digest", "scheduler")
+        for i, cal in enumerate(cals[1:], 1):
+            checks: list[tuple[str, Any, Any]] = [
+                ("num_steps", first.num_steps, cal.num_steps),
+                ("lookahead", first.lookahead, cal.lookahead),
+                ("components (names and types)", dict(first.components), dict(cal.components)),
+                ("forecast errors recorded", bool(first.forecast_errors), bool(cal.forecast_errors)),
+            ]
+            checks += [(f"meta {k!r}", first.meta.get(k), cal.meta.get(k)) for k in (*keys, "guidance_scale")]
+            for label, a, b in checks:
+                if a != b:
+                    shown = "" if isinstance(a, dict) else f" ({b!r} vs {a!r})"
+                    raise CalibrationError(
+                        f"cannot merge: calibration {i} differs from calibration 0 in {label}{shown}; merge "
+                        "only calibrations of one model and setup."
+                    )
+        if any(cal.weights for cal in cals):
+            raise CalibrationError(
+                "cannot merge sensitivity weights (they come from replays of one calibration): merge "
+                "cal.replace(weights={}) of each, then run stepcache.sensitivity() on the result."
+            )
+        names = list(first.components)
+        errors, spread, forecast = {}, {}, {}
+        for name in names:
+            pooled = functools.reduce(
+                operator.add,
+                (_Moments.of_summary(c.num_samples, c.errors[name], c.spread.get(name)) for c in cals),
+            )
+            errors[name] = pooled.mean
+            if all(name in c.spread for c in cals):
+                spread[name] = pooled.std()
+            if first.forecast_errors:
+                forecast[name] = functools.reduce(
+                    operator.add,
+                    (_Moments.of_summary(c.num_samples, c.forecast_errors[name], None) for c in cals),
+                ).mean
+        macs = {
+            name: next((c.macs[name] for c in cals if c.macs.get(name) is not None), None) for name in names
+        }
+        meta = dict(first.meta) | {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "stepcache_version": __version__,
+            "merged_from": len(cals),
+        }
+        seconds = [c.meta.get("seconds") for c in cals]
+        if all(is_number(v) for v in seconds):
+            meta["seconds"] = round(sum(float(v) for v in seconds if v is not None), 2)
+        return cls(
+            num_steps=first.num_steps,
+            lookahead=first.lookahead,
+            num_samples=sum(c.num_samples for c in cals),
+            components=dict(first.components),
+            errors=errors,
+            spread=spread,
+            macs=macs,
+            meta=meta,
+            forecast_errors=forecast,
+        )
 
     def summary(self) -> str:
         """A short table: per type, the mean 1-step change early, mid-way and late in sampling."""
@@ -387,18 +476,26 @@ class _Recorder:
     """
 
     def __init__(
-        self, components: Sequence[Component], lookahead: int, tracker: StepTracker, forecast: bool = False
+        self,
+        components: Sequence[Component],
+        lookahead: int,
+        tracker: StepTracker,
+        forecast: bool = False,
+        sequence_group: Any = None,
     ) -> None:
         self.k = lookahead
         self.forecast = forecast
         self.tracker = tracker
+        self.sequence_group = sequence_group
         self.names = [c.name for c in components]
         self.macs: dict[str, float | None] = {}
         self.generations: list[dict[str, np.ndarray]] = []
         self.forecast_generations: list[dict[str, np.ndarray]] = []
         self._hist: dict[tuple[str, int], deque] = {}
-        # (name, step, j, m, per-item error); m = 0 marks a copy error.
-        self._pending: list[tuple[str, int, int, int, torch.Tensor]] = []
+        # (name, step, j, m, per-item |difference|_1, per-item |output|_1); m = 0 marks a copy error.
+        # Numerator and denominator stay apart until the generation ends: under context parallelism
+        # both are summed over the ranks' sequence slices before dividing.
+        self._pending: list[tuple[str, int, int, int, torch.Tensor, torch.Tensor]] = []
         self._max_step = -1
 
     def intercept(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -422,19 +519,19 @@ class _Recorder:
         k = self.k
         hist = self._hist.setdefault((name, branch), deque(maxlen=2 * k + 1 if self.forecast else k))
         past = {s: o for s, o in hist if o.shape == cur.shape}
-        norm = cur.abs().sum(1).clamp_min(1e-12)
+        norm = cur.abs().sum(1)
         for j in range(1, k + 1):
             a = past.get(step - j)
             if a is None:
                 continue
-            self._pending.append((name, step, j, 0, (cur - a).abs().sum(1) / norm))
+            self._pending.append((name, step, j, 0, (cur - a).abs().sum(1), norm))
             if not self.forecast:
                 continue
             for m in range(1, k + 2):
                 b = past.get(step - j - m)
                 if b is not None:
                     pred = a + (j / m) * (a - b)
-                    self._pending.append((name, step, j, m, (cur - pred).abs().sum(1) / norm))
+                    self._pending.append((name, step, j, m, (cur - pred).abs().sum(1), norm))
         hist.append((step, cur))
         self._max_step = max(self._max_step, step)
 
@@ -446,9 +543,9 @@ class _Recorder:
         sums = {name: np.zeros((n, k, k + 2)) for name in self.names}
         counts = {name: np.zeros((n, k, k + 2)) for name in self.names}
         if self._pending:
-            flat = torch.cat([e.reshape(-1) for *_, e in self._pending]).cpu().numpy()
+            flat = self._ratios().cpu().numpy()
             at = 0
-            for name, step, j, m, e in self._pending:
+            for name, step, j, m, e, _ in self._pending:
                 vals = flat[at : at + e.numel()]
                 at += e.numel()
                 sums[name][step, j - 1, m] += vals.sum()
@@ -461,6 +558,24 @@ class _Recorder:
         if self.forecast:
             self.forecast_generations.append({name: m[:, :, 1:] for name, m in means.items()})
         self.drop_generation()
+
+    def _ratios(self) -> torch.Tensor:
+        """Every pending relative L1 error, flat: numerators over denominators, each summed over the
+        sequence group's slices first when there is one (one collective per generation)."""
+        num = torch.cat([e.reshape(-1) for *_, e, _ in self._pending])
+        den = torch.cat([d.reshape(-1) for *_, d in self._pending])
+        group = self.sequence_group
+        if group is not None:
+            sizes = distributed.all_reduce(torch.tensor([num.numel(), -num.numel()]), group, op="max")
+            if int(sizes[0]) != -int(sizes[1]):
+                raise CalibrationError(
+                    f"the ranks of sequence_group measured different numbers of errors in one generation "
+                    f"({-int(sizes[1])} to {int(sizes[0])}): they must run the same generations, each on "
+                    "an equal slice of the sequence."
+                )
+            both = distributed.all_reduce(torch.stack([num, den]), group)
+            num, den = both[0], both[1]
+        return num / den.clamp_min(1e-12)
 
     def drop_generation(self) -> None:
         self._hist.clear()
@@ -483,6 +598,8 @@ def calibrate(
     scheduler: str | None = None,
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
+    process_group: Any = distributed.AUTO,
+    sequence_group: Any = None,
 ) -> Calibration:
     """Record per-step error curves of every cacheable component of ``target``.
 
@@ -499,15 +616,31 @@ def calibrate(
         timestep_arg: name of the denoiser's timestep argument, if it is not found automatically.
         scheduler: scheduler name to record (taken from the pipeline when there is one).
         meta: extra metadata to record (for instance the guidance scale the runs used).
-        progress: show a progress bar over denoising steps.
+        progress: show a progress bar over denoising steps (on rank 0 only, under a process group).
+        process_group: the ranks that calibrate different generations: with ``inputs``, rank ``r`` of
+            ``w`` runs the inputs ``i`` with ``i % w == r``; with ``run``, every rank runs its own
+            ``run`` (give each its share, e.g. with :func:`stepcache.distributed.shard`). Every rank
+            returns the calibration of all ranks' generations, equal (to float precision) to one
+            process calibrating them all. ``"auto"`` (default): the whole world when
+            ``torch.distributed`` is initialised (torchrun, accelerate) and no ``sequence_group`` is
+            given; ``None``: calibrate alone.
+        sequence_group: under context parallelism (each rank holds a slice of every sequence), the
+            ranks that share one generation. Relative errors are then ratios of sums over the whole
+            sequence (numerator and denominator summed over the group), so every rank of it records
+            the same curves as one process running the whole sequence. Its ranks must run the same
+            generations: with both groups, shard over the data-parallel ``process_group`` only.
 
     Raises:
-        CalibrationError: bad arguments, no generation ran, or generations of different lengths.
+        CalibrationError: bad arguments, no generation ran, or generations of different lengths
+            (under a process group, on every rank together, whichever rank's generations failed).
     """
     follow_diffusers()
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
         raise CalibrationError(f"lookahead must be a positive integer, got {lookahead!r}.")
     inputs = list(inputs) if inputs is not None else None
+    seq = distributed.resolve_group(sequence_group)
+    default = isinstance(process_group, str) and process_group == distributed.AUTO and seq is not None
+    group = None if default else distributed.resolve_group(process_group)
     if run is None:
         if inputs is None:
             raise CalibrationError(
@@ -519,6 +652,7 @@ def calibrate(
             )
         if not inputs:
             raise CalibrationError("inputs is empty: give at least one set of call kwargs.")
+        inputs = distributed.shard(inputs, group) if group is not None else inputs
         extra = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
 
         def run() -> None:
@@ -530,40 +664,40 @@ def calibrate(
 
     models = [m for _, m in denoisers_of(target)]
     comps = discover(target, blocks=blocks, components=components, types=types)
+    names = [c.name for c in comps]
     tracker = StepTracker()
-    recorder = _Recorder(comps, lookahead, tracker, forecast=forecast)
+    recorder = _Recorder(comps, lookahead, tracker, forecast=forecast, sequence_group=seq)
     tracker.on_generation.append(recorder.finish_generation)
     tracker.on_reset.append(recorder.drop_generation)
 
     total = len(inputs) * num_inference_steps if inputs is not None and num_inference_steps else None
-    bar = _progress(progress, total)
+    bar = _progress(progress and distributed.is_main(), total)
     tracker.on_step.append(lambda _s: bar.update(1) if tracker.branch == 0 else None)
     start = time.perf_counter()
+    failure: Exception | None = None
     try:
         with Session(models, comps, recorder.intercept, tracker, timestep_arg=timestep_arg), torch.no_grad():
             run()
         recorder.finish_generation()
+    except Exception as e:
+        if group is None:
+            raise
+        failure = e  # told to the other ranks first, so that none of them waits for this one
     finally:
         bar.close()
-    gens = recorder.generations
-    if not gens:
-        raise CalibrationError("no denoising step was observed: does `run` call the model?")
-    lengths = sorted({next(iter(g.values())).shape[0] for g in gens})
-    if len(lengths) != 1:
-        raise CalibrationError(
-            f"generations had different step counts {lengths}; calibrate one step count at a time."
+    macs = [recorder.macs.get(name) for name in names]
+    if seq is not None:
+        macs = _sum_over(macs, seq)
+    seconds = time.perf_counter() - start
+    if group is None:
+        num_samples, n, moments, fmoments = _local_statistics(recorder, names)
+    else:
+        num_samples, n, moments, fmoments, macs, seconds = _pooled_statistics(
+            recorder, names, group, failure, macs, seconds
         )
-    n = lengths[0]
-    if n < 2:
-        raise CalibrationError("each generation made only one denoising step; nothing to compare.")
-    names = [c.name for c in comps]
-    stacked = {name: np.stack([g[name] for g in gens]) for name in names}
-    errors = {name: _nanmean(s) for name, s in stacked.items()}
-    fgens = recorder.forecast_generations
-    forecast_errors = {name: _nanmean(np.stack([g[name] for g in fgens])) for name in names} if fgens else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        spread = {name: np.nanstd(s, axis=0) for name, s in stacked.items()}
+    errors = {name: moments[name].mean for name in names}
+    spread = {name: moments[name].std() for name in names}
+    forecast_errors = {name: fmoments[name].mean for name in names} if fmoments else {}
     sched = scheduler or (type(target.scheduler).__name__ if hasattr(target, "scheduler") else None)
     info = {
         **dict(meta or {}),
@@ -573,20 +707,194 @@ def calibrate(
         "scheduler": sched,
         "stepcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(seconds, 2),
     }
-    logger.info("calibrated %d components over %d generation(s) of %d steps", len(names), len(gens), n)
+    if group is not None:
+        info["processes"] = distributed.group_size(group)
+    logger.info("calibrated %d components over %d generation(s) of %d steps", len(names), num_samples, n)
     return Calibration(
         num_steps=n,
         lookahead=lookahead,
-        num_samples=len(gens),
+        num_samples=num_samples,
         components={c.name: c.type for c in comps},
         errors=errors,
         spread=spread,
-        macs={name: recorder.macs.get(name) for name in names},
+        macs=dict(zip(names, macs, strict=True)),
         meta=info,
         forecast_errors=forecast_errors,
     )
+
+
+def _check_lengths(lengths: Sequence[int]) -> int:
+    """The one step count of every generation (raises unless there is exactly one, of 2 or more)."""
+    if not lengths:
+        raise CalibrationError("no denoising step was observed: does `run` call the model?")
+    if len(set(lengths)) != 1:
+        raise CalibrationError(
+            f"generations had different step counts {sorted(set(lengths))}; calibrate one step count at a time."
+        )
+    if lengths[0] < 2:
+        raise CalibrationError("each generation made only one denoising step; nothing to compare.")
+    return lengths[0]
+
+
+def _local_statistics(
+    recorder: _Recorder, names: Sequence[str]
+) -> tuple[int, int, dict[str, _Moments], dict[str, _Moments]]:
+    """(generations, steps, error moments, forecast moments) of this process's generations."""
+    gens, fgens = recorder.generations, recorder.forecast_generations
+    n = _check_lengths([next(iter(g.values())).shape[0] for g in gens])
+    moments = {name: _Moments.of(np.stack([g[name] for g in gens])) for name in names}
+    fmoments = {name: _Moments.of(np.stack([g[name] for g in fgens])) for name in names} if fgens else {}
+    return len(gens), n, moments, fmoments
+
+
+def _sum_over(macs: Sequence[float | None], group: Any) -> list[float | None]:
+    """Each component's MACs summed over the ranks of ``group`` (None where any rank has none): under
+    context parallelism each rank counts its own slice of the sequence."""
+    values = torch.tensor([[m or 0.0, m is None] for m in macs], dtype=torch.float64).reshape(-1, 2)
+    summed = distributed.all_reduce(values, group)
+    return [None if none else float(v) for v, none in summed.tolist()]
+
+
+def _pooled_statistics(
+    recorder: _Recorder,
+    names: Sequence[str],
+    group: Any,
+    failure: Exception | None,
+    macs: Sequence[float | None],
+    seconds: float,
+) -> tuple[int, int, dict[str, _Moments], dict[str, _Moments], list[float | None], float]:
+    """The statistics of every rank's generations, identical on every rank of ``group``.
+
+    Two collectives: a MAX-reduce of what every rank must agree on (failures, step counts, MACs),
+    then an all-gather of each rank's per-cell moments, combined exactly in rank order. Every
+    decision to raise is taken on reduced values, so all ranks raise together, never one alone while
+    the others wait in a collective.
+    """
+    me = distributed.group_rank(group)
+    gens, fgens = recorder.generations, recorder.forecast_generations
+    lengths = [next(iter(g.values())).shape[0] for g in gens] if failure is None else []
+    big = float(2**52)
+    status = [
+        me + 1.0 if failure is not None else 0.0,
+        float(max(lengths, default=-1)),
+        -float(min(lengths, default=big)),
+        float(len(names)),
+        -float(len(names)),
+        float(bool(fgens)),
+        seconds,
+        *[-1.0 if m is None else float(m) for m in macs],
+    ]
+    got = distributed.all_reduce(torch.tensor(status, dtype=torch.float64), group, op="max").tolist()
+    if got[0] > 0:
+        if failure is not None:
+            raise failure
+        raise CalibrationError(
+            f"rank {int(got[0]) - 1} of the calibration's process group failed during its generations "
+            "(see its log); no calibration was made."
+        )
+    if got[3] != -got[4]:
+        raise CalibrationError(
+            f"the ranks discovered different numbers of components ({int(-got[4])} to {int(got[3])}): "
+            "every rank must calibrate the same model with the same discovery options."
+        )
+    n_max, n_min = int(got[1]), int(-got[2])
+    if n_max < 0:
+        _check_lengths([])
+    _check_lengths([n_max, n_min])
+    n, k = n_max, recorder.k
+    forecast = bool(got[5])
+    pooled_macs = [None if m < 0 else m for m in got[7:]]
+    local = (
+        {name: _Moments.of(np.stack([g[name] for g in gens])) for name in names}
+        if gens
+        else {name: _Moments.empty((n, k)) for name in names}
+    )
+    flocal = (
+        {name: _Moments.of(np.stack([g[name] for g in fgens])) for name in names}
+        if fgens
+        else {name: _Moments.empty((n, k, k + 1)) for name in names}
+    )
+    parts = [np.array([float(len(gens))])]
+    for name in names:
+        parts += local[name].pack() + (flocal[name].pack() if forecast else [])
+    gathered = distributed.all_gather(torch.from_numpy(np.concatenate(parts)), group)
+    sizes = [1] + ([n * k] * 3 + ([n * k * (k + 1)] * 3 if forecast else [])) * len(names)
+    total = 0
+    moments = {name: _Moments.empty((n, k)) for name in names}
+    fmoments = {name: _Moments.empty((n, k, k + 1)) for name in names} if forecast else {}
+    for flat in gathered:
+        chunks = np.split(flat.numpy(), np.cumsum(sizes)[:-1])
+        total += int(chunks[0][0])
+        at = 1
+        for name in names:
+            moments[name] = moments[name] + _Moments.unpack(chunks[at : at + 3], (n, k))
+            at += 3
+            if forecast:
+                fmoments[name] = fmoments[name] + _Moments.unpack(chunks[at : at + 3], (n, k, k + 1))
+                at += 3
+    return total, n, moments, fmoments, pooled_macs, got[6]
+
+
+@dataclass(frozen=True)
+class _Moments:
+    """Sufficient statistics of a per-cell quantity over generations: how many generations measured
+    each cell, their mean, and the sum of squared deviations from it (``m2``).
+
+    Two sets combine exactly (the pairwise update of Chan, Golub and LeVeque), in any grouping: what
+    pooling ranks and merging calibration files need, and stabler than sums of squares. The mean of
+    the pooled set is the sample-weighted mean, never a mean of means.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray  # NaN where count is 0
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, stack: np.ndarray) -> _Moments:
+        """Of a stack ``(generations, ...)`` holding NaN where a generation did not measure a cell."""
+        count = np.isfinite(stack).sum(0).astype(float)
+        mean = _nanmean(stack)
+        m2 = np.nansum((stack - mean) ** 2, axis=0)
+        return cls(count, mean, m2)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...]) -> _Moments:
+        return cls(np.zeros(shape), np.full(shape, np.nan), np.zeros(shape))
+
+    @classmethod
+    def of_summary(cls, samples: int, mean: np.ndarray, std: np.ndarray | None) -> _Moments:
+        """From a calibration's mean and (population) spread of ``samples`` generations; without a
+        spread, ``m2`` is NaN (the pooled spread is then unknown)."""
+        mean = np.asarray(mean, dtype=float)
+        count = np.where(np.isfinite(mean), float(samples), 0.0)
+        m2 = (
+            np.full(mean.shape, np.nan)
+            if std is None
+            else np.nan_to_num(np.asarray(std, dtype=float) ** 2) * count
+        )
+        return cls(count, mean, m2)
+
+    def __add__(self, other: _Moments) -> _Moments:
+        n = self.count + other.count
+        a, b = np.nan_to_num(self.mean), np.nan_to_num(other.mean)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, (self.count * a + other.count * b) / n, np.nan)
+            cross = np.where(n > 0, (b - a) ** 2 * self.count * other.count / n, 0.0)
+        return _Moments(n, mean, self.m2 + other.m2 + cross)
+
+    def std(self) -> np.ndarray:
+        """Population standard deviation per cell (NaN where nothing was measured)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, np.sqrt(self.m2 / self.count), np.nan)
+
+    def pack(self) -> list[np.ndarray]:
+        return [self.count.reshape(-1), self.mean.reshape(-1), self.m2.reshape(-1)]
+
+    @classmethod
+    def unpack(cls, chunks: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Moments:
+        return cls(*(np.asarray(c, dtype=float).reshape(shape) for c in chunks))
 
 
 def _progress(enabled: bool, total: int | None) -> Any:
