@@ -2,7 +2,9 @@
 
 Until :func:`set_verbosity` is called, stepcache follows diffusers' verbosity when diffusers is in
 use (``diffusers.utils.logging.set_verbosity_info()`` shows stepcache's info messages too), and
-otherwise Python's logging defaults (warnings and errors).
+otherwise Python's logging defaults (warnings and errors). Under torchrun or accelerate every rank
+runs the same code: only rank 0 logs below warning level, so a run on eight processes does not say
+everything eight times (warnings and errors still come from every rank: they may be that rank's own).
 """
 
 from __future__ import annotations
@@ -36,12 +38,29 @@ def set_verbosity(level: int | str) -> None:
 
 
 def follow_diffusers() -> None:
-    """Adopt diffusers' verbosity unless :func:`set_verbosity` was called (cheap; called on entry
-    points such as :func:`stepcache.cache` and :func:`stepcache.calibrate`)."""
-    if _explicit or "diffusers" not in sys.modules:
+    """Adopt diffusers' verbosity unless :func:`set_verbosity` was called, and keep ranks other than
+    0 at warning level (cheap; called on entry points such as :func:`stepcache.cache` and
+    :func:`stepcache.calibrate`)."""
+    if _explicit:
         return
-    try:
-        from diffusers.utils import logging as diffusers_logging
-    except ImportError:  # pragma: no cover - a broken diffusers install
+    root = logging.getLogger(ROOT)
+    if "diffusers" in sys.modules:
+        try:
+            from diffusers.utils import logging as diffusers_logging
+        except ImportError:  # pragma: no cover - a broken diffusers install
+            pass
+        else:
+            root.setLevel(diffusers_logging.get_verbosity())
+    quiet_other_ranks()
+
+
+def quiet_other_ranks() -> None:
+    """On a rank other than 0 (of torch.distributed, or ``RANK`` set by a launcher), raise the
+    stepcache loggers to warning level unless :func:`set_verbosity` chose a level."""
+    from .distributed import rank
+
+    if _explicit or rank() == 0:
         return
-    logging.getLogger(ROOT).setLevel(diffusers_logging.get_verbosity())
+    root = logging.getLogger(ROOT)
+    if root.getEffectiveLevel() < logging.WARNING:
+        root.setLevel(logging.WARNING)

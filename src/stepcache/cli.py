@@ -431,8 +431,12 @@ def calibrate(
         int, typer.Option(min=1, help="Generations replayed per sensitivity run (at most --samples).")
     ] = 2,
 ) -> None:
-    """Run MODEL uncached and record per-step error curves of every component."""
+    """Run MODEL uncached and record per-step error curves of every component.
+
+    Under ``torchrun --nproc_per_node N`` the N processes share the samples and every one gets the
+    calibration of all of them; rank 0 alone writes the files and reports."""
     from .calibration import calibrate as run_calibration
+    from .distributed import is_main, launched
     from .sensitivity import sensitivity as measure_sensitivity
 
     scheduler = _scheduler_for(ctx, model, scheduler)
@@ -453,18 +457,22 @@ def calibrate(
         except StepCacheError as e:
             _fail(e)
     try:
-        target = load_target(model, scheduler=scheduler)
-        inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
-        if guidance_scale is None and hasattr(target, "guidance_scale"):
-            guidance_scale = target.guidance_scale
-        cal = run_calibration(
-            target,
-            inputs=inputs,
-            num_inference_steps=steps,
-            lookahead=lookahead,
-            forecast=forecast,
-            meta={"guidance_scale": guidance_scale},
-        )
+        with launched():
+            target = load_target(model, scheduler=scheduler)
+            inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
+            if guidance_scale is None and hasattr(target, "guidance_scale"):
+                guidance_scale = target.guidance_scale
+            # Under torchrun every rank calibrates its share of the samples; all get the union.
+            cal = run_calibration(
+                target,
+                inputs=inputs,
+                num_inference_steps=steps,
+                lookahead=lookahead,
+                forecast=forecast,
+                meta={"guidance_scale": guidance_scale},
+            )
+        if not is_main():
+            return  # rank 0 replays sensitivity, writes the files and reports
         if sensitivity:
             run = _replay(target, inputs[:sensitivity_samples], seed, steps)
             cal = measure_sensitivity(target, cal, run, step_groups=sensitivity)
