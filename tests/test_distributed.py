@@ -1,0 +1,137 @@
+"""Calibration and caching across real processes: two ranks on the CPU (gloo), one spawn for every
+scenario (see distributed_workers.run), compared here with one process doing all the work."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_workers import STEPS, PlainPipe, inputs, make_model, run, sample, schedule
+
+import stepcache
+from stepcache import Calibration, distributed
+from stepcache.errors import DistributedError
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run every scenario on two processes; the folder of what they wrote."""
+    out = tmp_path_factory.mktemp("ranks")
+    context = mp.start_processes(run, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the distributed scenarios hung (killed after 120 s)")
+    return out
+
+
+def assert_same(a: Calibration, b: Calibration, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+    assert (a.num_steps, a.lookahead, a.num_samples) == (b.num_steps, b.lookahead, b.num_samples)
+    assert dict(a.components) == dict(b.components)
+    for table in ("errors", "spread", "forecast_errors"):
+        x, y = getattr(a, table), getattr(b, table)
+        assert set(x) == set(y), table
+        for name in x:
+            np.testing.assert_allclose(x[name], y[name], rtol=rtol, atol=atol, equal_nan=True, err_msg=table)
+
+
+@pytest.fixture(scope="module")
+def whole():
+    """One process calibrating every input."""
+    return stepcache.calibrate(
+        PlainPipe(make_model()), inputs=inputs(), num_inference_steps=STEPS, lookahead=2, progress=False
+    )
+
+
+def test_sharded_calibration_equals_one_process(ranks, whole):
+    per_rank = [Calibration.load(ranks / f"sharded_rank{r}.json") for r in range(WORLD)]
+    for cal in per_rank:
+        assert_same(cal, whole)
+        assert cal.meta["processes"] == WORLD
+    assert np.nanmax(whole.spread[next(iter(whole.spread))]) > 0  # spread really pooled
+
+
+def test_merge_of_per_rank_files_equals_one_process(ranks, whole):
+    files = [ranks / f"alone_rank{r}.json" for r in range(WORLD)]
+    parts = [Calibration.load(f) for f in files]
+    assert [p.num_samples for p in parts] == [2, 1]  # inputs 0, 2 on rank 0; input 1 on rank 1
+    merged = Calibration.merge(files)
+    assert_same(merged, whole)
+    assert merged.meta["merged_from"] == WORLD
+
+
+def test_a_failing_generation_fails_every_rank(ranks):
+    reports = [json.loads((ranks / f"report_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert "rank 1 of the calibration's process group failed" in reports[0]["failure"]
+    assert reports[1]["failure"] == "RuntimeError: this rank's generation failed"
+
+
+def test_schedule_mismatch_fails_fast_on_every_rank(ranks):
+    for r in range(WORLD):
+        report = json.loads((ranks / f"report_rank{r}.json").read_text())
+        assert "ranks enable different schedules" in report["mismatch"], report["mismatch"]
+        assert f"this is rank {r}" in report["mismatch"]
+        assert report["mismatch_seconds"] < 10
+
+
+def test_a_rank_missing_the_check_times_out_instead_of_hanging(ranks):
+    report = json.loads((ranks / "report_rank0.json").read_text())
+    assert "schedule check: not every rank of the process group took part within 3 s" in report["timeout"]
+    assert 2.5 < report["timeout_seconds"] < 20
+
+
+def test_context_parallel_generation_cached_and_not_equals_one_process(ranks):
+    model = make_model()
+    y = torch.tensor([1, 3])
+    uncached = sample(model, y, STEPS, seed=5, guidance=2.0)
+    with stepcache.cache(model, schedule()) as handle:
+        cached = sample(model, y, STEPS, seed=5, guidance=2.0)
+        cached2 = sample(model, torch.tensor([2]), STEPS, seed=6, guidance=2.0)
+    assert not torch.allclose(cached, uncached, atol=1e-4)  # the schedule really reuses
+    report = json.loads((ranks / "report_rank0.json").read_text())
+    assert report["sp_reused"] == handle.stats.reused > 0
+    for r in range(WORLD):
+        torch.testing.assert_close(torch.load(ranks / f"sp_uncached_rank{r}.pt"), uncached)
+        torch.testing.assert_close(torch.load(ranks / f"sp_cached_rank{r}.pt"), cached)
+        torch.testing.assert_close(torch.load(ranks / f"sp_cached2_rank{r}.pt"), cached2)
+
+
+def test_calibration_under_context_parallelism_measures_the_whole_sequence(ranks):
+    model = make_model()
+
+    def whole_run():
+        for i in range(2):
+            sample(model, torch.tensor(inputs(2)[i]["labels"]), STEPS, seed=i, guidance=2.0)
+
+    want = stepcache.calibrate(model, run=whole_run, lookahead=2, progress=False)
+    for r in range(WORLD):
+        got = Calibration.load(ranks / f"sp_calibration_rank{r}.json")
+        assert_same(got, want, rtol=2e-5, atol=1e-7)
+        # MACs: each rank counts its slice; summed over the group they are the whole sequence's.
+        for name, macs in want.macs.items():
+            assert got.macs[name] == pytest.approx(macs, rel=0.05)
+
+
+def test_without_a_process_group_nothing_distributed_happens():
+    assert not distributed.is_initialized()
+    assert distributed.resolve_group(distributed.AUTO) is None
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    with pytest.raises(DistributedError, match="not initialised"):
+        distributed.resolve_group(object())
+    with pytest.raises(DistributedError, match="timeout"):
+        distributed.set_schedule_check(timeout=0)
