@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,51 @@ def test_model_is_untouched_after_calibration(plain_dit):
             plain_dit, lambda: sample(plain_dit, torch.tensor([0]), N, fail_at=3), progress=False
         )
     assert [(n, sorted(m.__dict__), len(m._forward_hooks)) for n, m in plain_dit.named_modules()] == before
+
+
+def test_merge_equals_calibrating_everything_at_once(plain_dit):
+    parts = [
+        stepcache.calibrate(plain_dit, run_for(plain_dit, seeds), progress=False) for seeds in ([0, 1], [2])
+    ]
+    together = stepcache.calibrate(plain_dit, run_for(plain_dit, [0, 1, 2]), progress=False)
+    merged = Calibration.merge(parts)
+    assert merged.num_samples == 3 and merged.meta["merged_from"] == 2
+    for table in ("errors", "spread", "forecast_errors"):
+        for name in together.components:
+            got, want = getattr(merged, table)[name], getattr(together, table)[name]
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=table)
+
+
+def test_merge_reads_files_of_any_version():
+    """The shipped calibrations predate merging: a file's num_samples, mean and spread are its
+    sufficient statistics. Merged with itself, the mean and the (population) spread stay."""
+    with pytest.raises(CalibrationError, match="sensitivity weights"):  # the shipped file has them
+        Calibration.merge([files("stepcache.reference") / "calibrations" / "ddim-50.json"] * 2)
+    path = files("stepcache.reference") / "calibrations" / "ddim-50.json"
+    cal = Calibration.load(str(path)).replace(weights={})  # sensitivity weights do not pool
+    twice = Calibration.merge([cal, cal])
+    assert twice.num_samples == 2 * cal.num_samples
+    for name in cal.components:
+        np.testing.assert_allclose(twice.errors[name], cal.errors[name], rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(
+            twice.spread[name], cal.spread[name], rtol=1e-6, atol=1e-12, equal_nan=True
+        )
+
+
+def test_merge_refuses_what_does_not_pool(plain_dit):
+    cal = stepcache.calibrate(plain_dit, run_for(plain_dit, [0]), lookahead=2, progress=False)
+    with pytest.raises(CalibrationError, match="at least one"):
+        Calibration.merge([])
+    with pytest.raises(CalibrationError, match="differs from calibration 0 in lookahead"):
+        Calibration.merge(
+            [cal, stepcache.calibrate(plain_dit, run_for(plain_dit, [1]), lookahead=3, progress=False)]
+        )
+    with pytest.raises(CalibrationError, match="forecast errors recorded"):
+        Calibration.merge([cal, cal.replace(forecast_errors={})])
+    with pytest.raises(CalibrationError, match="fingerprint"):
+        Calibration.merge([cal, cal.replace(meta={**cal.meta, "fingerprint": "other"})])
+    weights = {name: np.ones(cal.num_steps) for name in cal.components}
+    with pytest.raises(CalibrationError, match="sensitivity weights"):
+        Calibration.merge([cal, cal.replace(weights=weights)])
+    no_spread = Calibration.merge([cal, cal.replace(spread={})])
+    assert not no_spread.spread and no_spread.num_samples == 2

@@ -135,3 +135,32 @@ def test_without_a_process_group_nothing_distributed_happens():
         distributed.resolve_group(object())
     with pytest.raises(DistributedError, match="timeout"):
         distributed.set_schedule_check(timeout=0)
+
+
+@pytest.mark.slow
+def test_cli_calibrate_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m stepcache calibrate``: the ranks share the samples, rank 0
+    alone writes and reports (one summary, one progress bar), and the file equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from stepcache.cli import app
+
+    args = ["calibrate", "reference", "--steps", "6", "--samples", "3", "--lookahead", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(_free_port()), "-m", "stepcache", *args, "--out", "dist.json"]
+    source = os.path.dirname(os.path.dirname(stepcache.__file__))  # this checkout's stepcache
+    path = os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1 and done.stdout.count("Calibration:") == 1, done.stdout
+    assert done.stderr.count("calibrating:   0%") <= 1  # a progress bar on rank 0 only
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one.json")])
+    assert one.exit_code == 0, one.output
+    got, want = Calibration.load(tmp_path / "dist.json"), Calibration.load(tmp_path / "one.json")
+    assert got.meta["processes"] == 2 and "processes" not in want.meta
+    assert_same(got, want)
