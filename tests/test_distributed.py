@@ -137,26 +137,56 @@ def test_without_a_process_group_nothing_distributed_happens():
         distributed.set_schedule_check(timeout=0)
 
 
-@pytest.mark.slow
-def test_cli_calibrate_under_torchrun_equals_one_process(tmp_path):
-    """``torchrun --nproc_per_node 2 -m stepcache calibrate``: the ranks share the samples, rank 0
-    alone writes and reports (one summary, one progress bar), and the file equals one process's."""
+def _torchrun(args: list[str], cwd, timeout: float = 180):
+    """``torchrun --nproc_per_node 2 ARGS`` with this checkout's stepcache, one thread per rank."""
     import os
     import subprocess
     import sys
 
+    source = os.path.dirname(os.path.dirname(stepcache.__file__))
+    path = os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(_free_port()), *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_generation_recipe_under_torchrun_equals_one_process(tmp_path):
+    """benchmarks/distributed_generate.py (the recipe of docs/distributed.md) on two processes: the
+    schedule from the sharded calibration is one process's, and each image is what one process
+    generates with it."""
+    from pathlib import Path
+
+    from stepcache.reference import ReferencePipeline
+
+    script = Path(__file__).parents[1] / "benchmarks" / "distributed_generate.py"
+    args = ["--labels", "3", "--steps", "6", "--calibration-samples", "2"]
+    done = _torchrun([str(script), "--out", "out", *args], tmp_path)
+    assert done.stdout.count("rank 0:") == 1
+    pipe = ReferencePipeline("ddim")
+    inputs = [{"class_labels": [i], "generator": torch.Generator().manual_seed(1000 + i)} for i in range(2)]
+    cal = stepcache.calibrate(pipe, inputs=inputs, num_inference_steps=6, lookahead=3, progress=False)
+    schedule = stepcache.Schedule.load(tmp_path / "out" / "schedule.json")
+    assert schedule.plans == stepcache.Schedule.optimal(cal, 0.5).plans
+    with stepcache.cache(pipe, schedule):
+        for i in range(3):
+            image = pipe(class_labels=[i], num_inference_steps=6, seed=i)
+            torch.testing.assert_close(torch.load(tmp_path / "out" / f"label-{i}.pt"), image)
+
+
+@pytest.mark.slow
+def test_cli_calibrate_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m stepcache calibrate``: the ranks share the samples, rank 0
+    alone writes and reports (one summary, one progress bar), and the file equals one process's."""
     from typer.testing import CliRunner
 
     from stepcache.cli import app
 
     args = ["calibrate", "reference", "--steps", "6", "--samples", "3", "--lookahead", "2"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(_free_port()), "-m", "stepcache", *args, "--out", "dist.json"]
-    source = os.path.dirname(os.path.dirname(stepcache.__file__))  # this checkout's stepcache
-    path = os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _torchrun(["-m", "stepcache", *args, "--out", "dist.json"], tmp_path)
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("Calibration:") == 1, done.stdout
     assert done.stderr.count("calibrating:   0%") <= 1  # a progress bar on rank 0 only
     one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one.json")])
