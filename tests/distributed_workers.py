@@ -88,6 +88,69 @@ def schedule(n=STEPS, shift=0):
     return Schedule(n, {"attn": plan, "ff": plan})
 
 
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def flux_sample(model, seed: int = 0, n: int = STEPS) -> torch.Tensor:
+    """A denoising loop over the tiny Flux transformer (16 image tokens, 6 text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x, text, pooled = (
+        torch.randn(1, 16, 16, generator=g),
+        torch.randn(1, 6, 16, generator=g),
+        torch.randn(1, 16, generator=g),
+    )
+    img_ids, txt_ids = torch.arange(48.0).reshape(16, 3), torch.zeros(6, 3)
+    with torch.no_grad():
+        for t in torch.linspace(1, 0.1, n):
+            out = model(
+                x,
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                timestep=t.expand(1),
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )[0]
+            x = x - 0.1 * out
+    return x
+
+
+def flux_runs(model):
+    return lambda: [flux_sample(model, seed) for seed in (0, 1)]
+
+
+def diffusers_ulysses(rank: int, folder: Path) -> None:
+    """diffusers' ContextParallelConfig(ulysses_degree=2) on the CPU. diffusers puts rank r on
+    device ``r % torch.accelerator.device_count()``, which is 0 on a CPU-only torch: one device it is."""
+    from diffusers import ContextParallelConfig
+
+    torch.accelerator.device_count = lambda: 1
+    model = tiny_flux()
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    with stepcache.cache(model, schedule()):
+        torch.save(flux_sample(model), folder / f"flux_cached_rank{rank}.pt")
+    whole = stepcache.calibrate(
+        model, run=flux_runs(model), lookahead=2, sequence_group=dist.group.WORLD, progress=False
+    )
+    whole.save(folder / f"flux_calibration_rank{rank}.json")
+    alone = stepcache.calibrate(model, run=flux_runs(model), lookahead=2, process_group=None, progress=False)
+    alone.save(folder / f"flux_slice_calibration_rank{rank}.json")
+
+
 def run(rank: int, world: int, port: int, out: str) -> None:
     """Every scenario in one pair of processes (process start-up dominates the cost)."""
     torch.set_num_threads(1)
@@ -129,6 +192,12 @@ def run(rank: int, world: int, port: int, out: str) -> None:
 
     spcal = stepcache.calibrate(sp, run=sp_run, lookahead=2, sequence_group=dist.group.WORLD, progress=False)
     spcal.save(folder / f"sp_calibration_rank{rank}.json")
+
+    # 3b. The same with diffusers' own context parallelism (Ulysses) on a tiny Flux transformer.
+    try:
+        diffusers_ulysses(rank, folder)
+    except Exception as e:  # reported, so the other scenarios still run
+        report["diffusers_error"] = f"{type(e).__name__}: {e}"
 
     # 4. Different schedules on the ranks: every rank raises, nobody hangs.
     model = make_model()

@@ -127,6 +127,29 @@ def test_calibration_under_context_parallelism_measures_the_whole_sequence(ranks
             assert got.macs[name] == pytest.approx(macs, rel=0.05)
 
 
+def test_diffusers_ulysses_context_parallelism_cached_and_calibrated(ranks):
+    """diffusers' own ContextParallelConfig(ulysses_degree=2) on a tiny Flux transformer: cached
+    output and calibration (with sequence_group) equal one process's; without sequence_group each
+    rank measures only its slice and the ranks disagree."""
+    from distributed_workers import flux_runs, flux_sample, tiny_flux
+
+    report = json.loads((ranks / "report_rank0.json").read_text())
+    assert "diffusers_error" not in report, report["diffusers_error"]
+    model = tiny_flux()
+    with stepcache.cache(model, schedule()) as handle:
+        cached = flux_sample(model)
+    assert handle.stats.reused > 0
+    want = stepcache.calibrate(model, run=flux_runs(model), lookahead=2, progress=False)
+    slices = [Calibration.load(ranks / f"flux_slice_calibration_rank{r}.json") for r in range(WORLD)]
+    name = "transformer_blocks.0.ff"
+    assert not np.allclose(slices[0].errors[name], slices[1].errors[name], equal_nan=True)
+    for r in range(WORLD):
+        torch.testing.assert_close(torch.load(ranks / f"flux_cached_rank{r}.pt"), cached)
+        got = Calibration.load(ranks / f"flux_calibration_rank{r}.json")
+        assert_same(got, want, rtol=2e-5, atol=1e-7)
+        assert got.macs == pytest.approx(want.macs)
+
+
 def test_without_a_process_group_nothing_distributed_happens():
     assert not distributed.is_initialized()
     assert distributed.resolve_group(distributed.AUTO) is None
