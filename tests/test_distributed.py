@@ -217,3 +217,23 @@ def test_cli_calibrate_under_torchrun_equals_one_process(tmp_path):
     got, want = Calibration.load(tmp_path / "dist.json"), Calibration.load(tmp_path / "one.json")
     assert got.meta["processes"] == 2 and "processes" not in want.meta
     assert_same(got, want)
+
+
+def test_ranks_other_than_0_log_warnings_only(monkeypatch):
+    import logging
+
+    from stepcache import _logging
+
+    root = logging.getLogger("stepcache")
+    monkeypatch.setattr(_logging, "_explicit", False)
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setenv("RANK", "0")
+    _logging.quiet_other_ranks()
+    assert root.level == logging.INFO and distributed.is_main()
+    monkeypatch.setenv("RANK", "3")  # set by torchrun before any process group exists
+    _logging.quiet_other_ranks()
+    assert root.level == logging.WARNING and not distributed.is_main()
+    monkeypatch.setattr(root, "level", logging.DEBUG)
+    monkeypatch.setattr(_logging, "_explicit", True)  # set_verbosity() wins on every rank
+    _logging.quiet_other_ranks()
+    assert root.level == logging.DEBUG
