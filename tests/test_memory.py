@@ -380,3 +380,18 @@ def test_offload_options_are_checked(plain_dit):
         stepcache.cache(plain_dit, schedule, offload=True, offload_lead=0)
     with pytest.raises(stepcache.StepCacheError, match="offload must"):
         stepcache.cache(plain_dit, schedule, offload="yes")
+
+
+def test_smoothcache_config_stores_cheaper(tiny_pipe):
+    from stepcache.integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache
+
+    schedule = Schedule(N, {"attn": COPY, "ff": COPY})
+    with pytest.raises(stepcache.StepCacheError, match="storage_dtype"):
+        SmoothCacheConfig(schedule, storage_dtype="int4")
+    peaks = {}
+    for dtype in (None, "fp16"):
+        handle = apply_smoothcache(tiny_pipe.transformer, SmoothCacheConfig(schedule, storage_dtype=dtype))
+        gen_pipe(tiny_pipe)
+        handle.close()
+        peaks[dtype] = handle.stats.peak_stored_bytes
+    assert peaks["fp16"] * 2 == peaks[None] > 0
