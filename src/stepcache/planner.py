@@ -4,17 +4,18 @@ Each preset builds a published model's transformer from its config on ``torch.de
 download, no memory, a second or two) and measures every cached component's output with
 :func:`stepcache.memory.output_bytes` at the preset's shape. A SmoothCache-style schedule at a
 compute fraction (one computation every ``k`` steps, copy reuse, the first and last steps computed)
-with the layers' phases staggered (component ``j`` computes where ``(s + j) % k == 0``, so every
-step computes about ``1/k`` of the components: what a memory-fitted schedule converges to, and what
-lets transfers hide behind compute) then gives, through the runtime's own rules:
+with the blocks' phases staggered (the ``b``-th block computes where ``(s + b) % k == 0``, so every
+step computes about ``1/k`` of the blocks, whole: what lets transfers hide behind compute) then
+gives, through the runtime's own rules:
 
 * ``unplanned``: every output kept (``torch.compile``, the original SmoothCache package);
 * ``liveness``: what the eager runtime keeps (:func:`~stepcache.memory.predict_peak`);
 * ``budget fraction``: the smallest compute fraction whose reuse fits the budget on the device in
   the compute dtype (a reused step needs its output stored; a lower bound);
 * ``fp8``: liveness with ``storage_dtype="fp8"``;
-* ``offload``: the most bytes resident on the device with ``offload=True`` (``lead`` = two blocks
-  of calls), bf16 and fp8, and the bytes each step moves each way.
+* ``offload``: the most bytes resident on the device with ``offload=True``, bf16 and fp8, and the
+  bytes each step moves each way. ``lead`` = three blocks of calls: with one block in three
+  computing, every fetch then has a computing block to hide behind.
 
 Step time is an estimate, not a measurement: ``2 x parameters x tokens + 4 x attention layers x
 tokens^2 x width`` FLOPs per branch, at an assumed sustained throughput (default 40 % of an H200's
@@ -239,7 +240,7 @@ def plan_memory(
     bandwidth: float = 50 * GB,
     tflops: float = 989.0,
     utilisation: float = 0.4,
-    lead_blocks: int = 2,
+    lead_blocks: int = 3,
 ) -> MemoryPlan:
     """The planner row of ``preset`` (a name of :data:`PRESETS` or a :class:`Preset`)."""
     if isinstance(preset, str):
@@ -257,9 +258,10 @@ def plan_memory(
     comps = [c for c in discover(model) if c.name in sizes]
     n = preset.steps
     k = max(1, round(1 / compute_fraction))
+    blocks = {b: i for i, b in enumerate(dict.fromkeys(c.block for c in comps))}  # call order
     staggered = {
-        c.name: tuple(1 if s in (0, n - 1) or (s + j) % k == 0 else 0 for s in range(n))
-        for j, c in enumerate(comps)
+        c.name: tuple(1 if s in (0, n - 1) or (s + blocks[c.block]) % k == 0 else 0 for s in range(n))
+        for c in comps
     }
     schedule = Schedule(n, staggered)
     b = preset.branches
@@ -276,7 +278,8 @@ def plan_memory(
     params = sum(p.numel() for p in model.parameters())
     flops = 2 * params * preset.tokens + 4 * preset.attention_layers * preset.tokens**2 * preset.width
     step = b * flops / (tflops * 1e12 * utilisation)
-    # Compute time of each step: its share of computing components (equal cost per component).
+    # Compute time of each step: its share of computing components (blocks compute whole: equal cost
+    # per block).
     share = [sum(plans[c][s] == 1 for c in order) / len(order) for s in range(n)]
     busy = [step * x for x in share]
 
@@ -329,9 +332,9 @@ def render_plans(rows: Sequence[MemoryPlan]) -> str:
     r0 = rows[0]
     lines = [
         "Stored outputs of one generation (GPU memory for the cache), bf16, batch 1, one computation every "
-        f"{round(1 / r0.compute_fraction)} steps per layer, phases staggered (compute fraction about "
-        f"{r0.compute_fraction:.2f}), copy reuse. GB = 1e9 bytes; budget {_gb(r0.budget)} GB. Offload: fetch two "
-        "blocks of calls ahead.",
+        f"{round(1 / r0.compute_fraction)} steps per block, blocks' phases staggered (compute fraction about "
+        f"{r0.compute_fraction:.2f}), copy reuse. GB = 1e9 bytes; budget {_gb(r0.budget)} GB. Offload: fetch "
+        "three blocks of calls ahead.",
         "",
         "| model | outputs x branches | one output MB | unplanned GB | liveness GB | least fraction within budget "
         "(bf16, on device) | fp8 GB | offload, on device GB (bf16 / fp8) | most moved in one step GB (in / out, bf16) "
@@ -351,6 +354,6 @@ def render_plans(rows: Sequence[MemoryPlan]) -> str:
         f"Assumed: host link {a['bandwidth_GBps']:g} GB/s each way, both ways at once (PCIe Gen5 x16, effective); "
         f"step time from FLOPs (2 x parameters x tokens + 4 x attention layers x tokens^2 x width per branch) "
         f"at {a['utilisation']:.0%} of {a['tflops']:g} TFLOPS (H200 dense bf16); the cached step as the compute "
-        "share of components computing at that step. Estimates, not measurements.",
+        "share of blocks computing at that step (equal cost per block). Estimates, not measurements.",
     ]
     return "\n".join(lines)

@@ -13,10 +13,14 @@ liveness rule, :func:`stepcache.memory.predict_peak`) is within the budget:
    the median calibrated error one computation buys, measured on the given plans), per byte it
    frees at the peak; the cheapest is made. Every move adds computations or drops forecasts, so
    this ends (an all-compute plan holds nothing).
-2. **Re-spend.** The repair added computations. While the plans compute more than the schedule
-   asked for, turn back into a reuse the computation whose removal raises the calibrated error
-   least among those that keep the peak within budget (and no reuse run longer than the
-   calibration's lookahead). Stops when the compute count is back or no removal fits.
+2. **Give back.** The repair may add more computations than the budget needs (each move computes
+   two steps). While the plans compute more than the schedule asked for, turn back into a reuse
+   one of the *added* computations, the one whose removal raises the calibrated error least among
+   those that keep the peak within budget (and no reuse run longer than the calibration's
+   lookahead). Every computation the policy placed stays: the fitted schedule computes a superset
+   of the policy's steps, so a budget costs speed, not the policy's choices (moving computations
+   to other steps by the calibrated error alone made final samples worse on the reference model:
+   the calibrated error is a poor guide to where computations matter; docs/policies.md).
 
 Limits, stated plainly: both phases are greedy on the *calibrated* (open-loop) error, not exact;
 when the budget is below what the compute fraction needs (a reuse at a step needs its output
@@ -180,14 +184,16 @@ def fit_memory(
         rows[j] = holdings(moved)
         peak = peak_profile(rows, size, branches)
     computes = sum(p.count(COMPUTE) for p in plans)
-    while computes > asked:  # 2. re-spend
+    original = [resolved[n] for n in names]
+    while computes > asked:  # 2. give back added computations
         options = []
         for j, plan in enumerate(plans):
             for t, v in enumerate(plan):
-                if v != COMPUTE or t in (0, n_steps - 1):
+                if v != COMPUTE or original[j][t] == COMPUTE:
                     continue
                 moved = list(plan)
-                moved[t] = fills[j]
+                # The policy's own value, unless the repair made this plan copy instead of forecast.
+                moved[t] = original[j][t] if FORECAST in plan else REUSE
                 c = cost(j, moved)
                 if math.isfinite(c):
                     options.append((c - costs[j], j, t, moved, c))
