@@ -201,59 +201,49 @@ def offload(model: torch.nn.Module, labels: torch.Tensor) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- part 3
-def held_tensors(roots: list[Any], exclude: set[int], depth: int = 10) -> int:
+def held_tensors(roots: list[Any], exclude: set[int], depth: int = 40) -> int:
     """Bytes of the distinct tensor storages reachable from ``roots`` (objects' attributes, dicts,
-    sequences, closures and bound methods, to ``depth`` levels), except the storages in ``exclude``
-    (the model's parameters and buffers). What a cache object keeps alive, without knowing its code."""
+    sequences, closures and bound methods, breadth first to ``depth`` levels), except the storages in
+    ``exclude`` (the model's parameters and buffers). What a cache object keeps alive, without
+    knowing its code."""
+    from collections import deque
+
     seen_objs: set[int] = set()
     storages: dict[int, int] = {}
-
-    def walk(obj: Any, level: int) -> None:
-        if level > depth or id(obj) in seen_objs:
-            return
+    queue: deque[tuple[Any, int]] = deque((r, 0) for r in roots)
+    atoms = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, type)
+    while queue:
+        obj, level = queue.popleft()
+        if level > depth or id(obj) in seen_objs or isinstance(obj, atoms):
+            continue
         seen_objs.add(id(obj))
+        children: list[Any] = []
         if isinstance(obj, torch.Tensor):
-            if obj.device.type == "meta":
-                return
+            if isinstance(obj, torch.nn.Parameter) or obj.device.type == "meta":
+                continue
             storage = obj.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in exclude:
-                storages[ptr] = storage.nbytes()
-            return
-        if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, type)):
-            return
-        if isinstance(obj, torch.nn.Parameter):
-            return
+            if storage.data_ptr() not in exclude:
+                storages[storage.data_ptr()] = storage.nbytes()
+            continue
         if isinstance(obj, dict):
-            for v in list(obj.values()):
-                walk(v, level + 1)
-            return
-        if isinstance(obj, (list, tuple, set, frozenset)):
-            for v in list(obj):
-                walk(v, level + 1)
-            return
-        if isinstance(obj, types.MethodType):
-            walk(obj.__self__, level + 1)
-            walk(obj.__func__, level + 1)
-            return
-        if isinstance(obj, types.FunctionType):
+            children = list(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            children = list(obj)
+        elif isinstance(obj, types.MethodType):
+            children = [obj.__self__, obj.__func__]
+        elif isinstance(obj, types.FunctionType):
             for cell in obj.__closure__ or ():
                 with contextlib.suppress(ValueError):
-                    walk(cell.cell_contents, level + 1)
-            return
-        if isinstance(obj, torch.nn.Module):
-            for key, value in vars(obj).items():
-                if key not in ("_parameters", "_buffers", "_modules"):
-                    walk(value, level + 1)
-            return
-        if hasattr(obj, "__dict__"):
-            walk(vars(obj), level + 1)
-        for slot in getattr(type(obj), "__slots__", ()):
-            with contextlib.suppress(AttributeError):
-                walk(getattr(obj, slot), level + 1)
-
-    for root in roots:
-        walk(root, 0)
+                    children.append(cell.cell_contents)
+        elif isinstance(obj, torch.nn.Module):
+            children = [v for k, v in vars(obj).items() if k not in ("_parameters", "_buffers", "_modules")]
+        else:
+            if hasattr(obj, "__dict__"):
+                children.append(vars(obj))
+            for slot in getattr(type(obj), "__slots__", ()):
+                with contextlib.suppress(AttributeError):
+                    children.append(getattr(obj, slot))
+        queue.extend((c, level + 1) for c in children)
     return sum(storages.values())
 
 
