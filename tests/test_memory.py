@@ -218,6 +218,10 @@ def test_memory_budget_is_respected_and_measured_peak_equals_predicted(ref, poli
     # A tight budget costs computations (said in meta), never memory.
     assert fitted.compute_fraction == pytest.approx(fitted.meta["memory"]["compute_fraction"], abs=1e-6)
     assert fitted.compute_fraction >= free.compute_fraction
+    # Every computation the policy placed stays: a budget costs speed, not the policy's choices.
+    free_plans = free.resolve(comps)
+    for name, plan in fitted.resolve(comps).items():
+        assert all(v == 1 for v, w in zip(plan, free_plans[name], strict=True) if w == 1)
 
 
 def test_memory_budget_as_a_string_and_missing_sizes(ref):
