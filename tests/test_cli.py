@@ -110,3 +110,46 @@ def test_sensitivity_optimal_and_tune_from_the_command_line(tmp_path):
     result = runner.invoke(app, [*args, "--calibration", str(cal_path), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "chosen:" in result.output and Schedule.load(out).meta["rule"] == "tuned"
+
+
+def test_plan_memory_table(tmp_path):
+    import json
+
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["plan-memory", "wan2.1-1.3b-480p", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| Wan2.1-T2V-1.3B 480p 81 frames, split CFG | 90 x 2 | 101 |" in result.output
+    assert "Estimates, not measurements" in result.output
+    (row,) = json.loads(out.read_text())
+    # Measured on the meta model: tokens x width x 2 bytes (bf16), one store per branch.
+    assert row["output_bytes"] == 32_760 * 1_536 * 2
+    assert row["unplanned"] == 2 * 90 * 32_760 * 1_536 * 2
+    assert row["fp8"] < row["liveness"] / 1.9 and row["offload"] < row["liveness"] / 10
+    result = runner.invoke(app, ["plan-memory", "--memory-budget", "16 parsecs"])
+    assert result.exit_code == 2 and "unknown unit" in result.output
+    result = runner.invoke(app, ["plan-memory", "sdxl"])
+    assert result.exit_code == 2 and "unknown model shape" in result.output
+
+
+def test_schedule_with_a_memory_budget(tmp_path):
+    import json
+
+    from stepcache import reference
+
+    cal = reference.shipped_calibration("ddim", 50)
+    cal_path = tmp_path / "cal.json"
+    cal.save(cal_path)
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps(dict.fromkeys(cal.components, 1000)))
+    out = tmp_path / "s.json"
+    args = ["schedule", str(cal_path), "--compute-fraction", "0.5", "--memory-budget", "6kB"]
+    result = runner.invoke(app, [*args, "--sizes", str(sizes), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "memory: predicted peak" in result.output and "fitted" in result.output
+    assert Schedule.load(out).meta["memory"]["predicted_peak"] <= 6000
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "output size" in result.output
+    result = runner.invoke(
+        app, ["schedule", str(cal_path), "--compute-fraction", "0.5", "--sizes", str(sizes)]
+    )
+    assert result.exit_code == 2 and "--memory-budget" in result.output

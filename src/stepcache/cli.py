@@ -1,4 +1,4 @@
-"""The ``stepcache`` command line: info, calibrate, schedule, tune, demo, bench.
+"""The ``stepcache`` command line: info, calibrate, schedule, tune, plan-memory, demo, bench.
 
 ``MODEL`` is ``reference`` (the shipped trained 16x16-digits DiT), ``tiny-dit`` (a built-in
 random-weight DiT pipeline), a diffusers model id or local folder (loading a hub id needs hub
@@ -344,6 +344,58 @@ GuidanceOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option(min=0, max=_MAX_SEED, help="Seed of the first generation.")]
 
 
+def _check_budget(value: str) -> None:
+    from .memory import parse_bytes
+
+    try:
+        parse_bytes(value, what="--memory-budget")
+    except StepCacheError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+MemoryBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Bytes the stored outputs may hold at once, e.g. 16GB or 512MiB: the schedule is fitted to it "
+        "(it may compute more when the budget is tight; the output says).",
+        callback=_checked(_check_budget),
+    ),
+]
+BranchesOpt = Annotated[
+    int, typer.Option(min=1, max=16, help="With --memory-budget: stores per component, 2 for split guidance.")
+]
+
+
+def _read_sizes(path: Path | None) -> dict[str, int] | None:
+    """Component name -> bytes from a JSON file (None: none given)."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StepCacheError(f"--sizes {path}: not a readable JSON file ({_one_line(str(e))}).") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()
+    ):
+        raise StepCacheError(f"--sizes {path} must hold a JSON object of component name -> bytes (integers).")
+    return data
+
+
+def _memory_line(info: dict[str, Any]) -> str:
+    line = (
+        f"memory: predicted peak {info['predicted_peak'] / 2**20:.2f} MiB within the budget "
+        f"{info['budget'] / 2**20:.2f} MiB (every output kept: {info['unplanned_peak'] / 2**20:.2f} MiB)"
+    )
+    if info.get("changed"):
+        line += (
+            f"; fitted: compute fraction {info['compute_fraction']:.3f} "
+            f"(asked {info['asked_compute_fraction']:.3f})"
+        )
+    return line
+
+
 @app.command()
 def info(
     model: ModelArg,
@@ -525,9 +577,18 @@ def schedule(
     smoothcache_out: Annotated[
         Path | None, typer.Option(help="Also write the original package's format.")
     ] = None,
+    memory_budget: MemoryBudgetOpt = None,
+    sizes: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --memory-budget: JSON of component name -> bytes per stored output "
+            "(stepcache.memory.output_bytes); default: the calibration's meta output_bytes."
+        ),
+    ] = None,
+    branches: BranchesOpt = 1,
 ) -> None:
     """Turn a calibration into a schedule: --policy smoothcache (--alpha or --compute-fraction) or
-    --policy optimal (--compute-fraction)."""
+    --policy optimal (--compute-fraction), optionally fitted to --memory-budget."""
     from .calibration import Calibration
     from .schedule import Schedule
 
@@ -537,13 +598,18 @@ def schedule(
         _fail("give exactly one of --alpha and --compute-fraction.")
     if policy == "smoothcache":
         _refuse_unused(ctx, ("forecast", "budget"), "by --policy smoothcache (for --policy optimal only)")
+    if memory_budget is None:
+        _refuse_unused(ctx, ("sizes", "branches"), "without --memory-budget")
     _outputs(
         (out, "schedule file (--out)"),
         (smoothcache_out, "SmoothCache file (--smoothcache-out)"),
-        inputs=(calibration,),
+        inputs=(calibration, sizes),
     )
     try:
         cal = Calibration.load(calibration)
+        memory: dict[str, Any] = {}
+        if memory_budget is not None:
+            memory = {"memory_budget": memory_budget, "sizes": _read_sizes(sizes), "branches": branches}
         if policy == "optimal":
             sched = Schedule.optimal(
                 cal,
@@ -551,12 +617,15 @@ def schedule(
                 granularity=granularity,
                 forecast=forecast,
                 budget=budget,
+                **memory,
             )
         elif alpha is not None:
-            sched = Schedule.from_calibration(cal, alpha, granularity=granularity)
+            sched = Schedule.from_calibration(cal, alpha, granularity=granularity, **memory)
         else:
-            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity)  # type: ignore[arg-type]
+            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity, **memory)  # type: ignore[arg-type]
         typer.echo(sched.render())
+        if "memory" in sched.meta:
+            typer.echo(_memory_line(sched.meta["memory"]))
         if out:
             sched.save(out)
             typer.echo(f"wrote {out}")
@@ -592,6 +661,7 @@ def tune(
     prompt: PromptOpt = None,
     guidance_scale: GuidanceOpt = None,
     seed: SeedOpt = 1000,
+    memory_budget: MemoryBudgetOpt = None,
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached."""
     from .calibration import Calibration
@@ -606,15 +676,86 @@ def tune(
         steps = cal.num_steps if cal is not None else steps or 50
         target = load_target(model, scheduler=scheduler)
         inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
-        sched = run_tune(
-            target, _replay(target, inputs, seed, steps), compute_fraction, num_steps=steps, calibration=cal
-        )
+        replay = _replay(target, inputs, seed, steps)
+        memory: dict[str, Any] = {}
+        if memory_budget is not None:
+            if cal is None:
+                _fail("--memory-budget needs --calibration: its errors decide what the budget gives up.")
+            from .memory import output_bytes
+
+            # The sizes of this run's outputs, measured on a 2-step replay of the same inputs.
+            memory = {
+                "memory_budget": memory_budget,
+                "sizes": output_bytes(target, _replay(target, inputs[:1], seed, 2)),
+            }
+        sched = run_tune(target, replay, compute_fraction, num_steps=steps, calibration=cal, **memory)
         typer.echo(sched.render())
+        if "memory" in sched.meta:
+            typer.echo(_memory_line(sched.meta["memory"]))
         typer.echo(f"chosen: {sched.meta['candidate']} ({sched.meta['tuning']['runs']} replays)")
         sched.save(out)
         typer.echo(f"wrote {out}")
     except StepCacheError as e:
         _fail(e)
+
+
+@app.command("plan-memory")
+def plan_memory(
+    presets: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Model shapes: wan2.1-14b-720p, wan2.1-14b-480p, wan2.1-1.3b-480p, hunyuanvideo-720p, "
+            "flux.1-dev-1024 (default: all)."
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        str, typer.Option(help="GPU memory for the cache, e.g. 16GB.", callback=_checked(_check_budget))
+    ] = "16GB",
+    compute_fraction: Annotated[
+        float, typer.Option(help="Share of component calls computed.", callback=_checked(_check_fraction))
+    ] = 0.35,
+    bandwidth: Annotated[
+        float, typer.Option(min=0.001, help="Assumed host link GB/s each way (PCIe Gen5 x16 effective: 50).")
+    ] = 50.0,
+    tflops: Annotated[
+        float, typer.Option(min=0.001, help="Assumed accelerator peak TFLOPS (H200 bf16: 989).")
+    ] = 989.0,
+    utilisation: Annotated[
+        float, typer.Option(min=0.001, max=1.0, help="Assumed share of the peak a step sustains.")
+    ] = 0.4,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
+) -> None:
+    """Cache memory of large video/image DiTs, from their configs on meta tensors (no download):
+    unplanned, with liveness, within a budget, with fp8 storage, on the device with offload."""
+    from .memory import parse_bytes
+    from .planner import PRESETS, render_plans
+    from .planner import plan_memory as plan_rows
+
+    names = presets or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        _fail(f"unknown model shape(s) {unknown}; choose among {', '.join(PRESETS)}.")
+    _outputs((json_out, "JSON file (--json)"))
+    try:
+        rows = [
+            plan_rows(
+                n,
+                budget=parse_bytes(memory_budget),
+                compute_fraction=compute_fraction,
+                bandwidth=bandwidth * 1e9,
+                tflops=tflops,
+                utilisation=utilisation,
+            )
+            for n in names
+        ]
+    except StepCacheError as e:
+        _fail(e)
+    typer.echo(render_plans(rows))
+    if json_out is not None:
+        import json
+
+        json_out.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()

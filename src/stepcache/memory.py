@@ -13,18 +13,81 @@ plans, the one before) while a later step reads it. Two functions predict the pe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .discovery import DEFAULT_TYPES, Component, discover
 from .errors import StepCacheError
 from .runtime.cache import liveness, nbytes
+from .runtime.storage import resolve_storage_dtype, stored_nbytes
 from .schedule import COMPUTE, Schedule
 
-__all__ = ["MemoryPeak", "output_bytes", "predict_peak"]
+__all__ = [
+    "MemoryPeak",
+    "holdings",
+    "output_bytes",
+    "parse_bytes",
+    "peak_profile",
+    "predict_peak",
+    "stored_sizes",
+    "unplanned_peak",
+]
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: int | str, *, what: str = "memory budget") -> int:
+    """A number of bytes: an int, or a string such as ``"16GB"`` (10^9), ``"512MiB"`` (2^20), ``"1.5 GiB"``.
+
+    Raises:
+        StepCacheError: anything else (negative, not a number, an unknown unit), naming the problem.
+    """
+    if isinstance(value, bool):
+        raise StepCacheError(f"{what} must be a number of bytes or a string like '16GB', got {value!r}.")
+    if isinstance(value, int):
+        if value <= 0:
+            raise StepCacheError(f"{what} must be a positive number of bytes, got {value}.")
+        return value
+    if isinstance(value, float):
+        raise StepCacheError(
+            f"{what} must be a whole number of bytes or a string like '16GB', got the float {value!r}."
+        )
+    if not isinstance(value, str):
+        raise StepCacheError(
+            f"{what} must be a number of bytes or a string like '16GB', got {type(value).__name__}."
+        )
+    match = _SIZE.match(value)
+    if match is None:
+        raise StepCacheError(
+            f"{what} {value!r} is not a size: write a number and a unit, like '16GB', '512MiB' or '1.5GiB'."
+        )
+    unit = match["unit"].upper()
+    if unit not in _UNITS:
+        raise StepCacheError(
+            f"{what} {value!r} has an unknown unit {match['unit']!r}; use B, KB, MB, GB, TB (powers of 10) "
+            "or KiB, MiB, GiB, TiB (powers of 2)."
+        )
+    size = int(float(match["num"]) * _UNITS[unit])
+    if size <= 0:
+        raise StepCacheError(f"{what} must be a positive number of bytes, got {value!r}.")
+    return size
 
 
 def output_bytes(
@@ -34,6 +97,7 @@ def output_bytes(
     blocks: Any = None,
     components: Any = None,
     types: Iterable[str] | None = None,
+    storage_dtype: Any = None,
 ) -> dict[str, int]:
     """Bytes of one output of each component of ``target``: component name -> bytes per call.
 
@@ -51,14 +115,17 @@ def output_bytes(
         run: calls the model (no arguments).
         blocks, components, types: discovery overrides (see :func:`stepcache.discover`); use the
             ones the cache will use (``types=("block",)`` for a whole-block schedule).
+        storage_dtype: the cache's ``storage_dtype`` (``"bf16"``, ``"fp16"``, ``"fp8"``): the bytes an
+            output holds once stored that way (fp8: one byte per element plus a 4-byte scale per tensor).
     """
+    storage = resolve_storage_dtype(storage_dtype)
     found = discover(target, blocks=blocks, components=components, types=types)
     sizes: dict[str, int] = {}
     handles = []
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
-            size = nbytes(output)
+            size = nbytes(output) if storage is None else stored_nbytes(output, storage)
             if size > sizes.get(name, -1):
                 sizes[name] = size
 
@@ -96,6 +163,8 @@ def predict_peak(
     *,
     components: Any,
     branches: int = 1,
+    storage_dtype: Any = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> MemoryPeak:
     """The peak memory of ``schedule``'s stored outputs over one generation, without running it.
 
@@ -111,6 +180,10 @@ def predict_peak(
             pipeline or module itself (discovered as :func:`stepcache.cache` does).
         branches: stores per component: 1 for batched or no guidance, 2 for split classifier-free
             guidance (one denoiser call per branch), and so on.
+        storage_dtype, compute_dtype: predict for a cache with ``storage_dtype``: the sizes (measured
+            in ``compute_dtype``) are scaled by the bytes per element, plus fp8's 4-byte scale (one per
+            output; a tuple output holds one per tensor: measure those with ``output_bytes(...,
+            storage_dtype=...)`` instead).
 
     Raises:
         StepCacheError: a scheduled component has no measured size, or ``branches`` < 1.
@@ -119,6 +192,8 @@ def predict_peak(
         raise StepCacheError(f"branches must be a positive integer, got {branches!r}.")
     comps = _components(components, schedule)
     plans = schedule.resolve(comps)
+    if storage_dtype is not None:
+        bytes_per_component = stored_sizes(bytes_per_component, compute_dtype, storage_dtype)
     missing = [c.name for c in comps if c.name in plans and c.name not in bytes_per_component]
     if missing:
         raise StepCacheError(
@@ -162,3 +237,66 @@ def _components(components: Any, schedule: Schedule) -> list[Component]:
         return list(components)
     types = ("block",) if "block" in schedule.plans else DEFAULT_TYPES
     return discover(components, types=types)
+
+
+def stored_sizes(
+    sizes: Mapping[str, int], compute_dtype: torch.dtype | None, storage_dtype: Any
+) -> dict[str, int]:
+    """Output sizes measured in ``compute_dtype``, as a cache with ``storage_dtype`` stores them (one
+    tensor per output: fp8 adds one 4-byte scale)."""
+    storage = resolve_storage_dtype(storage_dtype)
+    if storage is None:
+        return dict(sizes)
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise StepCacheError(
+            "storage_dtype needs the dtype the sizes were measured in (compute_dtype=torch.bfloat16, say), "
+            f"got {compute_dtype!r}."
+        )
+    if storage == compute_dtype:
+        return dict(sizes)
+    extra = 4 if storage == torch.float8_e4m3fn else 0
+    return {k: int(v) // compute_dtype.itemsize * storage.itemsize + extra for k, v in sizes.items()}
+
+
+def holdings(plan: Sequence[int]) -> list[int]:
+    """Outputs a component's store holds after its call at each step (0, 1 or 2), by the runtime's rule."""
+    keep, keep_two = liveness(tuple(plan))
+    out, held = [], 0
+    for s, v in enumerate(plan):
+        if v == COMPUTE or not held:
+            held = (2 if keep_two and held else 1) if keep[s] else 0
+        out.append(held)
+    return out
+
+
+def unplanned_peak(
+    schedule: Schedule, sizes: Mapping[str, int], *, components: Any, branches: int = 1
+) -> int:
+    """The bytes a cache without liveness holds at its peak: every scheduled component keeps its last
+    output (and the one before, when its plan forecasts) on every branch, as under ``torch.compile``
+    and in the original SmoothCache package. The reference point of a memory budget's percentage."""
+    comps = _components(components, schedule)
+    plans = schedule.resolve(comps)
+    return branches * sum(
+        int(sizes[c.name]) * (2 if liveness(plans[c.name])[1] else 1) for c in comps if c.name in plans
+    )
+
+
+def peak_profile(rows: np.ndarray, sizes: np.ndarray, branches: int = 1) -> tuple[int, int, int, int]:
+    """The exact peak of stored bytes for per-component holdings ``rows`` (components in call order x
+    steps, from :func:`holdings`) and ``sizes`` (bytes per output): ``(peak, step, branch, position)``
+    of its first moment (the running total right after that component's call; step -1 when nothing
+    is stored). Equals :func:`predict_peak`'s ``peak_bytes`` and ``step``, vectorised for planners."""
+    held = np.asarray(rows, dtype=np.int64) * np.asarray(sizes, dtype=np.int64)[:, None]
+    before = np.concatenate([np.zeros((held.shape[0], 1), dtype=np.int64), held[:, :-1]], axis=1)
+    total_before, total_after = before.sum(axis=0), held.sum(axis=0)
+    # After component i of branch b at step s: branches < b are done, > b not yet.
+    run = np.cumsum(held, axis=0) + (total_before - np.cumsum(before, axis=0))
+    best = (0, -1, 0, 0)
+    for s in range(held.shape[1]):
+        for b in range(branches):
+            col = run[:, s] + b * total_after[s] + (branches - 1 - b) * total_before[s]
+            i = int(np.argmax(col))
+            if int(col[i]) > best[0]:
+                best = (int(col[i]), s, b, i)
+    return best

@@ -124,22 +124,24 @@ class Schedule(JsonValue):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_calibration(
-        cls, calibration: Calibration, alpha: float, *, granularity: str = "type"
+        cls, calibration: Calibration, alpha: float, *, granularity: str = "type", **memory: Any
     ) -> Schedule:
-        """SmoothCache's schedule for threshold ``alpha``: :func:`stepcache.policies.smoothcache.from_calibration`."""
+        """SmoothCache's schedule for threshold ``alpha``: :func:`stepcache.policies.smoothcache.from_calibration`
+        (``memory``: ``memory_budget``, ``sizes``, ``branches``)."""
         from .policies.smoothcache import from_calibration
 
-        return from_calibration(calibration, alpha, granularity=granularity)
+        return from_calibration(calibration, alpha, granularity=granularity, **memory)
 
     @classmethod
     def for_compute_fraction(
-        cls, calibration: Calibration, fraction: float, *, granularity: str = "type"
+        cls, calibration: Calibration, fraction: float, *, granularity: str = "type", **memory: Any
     ) -> Schedule:
         """The SmoothCache schedule with the smallest alpha within a compute budget:
-        :func:`stepcache.policies.smoothcache.for_compute_fraction`."""
+        :func:`stepcache.policies.smoothcache.for_compute_fraction` (``memory``: ``memory_budget``,
+        ``sizes``, ``branches``)."""
         from .policies.smoothcache import for_compute_fraction
 
-        return for_compute_fraction(calibration, fraction, granularity=granularity)
+        return for_compute_fraction(calibration, fraction, granularity=granularity, **memory)
 
     @classmethod
     def optimal(
@@ -151,9 +153,11 @@ class Schedule(JsonValue):
         forecast: bool | None = None,
         weighted: bool | None = None,
         budget: str = "calls",
+        **memory: Any,
     ) -> Schedule:
         """The least summed calibrated error for a compute budget (exact DP + knapsack):
-        :func:`stepcache.policies.optimal.optimal_schedule`."""
+        :func:`stepcache.policies.optimal.optimal_schedule` (``memory``: ``memory_budget``, ``sizes``,
+        ``branches``)."""
         from .policies.optimal import optimal_schedule
 
         return optimal_schedule(
@@ -163,6 +167,7 @@ class Schedule(JsonValue):
             forecast=forecast,
             weighted=weighted,
             budget=budget,
+            **memory,
         )
 
     @classmethod

@@ -54,6 +54,10 @@ class SmoothCacheConfig:
         timestep_arg: the denoiser's timestep parameter, when it is not one of the usual names.
         strict: refuse a schedule calibrated on a different model.
         count_macs: measure each component's MACs once (for ``stats.macs_saved``).
+        storage_dtype: keep outputs as ``"bf16"``, ``"fp16"`` or ``"fp8"`` (e4m3, per-tensor scale);
+            None keeps them as computed (eager calls only).
+        offload: keep outputs in host memory between reads, on the plan's transfer schedule.
+        offload_lead: component calls between a fetch and its read (default: one step).
     """
 
     schedule: Schedule | str | os.PathLike[str]
@@ -64,11 +68,18 @@ class SmoothCacheConfig:
     timestep_arg: str | None = None
     strict: bool = True
     count_macs: bool = False
+    storage_dtype: Any = None
+    offload: bool = False
+    offload_lead: int | None = None
 
     def __post_init__(self) -> None:
         from ..runtime.cache import _resolve_schedule
+        from ..runtime.storage import resolve_storage_dtype
 
         object.__setattr__(self, "schedule", _resolve_schedule(self.schedule))
+        resolve_storage_dtype(self.storage_dtype)  # refuse a bad name here, not when applied
+        if not isinstance(self.offload, bool):
+            raise StepCacheError(f"offload must be True or False, got {self.offload!r}.")
         if self.on_length_mismatch not in ("error", "resample"):
             raise StepCacheError(
                 f"on_length_mismatch must be 'error' or 'resample', got {self.on_length_mismatch!r}."
@@ -208,6 +219,9 @@ def apply_smoothcache(module: nn.Module, config: SmoothCacheConfig) -> CacheHand
         strict=config.strict,
         count_macs=config.count_macs,
         installer=installer,
+        storage_dtype=config.storage_dtype,
+        offload=config.offload,
+        offload_lead=config.offload_lead,
     )
     return handle.open()
 

@@ -291,6 +291,9 @@ def optimal_schedule(
     forecast: bool | None = None,
     weighted: bool | None = None,
     budget: str = "calls",
+    memory_budget: int | str | None = None,
+    sizes: Mapping[str, int] | None = None,
+    branches: int = 1,
 ) -> Schedule:
     """The schedule with the least total calibrated error for a compute budget (exact DP).
 
@@ -307,6 +310,14 @@ def optimal_schedule(
         weighted: multiply errors by the calibration's sensitivity weights
             (:func:`stepcache.sensitivity`); ``None`` = whenever it has them.
         budget: ``"calls"`` or ``"macs"``.
+        memory_budget: bytes the stored outputs may hold at once (an int, or ``"16GB"``, ``"512MiB"``):
+            the schedule is then fitted to it (:func:`stepcache.policies._budget.fit_memory`), which
+            may compute more than asked when the budget is tight (``meta["memory"]`` says).
+        sizes: component name -> bytes per stored output (:func:`stepcache.memory.output_bytes`),
+            needed with ``memory_budget`` unless the calibration records ``meta["output_bytes"]``.
+        branches: stores per component: 2 for split classifier-free guidance.
+
+    With a memory budget the exact DP's schedule is then fitted greedily (not exactly) to it.
     """
     check_fraction(fraction)
     if budget not in ("calls", "macs"):
@@ -373,4 +384,9 @@ def optimal_schedule(
         "expected_cost": float(sum(curves[key].cost[c] * counts[key] for key, c in alloc.items())),
         **calibration.provenance(),
     }
-    return Schedule(calibration.num_steps, plans, counts, meta)
+    schedule = Schedule(calibration.num_steps, plans, counts, meta)
+    if memory_budget is None:
+        return schedule
+    from ._budget import fit_memory
+
+    return fit_memory(schedule, calibration, memory_budget, sizes, branches=branches, weighted=bool(weighted))

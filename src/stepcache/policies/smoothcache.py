@@ -8,12 +8,14 @@ a compute budget.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ScheduleError
 from ..schedule import COMPUTE, REUSE, Schedule
+from ._budget import fit_memory
 from ._plan import check_alpha, check_fraction, error_tables
 
 if TYPE_CHECKING:
@@ -50,24 +52,59 @@ def smoothcache_rule(errors: np.ndarray, alpha: float) -> tuple[int, ...]:
     return tuple(plan)
 
 
-def from_calibration(calibration: Calibration, alpha: float, *, granularity: str = "type") -> Schedule:
+def from_calibration(
+    calibration: Calibration,
+    alpha: float,
+    *,
+    granularity: str = "type",
+    memory_budget: int | str | None = None,
+    sizes: Mapping[str, int] | None = None,
+    branches: int = 1,
+) -> Schedule:
     """SmoothCache's schedule for threshold ``alpha`` (see :func:`smoothcache_rule`).
 
     ``granularity="type"`` averages the error curves of all layers of a type (as the paper does)
     and gives one plan per type; ``"layer"`` gives every component its own plan.
+
+    Args:
+        memory_budget: bytes the stored outputs may hold at once (an int, or ``"16GB"``, ``"512MiB"``):
+            the schedule is then fitted to it (:func:`stepcache.policies._budget.fit_memory`), which
+            may compute more than asked when the budget is tight (``meta["memory"]`` says).
+        sizes: component name -> bytes per stored output (:func:`stepcache.memory.output_bytes`),
+            needed with ``memory_budget`` unless the calibration records ``meta["output_bytes"]``.
+        branches: stores per component: 2 for split classifier-free guidance.
     """
     alpha = check_alpha(alpha)
     tables, counts = error_tables(calibration, granularity)
     plans = {key: smoothcache_rule(table, alpha) for key, table in tables.items()}
     meta = {"rule": "smoothcache", "alpha": alpha, "granularity": granularity, **calibration.provenance()}
-    return Schedule(calibration.num_steps, plans, counts, meta)
+    schedule = Schedule(calibration.num_steps, plans, counts, meta)
+    if memory_budget is None:
+        return schedule
+    return fit_memory(schedule, calibration, memory_budget, sizes, branches=branches)
 
 
-def for_compute_fraction(calibration: Calibration, fraction: float, *, granularity: str = "type") -> Schedule:
+def for_compute_fraction(
+    calibration: Calibration,
+    fraction: float,
+    *,
+    granularity: str = "type",
+    memory_budget: int | str | None = None,
+    sizes: Mapping[str, int] | None = None,
+    branches: int = 1,
+) -> Schedule:
     """The SmoothCache schedule with the smallest alpha whose compute fraction is <= ``fraction``.
 
     The compute fraction only changes where alpha crosses a calibrated error value, so the search
     bisects over those values; the schedule returned records the alpha it used.
+
+    Args:
+        memory_budget: bytes the stored outputs may hold at once (an int, or ``"16GB"``, ``"512MiB"``):
+            the schedule is then fitted to it (:func:`stepcache.policies._budget.fit_memory`), which
+            may compute more than asked when the budget is tight (``meta["memory"]`` says).
+        sizes: component name -> bytes per stored output (:func:`stepcache.memory.output_bytes`),
+            needed with ``memory_budget`` unless the calibration records ``meta["output_bytes"]``.
+        branches: stores per component: 2 for split classifier-free guidance.
     """
     check_fraction(fraction)
     tables, counts = error_tables(calibration, granularity)
@@ -99,4 +136,7 @@ def for_compute_fraction(calibration: Calibration, fraction: float, *, granulari
             hi = mid
         else:
             lo = mid + 1
-    return make(float(values[hi]))
+    schedule = make(float(values[hi]))
+    if memory_budget is None:
+        return schedule
+    return fit_memory(schedule, calibration, memory_budget, sizes, branches=branches)

@@ -38,6 +38,7 @@ from ..errors import ScheduleError
 from ..runtime import cache
 from ..runtime.introspect import final_samples
 from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
+from ._budget import fit_memory
 from ._plan import check_fraction, interval_plan, warmup_plan
 from .optimal import optimal_schedule
 
@@ -73,6 +74,9 @@ def tune(
     max_warmup: int | None = None,
     refine: int = 1,
     progress: bool = True,
+    memory_budget: int | str | None = None,
+    sizes: Mapping[str, int] | None = None,
+    branches: int = 1,
 ) -> Schedule:
     """The candidate schedule whose final samples are closest (MSE) to the uncached ones on ``run``.
 
@@ -88,14 +92,30 @@ def tune(
             of every plan one step earlier or later, ~2 x computations replays; stops early when no
             move helps).
         progress: show a progress bar over the evaluations.
+        memory_budget, sizes, branches: fit every candidate (and every local move) to this many
+            bytes of stored outputs before it is replayed (:func:`~stepcache.policies._budget.fit_memory`;
+            needs ``calibration``, whose errors price the fitting).
     """
+    if memory_budget is not None and calibration is None:
+        raise ScheduleError(
+            "tune with a memory_budget needs calibration=: its errors decide what to give up."
+        )
+
+    def fit(schedule: Schedule) -> Schedule:
+        if memory_budget is None:
+            return schedule
+        assert calibration is not None
+        return fit_memory(schedule, calibration, memory_budget, sizes, branches=branches)
+
     n = calibration.num_steps if calibration is not None else num_steps
     if not isinstance(n, int) or n < 3:
         raise ScheduleError("tune needs num_steps >= 3 (or a calibration).")
     check_fraction(fraction)
     computes = max(2, math.floor(fraction * n + 1e-9))  # never above the asked fraction
     if computes >= n:
-        return Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
+        return fit(
+            Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
+        )
     top = max_warmup if max_warmup is not None else max(2, n // 2)
     candidates: dict[str, Schedule] = {}
     seen: set[tuple[int, ...]] = set()
@@ -126,6 +146,7 @@ def tune(
     scores: dict[str, float] = {}
 
     def score(label: str, schedule: Schedule) -> float:
+        schedule = fit(schedule)
         with cache(target, schedule, count_macs=False), torch.no_grad():
             out = final_samples(run(), ScheduleError)
         if out.shape != reference.shape:

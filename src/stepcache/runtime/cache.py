@@ -33,9 +33,11 @@ from ..distributed import check_schedule_agreement
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCacheWarning
 from ..schedule import COMPUTE, FORECAST, Schedule
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class, weights_state
+from .offload import Offloader, OffloadStats, _Host
 from .session import Installer, Session, active_session, hook_state
 from .stats import CacheStats, TypeStats
 from .steps import StepTracker
+from .storage import Packed, pack, resolve_storage_dtype, unpack
 
 __all__ = ["CacheHandle", "cache", "disable", "liveness", "summary"]
 
@@ -63,7 +65,7 @@ def liveness(plan: tuple[int, ...]) -> tuple[list[bool], bool]:
 
 def nbytes(value: Any) -> int:
     """Bytes of a stored value: a tensor's ``nbytes``, summed through tuples (0 for anything else)."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, Packed, _Host)):
         return value.nbytes
     if isinstance(value, tuple):
         return sum(nbytes(v) for v in value)
@@ -112,11 +114,13 @@ class _Slot:
         "mode",
         "module",
         "name",
+        "offload",
         "original",
         "plan",
         "pred",
         "reused",
         "seen",
+        "storage",
         "store",
         "traced_call",
         "tracker",
@@ -136,6 +140,8 @@ class _Slot:
         self.name, self.type, self.module = comp.name, comp.type, comp.module
         self.original, self.tracker, self.count = original, tracker, count
         self.held = 0
+        self.storage: torch.dtype | None = None  # kept outputs stored in this dtype (None: as computed)
+        self.offload: Offloader | None = None  # moves kept outputs to host memory and back
         self.bytes_type = _Bytes() if bytes_type is None else bytes_type
         self.bytes_all = _Bytes() if bytes_all is None else bytes_all
         self.set_plan(plan)
@@ -175,14 +181,20 @@ class _Slot:
         tracker = self.tracker
         step, branch = tracker.step, tracker.branch  # eager: the plan is read here, per call
         mode = self.plan[step]
+        off = self.offload
+        if off is not None:
+            off.begin(self, step, branch)
         entry = self.store.get(branch)
         if mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
             self.reused += 1
             coef = self.coefs[step]
-            if mode == FORECAST and entry[2] is not None and coef:
-                return _extrapolate(entry[1], entry[2], coef)
-            return entry[1]
+            last, forecast = entry[1], mode == FORECAST and entry[2] is not None and coef
+            if off is not None or self.storage is not None:
+                return self._read(entry, step, branch, bool(forecast))
+            if forecast:
+                return _extrapolate(last, entry[2], coef)
+            return last
         self.computed += 1
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
@@ -192,13 +204,17 @@ class _Slot:
             if entry is not None:
                 del self.store[branch]
                 self._change(-nbytes(entry[1]) - nbytes(entry[2]))
+            if off is not None:
+                off.stored(entry, None)
+                off.end(self, step, branch)
             return out
         shape = first_tensor_shape(args, kwargs)
         previous = entry[1] if self.keep_two and entry is not None and entry[0] == shape else None
-        self.store[branch] = (shape, out, previous)
+        kept = out if self.storage is None else pack(out, self.storage)
+        self.store[branch] = (shape, kept, previous)
         # Bytes: the new output in, what the entry held out (the last output stays as the previous
         # one in a forecasting plan). Replacing an output by one of the same size changes nothing.
-        delta = out.nbytes if type(out) is torch.Tensor else nbytes(out)
+        delta = kept.nbytes if type(kept) is torch.Tensor else nbytes(kept)
         if entry is not None:
             if entry[2] is not None:
                 delta -= nbytes(entry[2])
@@ -207,6 +223,21 @@ class _Slot:
                 delta -= last.nbytes if type(last) is torch.Tensor else nbytes(last)
         if delta:
             self._change(delta)
+        if off is not None:
+            off.stored(entry, self.store[branch])
+            off.end(self, step, branch)
+        return out
+
+    def _read(self, entry: tuple, step: int, branch: int, forecast: bool) -> Any:
+        """A reuse step's output when kept outputs are packed or offloaded: fetched, unpacked."""
+        off = self.offload
+        last = entry[1] if off is None else off.read(entry[1], self, branch, 1)
+        out = unpack(last)
+        if forecast:
+            prev = entry[2] if off is None else off.read(entry[2], self, branch, 2)
+            out = _extrapolate(out, unpack(prev), self.coefs[step])
+        if off is not None:
+            off.end(self, step, branch)
         return out
 
     def _change(self, delta: int) -> None:
@@ -345,8 +376,26 @@ class CacheHandle:
         count_macs: bool = False,
         allow_other_caches: bool = False,
         installer: Installer | None = None,
+        storage_dtype: Any = None,
+        offload: bool = False,
+        offload_lead: int | None = None,
     ) -> None:
         schedule = _resolve_schedule(schedule)
+        self._storage = resolve_storage_dtype(storage_dtype)
+        if not isinstance(offload, bool):
+            raise StepCacheError(f"offload must be True or False, got {offload!r}.")
+        if offload_lead is not None and (
+            isinstance(offload_lead, bool) or not isinstance(offload_lead, int) or offload_lead < 1
+        ):
+            raise StepCacheError(
+                f"offload_lead must be a positive number of component calls (or None), got {offload_lead!r}."
+            )
+        if offload_lead is not None and not offload:
+            raise StepCacheError(
+                "offload_lead is the prefetch distance of offload=True; pass offload=True too."
+            )
+        self._offload_on, self._offload_lead = offload, offload_lead
+        self._offloader: Offloader | None = None
         if on_length_mismatch not in ("error", "resample"):
             raise StepCacheError(
                 f"on_length_mismatch must be 'error' or 'resample', got {on_length_mismatch!r}."
@@ -402,6 +451,7 @@ class CacheHandle:
     def _make_forward(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
         kind = self._bytes.setdefault(comp.type, _Bytes())
         slot = _Slot(comp, self._plans[comp.name], original, self.tracker, self._count, kind, self._bytes_all)
+        slot.storage = self._storage
         self._slots[comp.name] = slot
         return slot.forward
 
@@ -419,6 +469,12 @@ class CacheHandle:
         try:
             self._session.install()
             self._boundary.install()
+            if self._offload_on:
+                slots = [self._slots[c.name] for c in self.components]  # call order: discovery order
+                self._offloader = Offloader(slots, self._offload_lead)
+                self._offloader.set_plans([s.plan for s in slots])
+                for slot in slots:
+                    slot.offload = self._offloader
         except BaseException:
             self._boundary.remove()
             self._session.remove()
@@ -444,6 +500,12 @@ class CacheHandle:
         """The schedule the current generation follows: :attr:`schedule`, or (with
         ``on_length_mismatch="resample"``) it resampled to the run's step count."""
         return self._running
+
+    @property
+    def offload_stats(self) -> OffloadStats | None:
+        """With ``offload=True``: the transfers of the last generation and the outputs resident on the
+        device at each step (else None)."""
+        return None if self._offloader is None else self._offloader.stats
 
     @property
     def active(self) -> bool:
@@ -532,11 +594,19 @@ class CacheHandle:
             plans = self._running.resolve(self.components)
             for name, slot in self._slots.items():
                 slot.set_plan(plans[name])
+        if self._offloader is not None:
+            self._offloader.set_plans([s.plan for s in self._offloader.slots])
+            self._offloader.reset()
         self._generations += 1
 
     def _tally(self) -> None:
         if not self.tracker.compiled:
             return  # eager calls counted themselves
+        if self._storage is not None or self._offloader is not None:
+            raise StepCacheError(
+                "storage_dtype and offload work on eager calls only: under torch.compile the kept outputs "
+                "live inside the graph's torch.cond. Cache the uncompiled model, or drop those options."
+            )
         branch = self.tracker.branch
         for slot in self._slots.values():
             slot.tally(branch)
@@ -659,6 +729,9 @@ def cache(
     strict: bool = True,
     count_macs: bool = False,
     allow_other_caches: bool = False,
+    storage_dtype: Any = None,
+    offload: bool = False,
+    offload_lead: int | None = None,
 ) -> CacheHandle:
     """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
 
@@ -678,6 +751,12 @@ def cache(
             (for ``stats.macs_saved``; off by default: it slows that first call down).
         allow_other_caches: stack on top of another library's cache (diffusers' cache hooks,
             cache-dit) instead of refusing; its skipped calls then count as this cache's reuse.
+        storage_dtype: keep outputs as ``"bf16"``, ``"fp16"`` or ``"fp8"`` (e4m3 with a per-tensor scale)
+            and convert them back on read; None keeps them as computed. Eager calls only.
+        offload: keep outputs in (pinned, on CUDA) host memory between their reads, moved on a transfer
+            schedule computed from the plan (:func:`stepcache.runtime.offload.transfer_schedule`);
+            ``handle.offload_stats`` reports what moved. Eager calls only.
+        offload_lead: component calls between a fetch and its read (default: one step).
     """
     follow_diffusers()
     return CacheHandle(
@@ -691,6 +770,9 @@ def cache(
         strict=strict,
         count_macs=count_macs,
         allow_other_caches=allow_other_caches,
+        storage_dtype=storage_dtype,
+        offload=offload,
+        offload_lead=offload_lead,
     ).open()
 
 
