@@ -32,6 +32,7 @@ from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover, unwrap
 from ..distributed import check_schedule_agreement
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCacheWarning
 from ..schedule import COMPUTE, FORECAST, Schedule
+from . import headroom
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class, weights_state
 from .offload import Offloader, OffloadStats, _Host
 from .session import Installer, Session, active_session, hook_state
@@ -86,8 +87,9 @@ class _Bytes:
 class _Slot:
     """Runtime state of one cached component.
 
-    ``store[branch]`` is ``(input shape, last output, previous output or None)``: the two most recent
-    computed outputs, so a reuse step can copy the last one or extrapolate from both. What to do at
+    ``store[branch]`` is ``(input shape, last output, previous output or None)`` or None: the two most
+    recent computed outputs (a list, not a dict: dynamo guards on one list item where it would guard
+    on a dict's whole key set, which multiplied compiled graphs), so a reuse step can copy the last one or extrapolate from both. What to do at
     the current step (``mode``) and the extrapolation weight (``coef``) are set once per step.
     ``held`` is the bytes the store holds; eager calls update it (and the shared ``bytes_type`` and
     ``bytes_all``) when they change the store, compiled ones on the host after each denoiser call.
@@ -146,7 +148,7 @@ class _Slot:
         self.bytes_all = _Bytes() if bytes_all is None else bytes_all
         self.set_plan(plan)
         self.mode, self.coef = COMPUTE, 0.0
-        self.store: dict[int, tuple[tuple[int, ...] | None, Any, Any]] = {}
+        self.store: list[tuple[tuple[int, ...] | None, Any, Any] | None] = [None, None]
         self.seen: dict[int, bool] = {}  # compiled calls: branches already counted this generation
         self.computed = self.reused = 0
         self.macs: float | None = None
@@ -184,7 +186,8 @@ class _Slot:
         off = self.offload
         if off is not None:
             off.begin(self, step, branch)
-        entry = self.store.get(branch)
+        store = self.store
+        entry = store[branch] if branch < len(store) else None
         if mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
             self.reused += 1
@@ -202,7 +205,7 @@ class _Slot:
             out = self.original(*args, **kwargs)
         if not self.keep[step]:  # nothing reads it: hold no memory (and drop what is held)
             if entry is not None:
-                del self.store[branch]
+                store[branch] = None
                 self._change(-nbytes(entry[1]) - nbytes(entry[2]))
             if off is not None:
                 off.stored(entry, None)
@@ -211,7 +214,7 @@ class _Slot:
         shape = first_tensor_shape(args, kwargs)
         previous = entry[1] if self.keep_two and entry is not None and entry[0] == shape else None
         kept = out if self.storage is None else pack(out, self.storage)
-        self.store[branch] = (shape, kept, previous)
+        self._put(branch, (shape, kept, previous))
         # Bytes: the new output in, what the entry held out (the last output stays as the previous
         # one in a forecasting plan). Replacing an output by one of the same size changes nothing.
         delta = kept.nbytes if type(kept) is torch.Tensor else nbytes(kept)
@@ -240,6 +243,16 @@ class _Slot:
             off.end(self, step, branch)
         return out
 
+    def kept(self, branch: int) -> tuple[tuple[int, ...] | None, Any, Any] | None:
+        """What this component keeps for ``branch`` (None: nothing)."""
+        store = self.store
+        return store[branch] if branch < len(store) else None
+
+    def _put(self, branch: int, entry: tuple[tuple[int, ...] | None, Any, Any]) -> None:
+        if branch >= len(self.store):  # a third guidance branch (rare): grow once
+            self.store.extend([None] * (branch + 1 - len(self.store)))
+        self.store[branch] = entry
+
     def _change(self, delta: int) -> None:
         """The store's bytes changed by ``delta`` (eager code only: traced code counts nothing)."""
         self.held += delta
@@ -253,7 +266,7 @@ class _Slot:
 
     def recount(self) -> None:
         """Count the store's bytes afresh (on the host, after a compiled denoiser call)."""
-        held = sum(nbytes(e[1]) + nbytes(e[2]) for e in self.store.values())
+        held = sum(nbytes(e[1]) + nbytes(e[2]) for e in self.store if e is not None)
         if held != self.held:
             self._change(held - self.held)
 
@@ -266,35 +279,36 @@ class _Slot:
         """
         self.compiled = self.traced_call = self.tracker.compiled = True
         branch = self.tracker.branch
-        entry = self.store.get(branch)
+        entry = self.store[branch] if branch < len(self.store) else None
         shape = first_tensor_shape(args, kwargs)
         if entry is None or entry[0] != shape:  # nothing kept for this input: compute (a static case)
             out = self.original(*args, **kwargs)
-            self.store[branch] = (shape, out, None)
+            # Kept as the later graphs' cond outputs will be (contiguous), so their guards on the
+            # kept tensors' strides hold from the first reuse on: no recompile per layout. A
+            # forecasting plan keeps a copy as its "previous" output too (the weight is 0 until two
+            # computations exist), so the graphs never depend on how many outputs are kept yet.
+            self._put(branch, (shape, _own(out), _clone(out) if self.keep_two else None))
             return out
         last, prev = entry[1], entry[2]
         _warm_signature_cache(self.module)
+        args = tuple(_pin_layout(a) for a in args)
+        kwargs = {k: _pin_layout(v) for k, v in kwargs.items()}
 
         def compute() -> Any:
             return _own(self.original(*args, **kwargs))
 
         if not self.keep_two:
             out = torch.cond(self.pred, compute, lambda: _clone(last), ())
-            self.store[branch] = (shape, out, None)
+            self._put(branch, (shape, out, None))
             return out
-        # Forecasting plans keep two outputs. A reuse extrapolates with coef_t (0 on a copy step,
-        # and before two computations, when the previous output stands in for itself).
+        # Forecasting plans keep two outputs. torch.cond only chooses compute or copy, as for copy
+        # plans; the extrapolation and the update of the two kept outputs are plain elementwise
+        # code after it (inductor miscompiled the three-output branch form): the weight coef_t is
+        # 0 except at a forecasting reuse, so a computed or copied output passes through unchanged.
         before = last if prev is None else prev
-
-        def computed() -> Any:
-            out = compute()
-            return out, _clone(out), _clone(last)
-
-        def reused() -> Any:
-            return _extrapolate(last, before, self.coef_t), _clone(last), _clone(before)
-
-        out, new_last, new_prev = torch.cond(self.pred, computed, reused, ())
-        self.store[branch] = (shape, new_last, new_prev)
+        out = torch.cond(self.pred, compute, lambda: _clone(last), ())
+        out = _extrapolate(out, _sub(last, before), self.coef_t, difference=True)
+        self._put(branch, (shape, _where(self.pred, out, last), _where(self.pred, last, before)))
         return out
 
     def tally(self, branch: int) -> None:
@@ -312,7 +326,7 @@ class _Slot:
 
     def clear(self) -> None:
         """Drop every stored output (the bytes held go back to zero; peaks stay)."""
-        self.store.clear()
+        self.store[:] = [None] * len(self.store)
         self.seen.clear()
         self.mode = COMPUTE
         if self.held:
@@ -329,6 +343,17 @@ def _warm_signature_cache(module: Any) -> None:
         inspect.signature(processor.__call__)
 
 
+def _pin_layout(value: Any) -> Any:
+    """A component's tensor input with its layout fixed before ``torch.cond``. Inductor compiles
+    the branches for the input's traced strides, but may later give the buffer it passes in a
+    layout of its own choosing (a norm output laid out like DiT's transposed patch tokens), which
+    its generated code then rejects (``assert_size_stride``). Forcing the traced stride order
+    (a no-op when it already holds, in eager and aot_eager too) closes that gap."""
+    if isinstance(value, torch.Tensor):
+        return torch.ops.prims.inductor_force_stride_order(value, value.stride())
+    return value
+
+
 def _own(value: Any) -> Any:
     """An output as torch.cond can merge it with a kept copy. The parts of a tuple (two-stream
     attention slices one concatenated tensor) may be views at an offset: they are copied out, so
@@ -339,19 +364,39 @@ def _own(value: Any) -> Any:
 
 
 def _clone(value: Any) -> Any:
-    """A copy of a kept output (torch.cond's branches may not return their inputs themselves)."""
+    """A contiguous copy of a kept output (torch.cond's branches may not return their inputs
+    themselves). Contiguous whatever the source's layout (inductor picks its own layouts), so
+    every kept tensor has the same strides at every step and dynamo's stride guards never fail."""
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
-    return value.clone() if isinstance(value, torch.Tensor) else value
+    return value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value
 
 
-def _extrapolate(last: Any, previous: Any, coef: float | torch.Tensor) -> Any:
-    """last + coef * (last - previous), through tuples of tensors (two-stream attention)."""
+def _extrapolate(last: Any, previous: Any, coef: float | torch.Tensor, difference: bool = False) -> Any:
+    """last + coef * (last - previous), through tuples of tensors (two-stream attention); with
+    ``difference``, ``previous`` already is the difference (last - previous)."""
     if isinstance(last, tuple):
-        return tuple(_extrapolate(a, b, coef) for a, b in zip(last, previous, strict=True))
+        return tuple(_extrapolate(a, b, coef, difference) for a, b in zip(last, previous, strict=True))
     if isinstance(last, torch.Tensor):
-        return last + coef * (last - previous)
+        return last + coef * (previous if difference else last - previous)
     return last
+
+
+def _sub(a: Any, b: Any) -> Any:
+    """a - b through tuples of tensors."""
+    if isinstance(a, tuple):
+        return tuple(_sub(x, y) for x, y in zip(a, b, strict=True))
+    return a - b if isinstance(a, torch.Tensor) else a
+
+
+def _where(pred: torch.Tensor, a: Any, b: Any) -> Any:
+    """Elementwise choice through tuples of tensors, as a fresh contiguous tensor (kept outputs
+    keep one layout, so dynamo's stride guards on them hold)."""
+    if isinstance(a, tuple):
+        return tuple(_where(pred, x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.where(pred, a, b).contiguous()
+    return a
 
 
 class CacheHandle:
@@ -426,6 +471,7 @@ class CacheHandle:
         self.tracker = StepTracker(num_steps=schedule.num_steps)
         self._boundary = _SchedulerWatch(self._pipeline, self._relocate)
         self.tracker.boundary = self._boundary.new_generation
+        self.tracker.position = self._boundary.position
         self._slots: dict[str, _Slot] = {}
         self._bytes: dict[str, _Bytes] = {}  # per component type, shared by its slots
         self._bytes_all = _Bytes()
@@ -479,6 +525,7 @@ class CacheHandle:
             self._boundary.remove()
             self._session.remove()
             raise
+        headroom.acquire()
         logger.debug(message)
         return self
 
@@ -487,6 +534,8 @@ class CacheHandle:
         was_open = self._session.open
         self._boundary.remove()
         self._session.remove()
+        if was_open:
+            headroom.release()
         if was_open:
             self.tracker.check_complete()  # a run shorter than the schedule gets a warning
         self._clear()  # drop stored outputs; counters stay readable through .stats
@@ -622,41 +671,63 @@ class _SchedulerWatch:
     ``set_timesteps`` once at the start of a generation (and ReferencePipeline makes a new
     scheduler). Seeing either means the next denoiser call starts a new generation, so nothing of
     an interrupted one (an exception, Ctrl-C, a ``break``, diffusers' interrupt flag) can leak into
-    it, whatever its first timestep. The wrapper is an instance attribute, removed exactly on close.
+    it, whatever its first timestep. The wrappers are instance attributes, removed exactly on close.
+
+    It also counts the generation's ``scheduler.step`` calls on the host (:meth:`position`): the
+    step tracker places a denoiser call whose timestep lives on the GPU by that count instead of
+    reading the tensor, which would wait for the GPU on every call.
     """
 
     def __init__(self, pipeline: Any, on_setup: Callable[[], None]) -> None:
         self._pipeline = pipeline
         self._on_setup = on_setup
         self._scheduler: Any = None
-        self._saved: Any = _MISSING
+        self._saved: dict[str, Any] = {}
         self._pending: int | None = None  # the thread that set up a scheduler since the last call
+        self._steps: int | None = None  # scheduler.step calls since set_timesteps (None: not set up)
 
     def install(self) -> None:
         scheduler = getattr(self._pipeline, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
             return
         self._scheduler = scheduler
-        self._saved = scheduler.__dict__.get("set_timesteps", _MISSING)
+        self._saved = {name: scheduler.__dict__.get(name, _MISSING) for name in ("set_timesteps", "step")}
         original = scheduler.set_timesteps
 
         @functools.wraps(original)  # pipelines inspect its signature (Flux checks for `sigmas`)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             self._pending = threading.get_ident()
+            self._steps = 0
             self._on_setup()
             return original(*args, **kwargs)
 
         scheduler.set_timesteps = set_timesteps
+        take_step = getattr(scheduler, "step", None)
+        if callable(take_step):
+
+            @functools.wraps(take_step)
+            def step(*args: Any, **kwargs: Any) -> Any:
+                out = take_step(*args, **kwargs)
+                if self._steps is not None:
+                    self._steps += 1
+                return out
+
+            scheduler.step = step
 
     def remove(self) -> None:
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is None:
             return
-        if self._saved is _MISSING:
-            scheduler.__dict__.pop("set_timesteps", None)
-        else:
-            scheduler.set_timesteps = self._saved
-        self._saved, self._pending = _MISSING, None
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                scheduler.__dict__.pop(name, None)
+            else:
+                setattr(scheduler, name, saved)
+        self._saved, self._pending, self._steps = {}, None, None
+
+    def position(self) -> int | None:
+        """Scheduler steps this generation has taken, or None when no pipeline set one up."""
+        return self._steps
 
     def new_generation(self) -> bool:
         """Asked at each denoiser call: did this thread's pipeline set up a generation since?"""
@@ -666,6 +737,7 @@ class _SchedulerWatch:
         if current is not self._scheduler and self._scheduler is not None:
             self.remove()  # the pipeline got a new scheduler: watch that one from now on
             self.install()
+            self._steps = 0  # it was set up before it was watched: its generation starts now
             return True
         if self._pending is not None and self._pending == threading.get_ident():
             self._pending = None

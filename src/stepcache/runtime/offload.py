@@ -348,7 +348,7 @@ class Offloader:
     def begin(self, slot: Any, step: int, branch: int) -> None:
         q = self.position[id(slot)]
         for p, role in self._fetch.get((step, q), ()):
-            entry = self.slots[p].store.get(branch)
+            entry = self.slots[p].kept(branch)
             part = None if entry is None else entry[role]
             if isinstance(part, _Host) and part.host is not None and part.device is None:
                 part.device, part.event = self._to_device(part.host, part.where)
@@ -380,7 +380,7 @@ class Offloader:
         self._note(step)
         p = self.position[id(slot)]
         for kind, role in self._after.get((step, p), ()):
-            entry = slot.store.get(branch)
+            entry = slot.kept(branch)
             part = None if entry is None else entry[role]
             if part is None or (isinstance(part, _Host) and part.device is None):
                 continue  # not on the device

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..discovery import Component, unwrap
 from ..errors import StepCacheError, StepCacheWarning
-from .steps import StepTracker, read_timestep, timestep_slot
+from .steps import StepTracker, on_device, read_timestep, timestep_slot
 
 __all__ = ["Installer", "Interceptor", "Session", "TorchInstaller", "active_session", "track_steps"]
 
@@ -279,15 +279,18 @@ class Session:
         if self.tracker.manual:
             self.tracker.begin_call(None)
             return
-        t = None
+        value = None
         slot = self._slots.get(id(module))
         if slot is not None:
             name, index = slot
             if name in kwargs:
-                t = read_timestep(kwargs[name])
+                value = kwargs[name]
             elif index is not None and index < len(args):
-                t = read_timestep(args[index])
-        self.tracker.begin_call(t)
+                value = args[index]
+        if on_device(value):  # reading it would wait for the device: let the tracker count steps
+            self.tracker.begin_call(None, value)
+        else:
+            self.tracker.begin_call(read_timestep(value))
 
     def _post_eager(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.tracker.end_call(failed=output is None)

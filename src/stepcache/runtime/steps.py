@@ -22,7 +22,7 @@ from torch import nn
 from ..discovery import unwrap
 from ..errors import ScheduleLengthError, StepCacheError, StepCacheWarning
 
-__all__ = ["TIMESTEP_NAMES", "StepTracker", "read_timestep", "timestep_slot"]
+__all__ = ["TIMESTEP_NAMES", "StepTracker", "on_device", "read_timestep", "timestep_slot"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,15 @@ def timestep_slot(module: nn.Module, timestep_arg: str | None) -> tuple[str, int
     return None
 
 
+def on_device(value: Any) -> bool:
+    """Whether reading ``value`` on the host would wait for the device (a CUDA/XPU/MPS tensor)."""
+    return isinstance(value, torch.Tensor) and not value.is_cpu
+
+
 def read_timestep(value: Any) -> float | None:
     """The step's noise level. The maximum, not the first element: Wan 2.2 TI2V passes per-token
-    timesteps that are 0 on the conditioning frame's tokens and t elsewhere."""
+    timesteps that are 0 on the conditioning frame's tokens and t elsewhere. A device tensor costs
+    a host sync here: the tracker avoids calling this for one when it can count steps instead."""
     if isinstance(value, torch.Tensor):
         n = value.numel()
         if n == 0:
@@ -83,6 +89,12 @@ class StepTracker:
 
     One generation at a time: a call from another thread while a generation is in progress is an
     error (its steps would interleave with the running one's and both would be wrong).
+
+    Sync-free stepping: reading a timestep that lives on the GPU waits for the GPU, which on every
+    call would stall a launch-bound run and break CUDA-graph replay. When ``position`` is set (a
+    pipeline's scheduler: how many ``scheduler.step`` calls this generation has made, counted on
+    the host), a call whose timestep is a device tensor is placed by that count instead: a new
+    count is the next step, the same count another guidance branch. The timestep is never read.
     """
 
     def __init__(self, num_steps: int | None = None) -> None:
@@ -104,11 +116,15 @@ class StepTracker:
         self.on_call_end: list[Callable[[], None]] = []
         self.on_reset: list[Callable[[], None]] = []
         self.compiled = False  # set by compiled calls (a side effect dynamo replays after the graph)
+        # Steps taken this generation, counted on the host (None: unknown). See the class docstring.
+        self.position: Callable[[], int | None] | None = None
+        self._counted = False  # the current call was placed by the count, its timestep unread
 
     @property
     def timestep(self) -> float | None:
-        """The timestep of the current (or last) denoiser call; ``None`` in manual mode."""
-        return self._t
+        """The timestep of the current (or last) denoiser call; ``None`` in manual mode and for a
+        call placed by the host-side step count (its timestep was never read)."""
+        return None if self._counted else self._t
 
     # -- automatic mode -------------------------------------------------------------------------
     def in_progress(self) -> bool:
@@ -130,7 +146,10 @@ class StepTracker:
             )
         self._thread = me
 
-    def begin_call(self, t: float | None) -> None:
+    def begin_call(self, t: float | None, device_timestep: Any = None) -> None:
+        """A denoiser call begins at timestep ``t``; or, when ``t`` is None and ``device_timestep``
+        is given (a timestep tensor on a device, not read yet), wherever the host-side step count
+        places it, reading the tensor (a sync) only when no count is available."""
         self._check_thread()
         if self._in_call:
             logger.debug("previous denoiser call raised; starting the next generation afresh")
@@ -141,6 +160,13 @@ class StepTracker:
             self._in_call = True
             self._notify_call()
             return
+        if t is None and device_timestep is not None:
+            # after the boundary check: a new scheduler's count starts at 0 there
+            position = self.position() if self.position is not None else None
+            self._counted = position is not None
+            t = -float(position) if position is not None else read_timestep(device_timestep)
+        else:
+            self._counted = False
         if t is None:
             raise StepCacheError(
                 "stepcache could not read a timestep from this denoiser call. Pass timestep_arg='<name>' "
@@ -153,7 +179,7 @@ class StepTracker:
         elif self.num_steps is not None and self.step + 1 >= self.num_steps:
             raise ScheduleLengthError(
                 f"the schedule has {self.num_steps} steps but this generation made more denoising steps "
-                f"(timestep {t:g} after step {self.step + 1}). Use a schedule for this step count, or "
+                f"({'a further step' if self._counted else f'timestep {t:g}'} after step {self.step + 1}). Use a schedule for this step count, or "
                 "schedule.resample(n) for the run's step count."
             )
         else:
