@@ -160,8 +160,9 @@ def test_without_a_process_group_nothing_distributed_happens():
         distributed.set_schedule_check(timeout=0)
 
 
-def _torchrun(args: list[str], cwd, timeout: float = 180):
-    """``torchrun --nproc_per_node 2 ARGS`` with this checkout's stepcache, one thread per rank."""
+def _torchrun(args: list[str], cwd, timeout: float = 180, launcher: str = "torchrun"):
+    """``torchrun --nproc_per_node 2 ARGS`` (or ``accelerate launch --cpu --num_processes 2 ARGS``)
+    with this checkout's stepcache, one thread per rank."""
     import os
     import subprocess
     import sys
@@ -169,15 +170,21 @@ def _torchrun(args: list[str], cwd, timeout: float = 180):
     source = os.path.dirname(os.path.dirname(stepcache.__file__))
     path = os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(_free_port()), *args]
+    if launcher == "accelerate":
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--main_process_port", str(_free_port()), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command += ["--master_port", str(_free_port()), *args]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 @pytest.mark.slow
-def test_generation_recipe_under_torchrun_equals_one_process(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_generation_recipe_under_torchrun_equals_one_process(tmp_path, launcher):
     """benchmarks/distributed_generate.py (the recipe of docs/distributed.md) on two processes: the
     schedule from the sharded calibration is one process's, and each image is what one process
     generates with it."""
@@ -187,7 +194,7 @@ def test_generation_recipe_under_torchrun_equals_one_process(tmp_path):
 
     script = Path(__file__).parents[1] / "benchmarks" / "distributed_generate.py"
     args = ["--labels", "3", "--steps", "6", "--calibration-samples", "2"]
-    done = _torchrun([str(script), "--out", "out", *args], tmp_path)
+    done = _torchrun([str(script), "--out", "out", *args], tmp_path, launcher=launcher)
     assert done.stdout.count("rank 0:") == 1
     pipe = ReferencePipeline("ddim")
     inputs = [{"class_labels": [i], "generator": torch.Generator().manual_seed(1000 + i)} for i in range(2)]
