@@ -647,7 +647,12 @@ def save_grid(
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget for the DiT (0 = none)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for the DiT (0 = none; default 30, or none when --steps is given)",
+    )
     p.add_argument("--steps", type=int, default=None, help="exact number of DiT steps (reproducible)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -689,7 +694,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.minutes is None:
+        # --steps alone means exactly that many steps: a default time budget would cut the run short and
+        # leave the LR schedule unfinished (it did, once per model: see MODEL_CARD.md).
+        args.minutes = 0.0 if args.steps else 30.0
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
