@@ -690,7 +690,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grid", type=Path, default=None, help="sample grid path (default: reference/sample_grid.png)"
     )
     p.add_argument(
-        "--checkpoint", type=Path, default=Path(tempfile.gettempdir()) / "stepcache_train_reference.ckpt"
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="periodic checkpoint (default $TMPDIR/stepcache_train_reference[_flow].ckpt, one per objective)",
     )
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true")
@@ -699,6 +702,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # --steps alone means exactly that many steps: a default time budget would cut the run short and
         # leave the LR schedule unfinished (it did, once per model: see MODEL_CARD.md).
         args.minutes = 0.0 if args.steps else 30.0
+    if args.checkpoint is None:  # one file per objective: the architectures match, so a mix-up would load
+        suffix = "_flow" if args.objective == "flow" else ""
+        args.checkpoint = Path(tempfile.gettempdir()) / f"stepcache_train_reference{suffix}.ckpt"
     return args
 
 

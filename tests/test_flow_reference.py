@@ -66,7 +66,7 @@ def test_exact_velocity_through_diffusers_flow_euler_recovers_x0(train_script):
 @pytest.mark.parametrize("sampling", ["uniform", "logit-normal"])
 def test_flow_timesteps_in_unit_interval(train_script, sampling):
     t = train_script.flow_timesteps(1000, torch.Generator().manual_seed(0), sampling)
-    assert t.shape == (1000,) and 0 < float(t.min()) and float(t.max()) < 1
+    assert t.shape == (1000,) and float(t.min()) > 0 and float(t.max()) < 1
     with pytest.raises(ValueError, match="unknown flow timestep sampling"):
         train_script.flow_timesteps(4, torch.Generator(), "cosine")
 
@@ -112,6 +112,8 @@ def test_train_script_flow_options(train_script):
     assert args.minutes == 0  # --steps alone: no time budget that could cut the run short
     default = train_script.parse_args([])
     assert default.objective == "ddpm" and default.minutes == 30
+    assert args.checkpoint.name == "stepcache_train_reference_flow.ckpt"
+    assert default.checkpoint.name == "stepcache_train_reference.ckpt"
 
 
 # -- shipped weights ------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def test_step_tracker_reads_float_flow_timesteps():
     seen = []
     for _ in range(2):  # two generations
         for t in sched.timesteps:
-            for branch in range(2):  # split guidance: two calls at one timestep
+            for _branch in range(2):  # split guidance: two calls at one timestep
                 tracker.begin_call(float(t))
                 seen.append((tracker.generation, tracker.step, tracker.branch))
                 tracker.end_call()
