@@ -9,6 +9,12 @@ scikit-learn's bundled digits, seeded, on CPU:
     python scripts/train_reference.py --steps 9000          # bit-reproducible step count instead of a time budget
     python scripts/train_reference.py --only eval           # re-evaluate the shipped weights, redraw the grid
     python scripts/train_reference.py --resume              # continue from the periodic checkpoint after a crash
+    python scripts/train_reference.py --objective flow --only dit --steps 3000   # the flow-matching model
+
+``--objective flow`` trains the second reference model, ``dit_digits_flow``: the same DiT config trained with
+flow matching (rectified flow, velocity target) instead of DDPM epsilon prediction. It writes only
+``dit_digits_flow.safetensors`` / ``dit_digits_flow.json`` (and ``sample_grid_flow.png``); the classifier is
+never retrained by a flow run, so the DDPM model's files and the shared classifier stay untouched.
 
 With ``--minutes`` the run stops at the wall-clock budget; the learning-rate schedule is sized from the
 throughput measured in the first steps, so the exact step count depends on the machine (it is recorded in
@@ -47,7 +53,7 @@ from stepcache.reference import (
 )
 from stepcache.reference._classifier import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE
 from stepcache.reference._data import SPLIT_SEED, TEST_FRACTION
-from stepcache.reference._model import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE
+from stepcache.reference._model import MODEL_FILES
 from stepcache.reference._weights import DEFAULT_WEIGHTS_DIR, file_sha256
 
 logger = logging.getLogger("train_reference")
@@ -208,6 +214,66 @@ def _lr_at(step: int, total: int, base_lr: float, warmup: int, final_frac: float
     return base_lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+OBJECTIVES = ("ddpm", "flow")
+#: Flow-matching timestep sampling. "uniform": t ~ U(0, 1). "logit-normal": t = sigmoid(n), n ~ N(0, 1),
+#: SD3's default (it concentrates training on mid-range t, which matters for large latent images whose
+#: content is decided there; for 16x16 pixels the model must also be good at t ~ 1, the first Euler step).
+FLOW_TIMESTEP_SAMPLING = ("uniform", "logit-normal")
+
+
+def flow_timesteps(n: int, gen: torch.Generator, sampling: str = "uniform") -> torch.Tensor:
+    """Continuous flow-matching times ``t`` in (0, 1) (``t = 1`` is pure noise), ``(n,)`` float32."""
+    if sampling == "uniform":
+        return torch.rand(n, generator=gen)
+    if sampling == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=gen))
+    raise ValueError(f"unknown flow timestep sampling {sampling!r}; expected one of {FLOW_TIMESTEP_SAMPLING}")
+
+
+def flow_matching_batch(
+    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow as diffusers' ``FlowMatchEulerDiscreteScheduler`` expects it.
+
+    ``x_t = (1 - t) x0 + t noise`` with sigma = t, velocity target ``v = noise - x0`` (so the Euler step
+    ``x + (sigma_next - sigma) v`` moves from noise towards data), and the model's timestep input is
+    ``t * 1000``, the scheduler's ``timesteps``. Returns ``(x_t, model_timestep, target)``.
+    """
+    tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    xt = (1.0 - tb) * x0 + tb * noise
+    return xt, t * 1000.0, noise - x0
+
+
+def flow_matching_loss(
+    model: nn.Module, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator, sampling: str = "uniform"
+) -> torch.Tensor:
+    """One flow-matching MSE on a batch (the noise and times are drawn from ``gen``)."""
+    t = flow_timesteps(len(x0), gen, sampling)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt, timestep, target = flow_matching_batch(x0, t, noise)
+    pred = model(hidden_states=xt, timestep=timestep, class_labels=y).sample
+    return F.mse_loss(pred, target)
+
+
+@torch.no_grad()
+def heldout_flow_loss(model: nn.Module, seed: int, repeats: int = 4) -> float:
+    """Velocity-MSE on the held-out split with fixed noise and uniform times: comparable across runs."""
+    x0, y = load_digits("test")
+    gen = torch.Generator().manual_seed(seed + 12345)
+    model.eval()
+    losses = []
+    for _ in range(repeats):
+        t = torch.rand(len(x0), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt, timestep, target = flow_matching_batch(x0, t, noise)
+        for s in range(0, len(x0), 128):
+            pred = model(
+                hidden_states=xt[s : s + 128], timestep=timestep[s : s + 128], class_labels=y[s : s + 128]
+            ).sample
+            losses.append(float(F.mse_loss(pred, target[s : s + 128], reduction="sum")))
+    return sum(losses) / (repeats * x0.numel())
+
+
 @torch.no_grad()
 def heldout_loss(model: nn.Module, noise_sched: Any, seed: int, repeats: int = 4) -> float:
     """Epsilon-MSE on the held-out split with fixed noise/timesteps: comparable across runs."""
@@ -228,13 +294,16 @@ def heldout_loss(model: nn.Module, noise_sched: Any, seed: int, repeats: int = 4
 
 
 def train_dit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """DDPM epsilon-prediction training of the reference DiT; saves the EMA weights."""
+    """Train the reference DiT (DDPM epsilon prediction, or flow matching with ``--objective flow``);
+    saves the EMA weights."""
     from diffusers import DDPMScheduler, DiTTransformer2DModel
     from tqdm.auto import tqdm
 
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)
     x_train, y_train = load_digits("train")
+    flow = args.objective == "flow"
+    weights_file, config_file = MODEL_FILES[args.objective]
     noise_sched = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule=args.beta_schedule,
@@ -300,15 +369,17 @@ def train_dit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         x0, y = x_train[idx], y_train[idx]
         drop = torch.rand(len(y), generator=gen) < args.label_dropout
         y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(y),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = noise_sched.add_noise(x0, noise, t)
-
         lr = _lr_at(step, total_steps or 10**9, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        pred = model(hidden_states=xt, timestep=t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
+        if flow:
+            loss = flow_matching_loss(model, x0, y, gen, args.flow_timesteps)
+        else:
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(y),), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            xt = noise_sched.add_noise(x0, noise, t)
+            pred = model(hidden_states=xt, timestep=t, class_labels=y).sample
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -323,7 +394,8 @@ def train_dit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         if step % 100 == 0:
             recent = sum(loss_hist[-100:]) / len(loss_hist[-100:])
             bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}", min=f"{elapsed / 60:.1f}")
-        if step % 500 == 0:
+        if step % 500 == 0 or step in (20, 50, 100):
+            recent = sum(loss_hist[-100:]) / len(loss_hist[-100:])
             logger.info("step %d  loss(100) %.4f  lr %.2e  %.1f min", step, recent, lr, elapsed / 60)
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             _save_checkpoint(
@@ -345,25 +417,43 @@ def train_dit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     _save_checkpoint(ckpt_path, model, ema, opt, gen, step, elapsed, total_steps, loss_hist, perm, pos)
 
     final_loss = sum(loss_hist[-200:]) / max(1, len(loss_hist[-200:]))
-    test_loss = heldout_loss(ema, noise_sched, args.seed)
-    weights_path = out_dir / MODEL_WEIGHTS_FILE
+    test_loss = heldout_flow_loss(ema, args.seed) if flow else heldout_loss(ema, noise_sched, args.seed)
+    weights_path = out_dir / weights_file
     atomic_save_safetensors(ema.state_dict(), weights_path, {"format": "pt", "weights": "EMA"})
-    meta = {
-        "model": MODEL_CONFIG,
-        "scheduler": {
+    scheduler_meta: dict[str, Any] = (
+        {
+            "class": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": 1000,
+            "shift": 1.0,
+            "prediction_type": "flow",
+        }
+        if flow
+        else {
             "class": "DDPMScheduler",
             "num_train_timesteps": 1000,
             "beta_schedule": args.beta_schedule,
             "beta_start": float(noise_sched.config.beta_start),
             "beta_end": float(noise_sched.config.beta_end),
             "prediction_type": "epsilon",
-        },
+        }
+    )
+    objective = (
+        f"flow matching (rectified flow): x_t = (1 - t) x0 + t noise, velocity target noise - x0, "
+        f"MSE; t ~ {'U(0, 1)' if args.flow_timesteps == 'uniform' else 'sigmoid(N(0, 1)) (logit-normal)'}, "
+        "model timestep input t * 1000"
+        if flow
+        else "DDPM epsilon-prediction MSE, t ~ U{0..999}"
+    )
+    meta = {
+        "model": MODEL_CONFIG,
+        "scheduler": scheduler_meta,
         "sha256": file_sha256(weights_path),
         "num_parameters": n_params,
         "null_class": NULL_CLASS,
         "training": {
             "data": DATA_DESCRIPTION,
-            "objective": "DDPM epsilon-prediction MSE, t ~ U{0..999}",
+            "objective": objective,
+            **({"timestep_sampling": args.flow_timesteps} if flow else {}),
             "steps": step,
             "planned_steps": total_steps,
             "minutes": round(elapsed / 60, 2),
@@ -381,7 +471,7 @@ def train_dit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
-    atomic_write_json(meta, out_dir / MODEL_CONFIG_FILE)
+    atomic_write_json(meta, out_dir / config_file)
     logger.info(
         "DiT: %d steps in %.1f min, final loss %.4f, held-out EMA loss %.4f",
         step,
@@ -440,7 +530,8 @@ def evaluate(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     )
 
     torch.set_num_threads(args.threads)
-    model = load_model(weights_dir=out_dir)
+    flow = args.objective == "flow"
+    model = load_model(weights_dir=out_dir, model=args.objective)
     clf = load_classifier(weights_dir=out_dir)
     x_train, _ = load_digits("train")
     x_test, y_test = load_digits("test")
@@ -459,8 +550,11 @@ def evaluate(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     logger.info("floors: %s", floors)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(math.ceil(n / NUM_CLASSES))[:n]
     runs = []
-    sampler_steps = {"ddim": 50, "dpm": 20}
-    configs = [(name, sampler_steps[name], g) for name in args.eval_samplers for g in args.eval_guidance]
+    if flow:  # one sampler, two step counts
+        configs = [("flow-euler", steps, g) for steps in args.eval_flow_steps for g in args.eval_guidance]
+    else:
+        sampler_steps = {"ddim": 50, "dpm": 20}
+        configs = [(name, sampler_steps[name], g) for name in args.eval_samplers for g in args.eval_guidance]
     for sched_name, steps, g in configs:
         t0 = time.time()
         imgs = sample(
@@ -481,7 +575,7 @@ def evaluate(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         }
         runs.append(row)
         logger.info("eval %s", row)
-    meta_path = out_dir / MODEL_CONFIG_FILE
+    meta_path = out_dir / MODEL_FILES[args.objective][1]
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     old = meta.get("evaluation", {})
 
@@ -497,7 +591,9 @@ def evaluate(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         "classifier_test_accuracy": class_accuracy(x_test, y_test, clf),
         "floors": {**(old.get("floors", {}) if merged else {}), **floors},
         "default_guidance_scale": DEFAULT_GUIDANCE_SCALE,
-        "runs": sorted(merged.values(), key=lambda r: (r["num_samples"], r["sampler"], r["guidance_scale"])),
+        "runs": sorted(
+            merged.values(), key=lambda r: (r["num_samples"], r["sampler"], r["steps"], r["guidance_scale"])
+        ),
     }
     atomic_write_json(meta, meta_path)
     print(json.dumps(meta["evaluation"], indent=2))
@@ -512,8 +608,10 @@ def evaluate(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     return meta["evaluation"]
 
 
-def save_grid(model: nn.Module, path: Path, seed: int, per_class: int = 10) -> None:
-    """One row per class, DDIM 50 steps at the default guidance scale."""
+def save_grid(
+    model: nn.Module, path: Path, seed: int, per_class: int = 10, scheduler: str = "ddim", steps: int = 50
+) -> None:
+    """One row per class, DDIM 50 steps (flow model: flow-Euler 20) at the default guidance scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,8 +621,8 @@ def save_grid(model: nn.Module, path: Path, seed: int, per_class: int = 10) -> N
     imgs = sample(
         model,
         labels,
-        scheduler="ddim",
-        num_inference_steps=50,
+        scheduler=scheduler,
+        num_inference_steps=steps,
         guidance_scale=DEFAULT_GUIDANCE_SCALE,
         seed=seed,
     )
@@ -538,7 +636,8 @@ def save_grid(model: nn.Module, path: Path, seed: int, per_class: int = 10) -> N
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(str(r), rotation=0, labelpad=10, va="center")
-    fig.suptitle(f"DDIM 50 steps, guidance {DEFAULT_GUIDANCE_SCALE}, seed {seed}", fontsize=8)
+    title = {"ddim": "DDIM", "flow-euler": "flow-matching Euler"}.get(scheduler, scheduler)
+    fig.suptitle(f"{title} {steps} steps, guidance {DEFAULT_GUIDANCE_SCALE}, seed {seed}", fontsize=8)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -548,7 +647,12 @@ def save_grid(model: nn.Module, path: Path, seed: int, per_class: int = 10) -> N
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget for the DiT (0 = none)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for the DiT (0 = none; default 30, or none when --steps is given)",
+    )
     p.add_argument("--steps", type=int, default=None, help="exact number of DiT steps (reproducible)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -556,6 +660,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--beta-schedule", default="squaredcos_cap_v2", choices=["linear", "squaredcos_cap_v2"])
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="ddpm",
+        help="ddpm: dit_digits (epsilon prediction); flow: dit_digits_flow (flow matching, velocity)",
+    )
+    p.add_argument(
+        "--flow-timesteps",
+        choices=FLOW_TIMESTEP_SAMPLING,
+        default="uniform",
+        help="how --objective flow samples t (default uniform; logit-normal is SD3's choice)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--classifier-epochs", type=int, default=60)
@@ -565,17 +681,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation stage")
     p.add_argument("--eval-samples", type=int, default=500)
     p.add_argument("--eval-samplers", nargs="+", choices=["ddim", "dpm"], default=["ddim", "dpm"])
+    p.add_argument(
+        "--eval-flow-steps", type=int, nargs="+", default=[20, 50], help="flow-Euler step counts to score"
+    )
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, DEFAULT_GUIDANCE_SCALE])
     p.add_argument("--out-dir", type=Path, default=DEFAULT_WEIGHTS_DIR)
     p.add_argument(
         "--grid", type=Path, default=None, help="sample grid path (default: reference/sample_grid.png)"
     )
     p.add_argument(
-        "--checkpoint", type=Path, default=Path(tempfile.gettempdir()) / "stepcache_train_reference.ckpt"
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="periodic checkpoint (default $TMPDIR/stepcache_train_reference[_flow].ckpt, one per objective)",
     )
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.minutes is None:
+        # --steps alone means exactly that many steps: a default time budget would cut the run short and
+        # leave the LR schedule unfinished (it did, once per model: see MODEL_CARD.md).
+        args.minutes = 0.0 if args.steps else 30.0
+    if args.checkpoint is None:  # one file per objective: the architectures match, so a mix-up would load
+        suffix = "_flow" if args.objective == "flow" else ""
+        args.checkpoint = Path(tempfile.gettempdir()) / f"stepcache_train_reference{suffix}.ckpt"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -583,15 +713,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.only in (None, "classifier"):
+    # A flow run never retrains the shared classifier (the DDPM model's evaluation depends on it).
+    if args.only == "classifier" or (args.only is None and args.objective == "ddpm"):
         train_classifier(out_dir, args.seed, args.classifier_epochs, args.threads)
     if args.only in (None, "dit"):
         train_dit(args, out_dir)
     if args.only == "eval" or (args.only is None and not args.no_eval):
         evaluate(args, out_dir)
     if args.only == "grid" or (args.only is None and not args.no_eval):
-        grid_path = Path(args.grid) if args.grid else out_dir.parent / "sample_grid.png"
-        save_grid(load_model(weights_dir=out_dir), grid_path, seed=args.seed)
+        flow = args.objective == "flow"
+        default_grid = "sample_grid_flow.png" if flow else "sample_grid.png"
+        grid_path = Path(args.grid) if args.grid else out_dir.parent / default_grid
+        save_grid(
+            load_model(weights_dir=out_dir, model=args.objective),
+            grid_path,
+            seed=args.seed,
+            scheduler="flow-euler" if flow else "ddim",
+            steps=20 if flow else 50,
+        )
 
 
 if __name__ == "__main__":

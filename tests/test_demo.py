@@ -68,3 +68,14 @@ def test_demo_is_reproducible(demo_run, tmp_path):
 def test_demo_rejects_bad_classes(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--classes", "3,x"])
     assert result.exit_code == 2 and "--classes" in result.output
+
+
+def test_demo_on_the_flow_model(tmp_path):
+    """`--model flow` runs the demo on dit_digits_flow with its flow-Euler sampler."""
+    args = ["demo", "--model", "flow", "--out", str(tmp_path), *TINY]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["scheduler"] == "flow-euler" and "flow matching" in report["model"]
+    assert report["samples"] == 8 and len(report["variants"]) == 3
+    assert "flow-euler 5 steps" in result.output

@@ -1,6 +1,7 @@
 """The ``stepcache`` command line: info, calibrate, schedule, tune, plan-memory, demo, bench.
 
-``MODEL`` is ``reference`` (the shipped trained 16x16-digits DiT), ``tiny-dit`` (a built-in
+``MODEL`` is ``reference`` (the shipped trained 16x16-digits DiTs: ``--model ddpm``, the default, or
+``--model flow``, the flow-matching one), ``tiny-dit`` (a built-in
 random-weight DiT pipeline), a diffusers model id or local folder (loading a hub id needs hub
 access), or ``module:factory`` (a function returning a pipeline or a denoiser module).
 
@@ -33,8 +34,11 @@ from .errors import StepCacheError
 if TYPE_CHECKING:
     from .runtime.introspect import MacShares
 
-# The schedulers the built-in models (reference, tiny-dit) and the demo take.
-SCHEDULERS = ("ddim", "dpm")
+# The schedulers the built-in models (reference, tiny-dit) and the demo take. flow-euler fits only the
+# flow reference model (--model flow), ddim and dpm only the others: a mismatch is a one-line error.
+SCHEDULERS = ("ddim", "dpm", "flow-euler")
+# The shipped reference models (MODEL=reference, --model).
+REFERENCE_MODELS = ("ddpm", "flow")
 _MAX_SEED = 2**62
 _verbose = False
 
@@ -111,16 +115,16 @@ ModelArg = Annotated[
 ]
 
 
-def load_target(spec: str, *, scheduler: str = "ddim") -> Any:
-    """Resolve a MODEL argument to a pipeline or module."""
+def load_target(spec: str, *, scheduler: str | None = None, reference_model: str = "ddpm") -> Any:
+    """Resolve a MODEL argument to a pipeline or module (``reference_model``: which reference DiT)."""
     if spec == "reference":
         from .reference import ReferencePipeline
 
-        return ReferencePipeline(scheduler)
+        return ReferencePipeline(scheduler, model=reference_model)
     if spec == "tiny-dit":
         from .integrations.diffusers import tiny_dit_pipeline
 
-        return tiny_dit_pipeline(scheduler=scheduler)
+        return tiny_dit_pipeline(scheduler=scheduler or "ddim")
     if ":" in spec and not Path(spec).exists():
         module_name, _, attr = spec.partition(":")
         hint = "Expected module:factory, e.g. mypkg.models:make_pipe."
@@ -291,11 +295,33 @@ def _check_alpha(value: float) -> None:
     check_alpha(value)
 
 
-def _scheduler_for(ctx: typer.Context, model: str, scheduler: str | None) -> str:
-    """The scheduler of a built-in model; refused for other models, which bring their own."""
+def _scheduler_for(model: str, scheduler: str | None, reference_model: str | None = None) -> str:
+    """The scheduler of a built-in model; refused for other models, which bring their own, and refused
+    when it does not fit the model (flow-euler only for the flow reference model)."""
+    if reference_model is not None and model != "reference":
+        _fail(f"--model applies to MODEL=reference (ddpm or flow); {model} is its own model.")
     if model not in ("reference", "tiny-dit") and scheduler is not None:
         _fail(f"--scheduler applies to the built-in models (reference, tiny-dit); {model} brings its own.")
+    if model == "reference":
+        return _reference_scheduler(reference_model or "ddpm", scheduler)
+    if model == "tiny-dit" and scheduler == "flow-euler":
+        _fail(
+            "--scheduler flow-euler fits only the flow reference model (reference --model flow); "
+            "tiny-dit takes ddim or dpm."
+        )
     return scheduler or "ddim"
+
+
+def _reference_scheduler(reference_model: str, scheduler: str | None) -> str:
+    """The reference model's scheduler: its default when not given, a one-line error when it does not fit."""
+    from .reference._model import check_scheduler_fits, default_scheduler
+
+    if scheduler is None:
+        return default_scheduler(reference_model)
+    try:
+        return check_scheduler_fits(reference_model, scheduler)
+    except StepCacheError as e:
+        _fail(f"--scheduler {scheduler} does not fit --model {reference_model}: {str(e).split('; ')[-1]}.")
 
 
 def _outputs(*paths: tuple[Path | None, str], inputs: tuple[Path | None, ...] = ()) -> None:
@@ -334,7 +360,18 @@ StepsOpt = Annotated[int, typer.Option(min=2, max=10_000, help="Denoising steps 
 BatchOpt = Annotated[int, typer.Option(min=1, max=100_000, help="Class labels or prompts per generation.")]
 SchedulerOpt = Annotated[
     str | None,
-    typer.Option(help="reference and tiny-dit: ddim (default) or dpm.", callback=_checked(_check_scheduler)),
+    typer.Option(
+        help="reference and tiny-dit: ddim (default) or dpm; reference --model flow: flow-euler (its default).",
+        callback=_checked(_check_scheduler),
+    ),
+]
+ReferenceModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="MODEL=reference only: ddpm (default; dit_digits) or flow (dit_digits_flow, flow matching).",
+        callback=_checked(_choice(*REFERENCE_MODELS)),
+    ),
 ]
 PromptOpt = Annotated[list[str] | None, typer.Option(help="Prompt(s) for text-conditioned pipelines.")]
 GuidanceOpt = Annotated[
@@ -464,6 +501,7 @@ def calibrate(
         int, typer.Option(min=1, max=64, help="Longest reuse run to measure (k), below --steps.")
     ] = 3,
     scheduler: SchedulerOpt = None,
+    reference_model: ReferenceModelOpt = None,
     prompt: PromptOpt = None,
     guidance_scale: GuidanceOpt = None,
     seed: SeedOpt = 0,
@@ -491,7 +529,7 @@ def calibrate(
     from .distributed import is_main, launched
     from .sensitivity import sensitivity as measure_sensitivity
 
-    scheduler = _scheduler_for(ctx, model, scheduler)
+    scheduler = _scheduler_for(model, scheduler, reference_model)
     if lookahead >= steps:
         _fail(f"--lookahead {lookahead} must be below --steps {steps}: a reuse run fits in one generation.")
     if sensitivity > steps:
@@ -510,7 +548,7 @@ def calibrate(
             _fail(e)
     try:
         with launched():
-            target = load_target(model, scheduler=scheduler)
+            target = load_target(model, scheduler=scheduler, reference_model=reference_model or "ddpm")
             inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
             if guidance_scale is None and hasattr(target, "guidance_scale"):
                 guidance_scale = target.guidance_scale
@@ -658,6 +696,7 @@ def tune(
     samples: Annotated[int, typer.Option(min=1, max=100_000, help="Generations replayed per candidate.")] = 2,
     batch: BatchOpt = 10,
     scheduler: SchedulerOpt = None,
+    reference_model: ReferenceModelOpt = None,
     prompt: PromptOpt = None,
     guidance_scale: GuidanceOpt = None,
     seed: SeedOpt = 1000,
@@ -667,14 +706,14 @@ def tune(
     from .calibration import Calibration
     from .policies.tuned import tune as run_tune
 
-    scheduler = _scheduler_for(ctx, model, scheduler)
+    scheduler = _scheduler_for(model, scheduler, reference_model)
     _outputs((out, "schedule file (--out)"), inputs=(calibration,))
     try:
         cal = Calibration.load(calibration) if calibration else None
         if cal is not None and steps is not None and steps != cal.num_steps:
             _fail(f"--steps {steps} differs from the calibration's {cal.num_steps} steps: leave --steps out.")
         steps = cal.num_steps if cal is not None else steps or 50
-        target = load_target(model, scheduler=scheduler)
+        target = load_target(model, scheduler=scheduler, reference_model=reference_model or "ddpm")
         inputs = _inputs_for(target, samples, prompt or [], seed, guidance_scale, batch)
         replay = _replay(target, inputs, seed, steps)
         memory: dict[str, Any] = {}
@@ -764,9 +803,21 @@ def demo(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for grid.png, curves.png, report.json.")
     ] = Path("stepcache-demo"),
+    reference_model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Reference model: ddpm (dit_digits) or flow (dit_digits_flow, flow matching).",
+            callback=_checked(_choice(*REFERENCE_MODELS)),
+        ),
+    ] = "ddpm",
     scheduler: Annotated[
-        str, typer.Option(help="ddim or dpm (DPM-Solver++ 2M).", callback=_checked(_check_scheduler))
-    ] = "ddim",
+        str | None,
+        typer.Option(
+            help="ddpm: ddim (default) or dpm (DPM-Solver++ 2M); flow: flow-euler (default).",
+            callback=_checked(_check_scheduler),
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(min=2, max=10_000, help="Denoising steps.")] = 50,
     per_class: Annotated[int, typer.Option(min=1, max=10_000, help="Samples per class.")] = 20,
     classes: Annotated[str, typer.Option(help="Comma-separated digits.")] = "0,1,2,3,4,5,6,7,8,9",
@@ -794,6 +845,7 @@ def demo(
     """Uncached vs SmoothCache on the shipped reference model: images, curves, metrics. Offline."""
     from .demo import DEFAULT_ALPHA, DemoConfig, format_report, run_demo
 
+    scheduler = _reference_scheduler(reference_model, scheduler)
     try:
         picked = [int(c) for c in classes.split(",") if c.strip()]
     except ValueError:
@@ -817,6 +869,7 @@ def demo(
         _fail(e)
     cfg = DemoConfig(
         out=out,
+        model=reference_model,
         scheduler=scheduler,
         steps=steps,
         per_class=per_class,

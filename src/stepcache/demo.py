@@ -30,6 +30,11 @@ __all__ = ["DEFAULT_ALPHA", "DemoConfig", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
+_MODEL_TITLES = {
+    "ddpm": "stepcache reference DiT (16x16 digits)",
+    "flow": "stepcache reference DiT, flow matching (16x16 digits, dit_digits_flow)",
+}
+
 # The threshold the reference model's card reports results for (src/stepcache/reference/MODEL_CARD.md).
 DEFAULT_ALPHA = 0.1
 
@@ -37,7 +42,10 @@ DEFAULT_ALPHA = 0.1
 @dataclass
 class DemoConfig:
     out: Path = Path("stepcache-demo")
-    scheduler: str = "ddim"
+    #: ``"ddpm"`` (the default reference model) or ``"flow"`` (the flow-matching one).
+    model: str = "ddpm"
+    #: ``None``: the model's default sampler (``ddim`` for ddpm, ``flow-euler`` for flow).
+    scheduler: str | None = None
     steps: int = 50
     per_class: int = 20
     classes: list[int] = field(default_factory=lambda: list(range(10)))
@@ -95,16 +103,24 @@ def _plot_grid(
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to ``cfg.out / "report.json"``)."""
     from . import metrics, reference
+    from .reference._model import check_scheduler_fits, model_key
 
     check_output(cfg.out, "demo output folder", folder=True)
+    model = model_key(cfg.model)
+    scheduler = check_scheduler_fits(model, cfg.scheduler or reference.default_scheduler(model))
     guidance = reference.DEFAULT_GUIDANCE_SCALE if cfg.guidance_scale is None else cfg.guidance_scale
-    cal = shipped_calibration(cfg.scheduler, cfg.steps)
-    cal_source = f"shipped ({cfg.scheduler}-{cfg.steps}.json)"
+    cal = shipped_calibration(scheduler, cfg.steps)
+    cal_source = f"shipped ({scheduler}-{cfg.steps}.json)"
     # A calibration holds for the guidance it was recorded with: guidance changes the trajectories.
     if cal is None or cal.meta.get("guidance_scale") != guidance:
-        logger.info("no shipped calibration for %s/%d steps: calibrating", cfg.scheduler, cfg.steps)
+        logger.info("no shipped calibration for %s/%d steps: calibrating", scheduler, cfg.steps)
         cal = calibrate_reference(
-            cfg.scheduler, cfg.steps, cfg.calibration_samples, guidance_scale=guidance, progress=cfg.progress
+            scheduler,
+            cfg.steps,
+            cfg.calibration_samples,
+            guidance_scale=guidance,
+            progress=cfg.progress,
+            model=model,
         )
         cal_source = f"calibrated now ({cfg.calibration_samples} samples)"
     schedules = {
@@ -113,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     cal.plot(cfg.out / "curves.png", schedule=schedules[f"alpha={cfg.alpha:g}"])
 
-    pipe = ReferencePipeline(cfg.scheduler, guidance)
+    pipe = ReferencePipeline(scheduler, guidance, model=model)
     labels = torch.tensor([c for c in cfg.classes for _ in range(cfg.per_class)])
 
     def generate() -> tuple[torch.Tensor, float]:
@@ -164,8 +180,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     report = {
         "stepcache_version": __version__,
-        "model": "stepcache reference DiT (16x16 digits)",
-        "scheduler": cfg.scheduler,
+        "model": _MODEL_TITLES[model],
+        "scheduler": scheduler,
         "steps": cfg.steps,
         "guidance_scale": guidance,
         "classes": cfg.classes,

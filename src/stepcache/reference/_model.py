@@ -31,9 +31,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "MODEL_CONFIG_FILE",
+    "MODEL_FILES",
+    "MODEL_NAMES",
+    "MODEL_SCHEDULERS",
     "MODEL_WEIGHTS_FILE",
     "NULL_CLASS",
     "SCHEDULER_NAMES",
+    "default_scheduler",
     "load_model",
     "load_model_metadata",
     "make_scheduler",
@@ -44,6 +48,78 @@ logger = logging.getLogger(__name__)
 
 MODEL_WEIGHTS_FILE = "dit_digits.safetensors"
 MODEL_CONFIG_FILE = "dit_digits.json"
+FLOW_MODEL_WEIGHTS_FILE = "dit_digits_flow.safetensors"
+FLOW_MODEL_CONFIG_FILE = "dit_digits_flow.json"
+#: The shipped reference models: ``"ddpm"`` (``dit_digits``, DDPM epsilon prediction, the default) and
+#: ``"flow"`` (``dit_digits_flow``, flow matching / rectified flow, velocity prediction).
+MODEL_NAMES = ("ddpm", "flow")
+#: (weights file, config file) of each model.
+MODEL_FILES: dict[str, tuple[str, str]] = {
+    "ddpm": (MODEL_WEIGHTS_FILE, MODEL_CONFIG_FILE),
+    "flow": (FLOW_MODEL_WEIGHTS_FILE, FLOW_MODEL_CONFIG_FILE),
+}
+#: The samplers that fit each model, default first. A DDPM (epsilon) model cannot be sampled with a
+#: flow-matching Euler scheduler, nor the velocity model with DDIM/DPM-Solver: they read the model's
+#: output differently, so a mismatch is refused rather than mapped.
+MODEL_SCHEDULERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "dpm"), "flow": ("flow-euler",)}
+_MODEL_ALIASES = {"ddpm": "ddpm", "dit_digits": "ddpm", "flow": "flow", "dit_digits_flow": "flow"}
+_SCHEDULER_ALIASES = {
+    "ddim": "ddim",
+    "dpm": "dpm",
+    "dpm++": "dpm",
+    "dpmsolver++": "dpm",
+    "dpm-solver++": "dpm",
+    "flow-euler": "flow-euler",
+}
+# Used when the flow model's config lacks a "scheduler" section; matches what the training script writes.
+_DEFAULT_FLOW_SCHEDULER: dict[str, Any] = {
+    "class": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "prediction_type": "flow",
+}
+
+
+def model_key(model: str) -> str:
+    """``"ddpm"`` or ``"flow"`` for a model name (also accepts the file stems ``dit_digits[_flow]``)."""
+    key = _MODEL_ALIASES.get(str(model).lower())
+    if key is None:
+        raise StepCacheError(f"unknown reference model {model!r}; expected one of {', '.join(MODEL_NAMES)}")
+    return key
+
+
+def scheduler_key(name: str) -> str:
+    """The canonical scheduler name (``ddim``, ``dpm`` or ``flow-euler``) for a name or alias."""
+    key = _SCHEDULER_ALIASES.get(str(name).lower())
+    if key is None:
+        raise StepCacheError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+    return key
+
+
+def model_of_scheduler(name: str) -> str:
+    """The reference model a scheduler name belongs to: ``"flow"`` for flow-euler, else ``"ddpm"``."""
+    key = scheduler_key(name)
+    return next(m for m, names in MODEL_SCHEDULERS.items() if key in names)
+
+
+def default_scheduler(model: str = "ddpm") -> str:
+    """The default sampler of a reference model: ``ddim`` (ddpm) or ``flow-euler`` (flow)."""
+    return MODEL_SCHEDULERS[model_key(model)][0]
+
+
+def check_scheduler_fits(model: str, scheduler: str) -> str:
+    """The canonical scheduler name, or a one-line error when it does not fit ``model``."""
+    mkey, skey = model_key(model), scheduler_key(scheduler)
+    valid = MODEL_SCHEDULERS[mkey]
+    if skey not in valid:
+        what = "flow matching (velocity)" if mkey == "flow" else "DDPM (epsilon)"
+        raise StepCacheError(
+            f"scheduler {scheduler!r} does not fit the {mkey} reference model (trained with {what}); "
+            f"use {' or '.join(valid)}"
+        )
+    return skey
+
+
 #: diffusers' DiT appends one extra label embedding after the real classes: the "no class" label that
 #: classifier-free guidance conditions on.
 NULL_CLASS = NUM_CLASSES
@@ -52,7 +128,8 @@ NULL_CLASS = NUM_CLASSES
 #: floor; guidance 2 lifts accuracy to 100 % but quadruples the FD (it trades diversity for class
 #: fidelity). Pass ``guidance_scale`` explicitly to exercise batched classifier-free guidance.
 DEFAULT_GUIDANCE_SCALE = 1.0
-SCHEDULER_NAMES = ("ddim", "dpm")
+#: Every inference scheduler :func:`make_scheduler` builds, over both models.
+SCHEDULER_NAMES = ("ddim", "dpm", "flow-euler")
 
 # Used when a config predates the "scheduler" section; matches what scripts/train_reference.py writes.
 _DEFAULT_TRAIN_SCHEDULER: dict[str, Any] = {
@@ -64,9 +141,10 @@ _DEFAULT_TRAIN_SCHEDULER: dict[str, Any] = {
 }
 
 
-def load_model_metadata(weights_dir: str | Path | None = None) -> dict[str, Any]:
-    """The shipped ``dit_digits.json``: model config, training scheduler, training and evaluation record."""
-    return read_json(resolve_weights_dir(weights_dir) / MODEL_CONFIG_FILE)
+def load_model_metadata(weights_dir: str | Path | None = None, *, model: str = "ddpm") -> dict[str, Any]:
+    """The shipped ``dit_digits.json`` (or ``dit_digits_flow.json`` for ``model="flow"``): model config,
+    training scheduler, training and evaluation record."""
+    return read_json(resolve_weights_dir(weights_dir) / MODEL_FILES[model_key(model)][1])
 
 
 def load_model(
@@ -74,6 +152,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     *,
     weights_dir: str | Path | None = None,
+    model: str = "ddpm",
 ) -> DiTTransformer2DModel:
     """Build the reference ``DiTTransformer2DModel`` from the shipped config and load its EMA weights.
 
@@ -82,6 +161,9 @@ def load_model(
         dtype: parameter dtype; weights are stored in float32.
         weights_dir: folder holding ``dit_digits.json`` and ``dit_digits.safetensors``; ``None`` means the
             folder shipped with the package.
+        model: ``"ddpm"`` (default: ``dit_digits``, DDPM epsilon prediction, sampled with ddim/dpm) or
+            ``"flow"`` (``dit_digits_flow``, flow matching, sampled with ``flow-euler``). The loaded module
+            remembers which (``stepcache_reference_model``), so :func:`sample` picks the right sampler.
 
     Returns:
         The model in eval mode (so diffusers' built-in label dropout is off).
@@ -91,37 +173,49 @@ def load_model(
     """
     from diffusers import DiTTransformer2DModel
 
+    key = model_key(model)
     folder = resolve_weights_dir(weights_dir)
-    cfg_path = folder / MODEL_CONFIG_FILE
-    weights_path = folder / MODEL_WEIGHTS_FILE
+    weights_path, cfg_path = (folder / name for name in MODEL_FILES[key])
     meta = read_json(cfg_path)
     model_cfg = meta.get("model")
     if not isinstance(model_cfg, dict):
         raise ReferenceWeightsError(f"{cfg_path} has no 'model' config section. {REGENERATE_HINT}")
     try:
-        model = DiTTransformer2DModel(**model_cfg)
+        net = DiTTransformer2DModel(**model_cfg)
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise ReferenceWeightsError(
             f"{cfg_path} has an invalid 'model' config ({exc}). {REGENERATE_HINT}"
         ) from exc
     state = read_safetensors(weights_path, expected_sha256=meta.get("sha256"))
-    load_state_into(model, state, weights_path)
-    # Remember the training betas so `sample(model, ..., scheduler="ddim")` matches this model even when it
-    # was loaded from a non-default folder.
-    model.stepcache_train_scheduler = {**_DEFAULT_TRAIN_SCHEDULER, **meta.get("scheduler", {})}
-    model = model.to(device=device)
+    load_state_into(net, state, weights_path)
+    # Remember the training betas (or flow shift) so `sample(model, ...)` matches this model even when it
+    # was loaded from a non-default folder, and which model it is, for the default sampler.
+    defaults = _DEFAULT_FLOW_SCHEDULER if key == "flow" else _DEFAULT_TRAIN_SCHEDULER
+    net.stepcache_train_scheduler = {**defaults, **meta.get("scheduler", {})}
+    net.stepcache_reference_model = key
+    net = net.to(device=device)
     if dtype != torch.float32:  # .to(dtype) makes diffusers warn even when it is a no-op
-        model = model.to(dtype=dtype)
-    return model.eval()
+        net = net.to(dtype=dtype)
+    return net.eval()
 
 
-def _train_scheduler_config(weights_dir: str | Path | None) -> dict[str, Any]:
+def _train_scheduler_config(weights_dir: str | Path | None, model: str = "ddpm") -> dict[str, Any]:
+    defaults = _DEFAULT_FLOW_SCHEDULER if model == "flow" else _DEFAULT_TRAIN_SCHEDULER
     try:
-        meta = load_model_metadata(weights_dir)
+        meta = load_model_metadata(weights_dir, model=model)
     except ReferenceWeightsError as exc:
-        logger.warning("%s Using the default training betas for the scheduler.", exc)
-        return dict(_DEFAULT_TRAIN_SCHEDULER)
-    return {**_DEFAULT_TRAIN_SCHEDULER, **meta.get("scheduler", {})}
+        logger.warning("%s Using the default training schedule for the scheduler.", exc)
+        return dict(defaults)
+    return {**defaults, **meta.get("scheduler", {})}
+
+
+def _is_flow_config(cfg: dict[str, Any]) -> bool:
+    return cfg.get("prediction_type") == "flow" or "FlowMatch" in str(cfg.get("class", ""))
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    """Whether a scheduler object is a flow-matching one (velocity model, float sigma*1000 timesteps)."""
+    return "FlowMatch" in type(scheduler).__name__
 
 
 def make_scheduler(
@@ -134,10 +228,13 @@ def make_scheduler(
     """A fresh inference scheduler on the training betas, with ``set_timesteps`` already called.
 
     Args:
-        name: ``"ddim"`` (deterministic DDIM, eta=0) or ``"dpm"`` (DPM-Solver++ 2M).
+        name: ``"ddim"`` (deterministic DDIM, eta=0) or ``"dpm"`` (DPM-Solver++ 2M) for the DDPM model;
+            ``"flow-euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler``) for the flow model.
         num_inference_steps: number of denoising steps.
-        weights_dir: where to read the training beta schedule from (``None``: the shipped config).
-        train_config: the training scheduler section itself (overrides ``weights_dir``).
+        weights_dir: where to read the training schedule from (``None``: the shipped config of the model
+            the scheduler belongs to).
+        train_config: the training scheduler section itself (overrides ``weights_dir``); a flow config
+            with ``ddim``/``dpm`` (or the reverse) is refused.
 
     Both use "trailing" timestep spacing, so the first step is at t=999 where x_T ~ N(0, I) is exactly
     what the model was trained to see. At t=999 the cosine schedule has sqrt(alpha_bar) ~ 5e-5, so the
@@ -145,16 +242,33 @@ def make_scheduler(
     prediction to the data range [-1, 1] (DDIM ``clip_sample``; for DPM-Solver++ ``thresholding`` with
     ``sample_max_value=1``, which is the same hard clip). A new object is returned on every call because
     multistep solvers keep state between steps and must not be shared between runs.
+
+    ``flow-euler`` is the plain Euler ODE step of rectified flow, ``x <- x + (sigma_next - sigma) v``,
+    with sigmas linear from 1 to 1/1000 (then 0) and timesteps ``sigma * 1000`` (floats). Its ``shift``
+    comes from the training config: 1.0, i.e. no resolution shift. SD3/Flux shift sigmas towards the
+    noise end (shift 3, or dynamic) because large latent images keep their global structure longer
+    under noise; 16x16 pixels are not that case, and the model was trained with t ~ U(0, 1).
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     if num_inference_steps < 1:
         raise StepCacheError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    cfg = (
-        {**_DEFAULT_TRAIN_SCHEDULER, **train_config}
-        if train_config is not None
-        else _train_scheduler_config(weights_dir)
-    )
+    key = scheduler_key(name)
+    mkey = model_of_scheduler(key)
+    if train_config is not None:
+        given_flow = _is_flow_config(train_config)
+        if given_flow != (mkey == "flow"):
+            check_scheduler_fits("flow" if given_flow else "ddpm", key)
+        defaults = _DEFAULT_FLOW_SCHEDULER if mkey == "flow" else _DEFAULT_TRAIN_SCHEDULER
+        cfg = {**defaults, **train_config}
+    else:
+        cfg = _train_scheduler_config(weights_dir, mkey)
+    if key == "flow-euler":
+        flow_sched = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=int(cfg["num_train_timesteps"]), shift=float(cfg.get("shift", 1.0))
+        )
+        flow_sched.set_timesteps(num_inference_steps)
+        return flow_sched
     common = {
         "num_train_timesteps": int(cfg["num_train_timesteps"]),
         "beta_schedule": cfg["beta_schedule"],
@@ -163,10 +277,9 @@ def make_scheduler(
         "prediction_type": cfg["prediction_type"],
         "timestep_spacing": "trailing",
     }
-    key = name.lower()
     if key == "ddim":
         sched = DDIMScheduler(**common, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
-    elif key in ("dpm", "dpm++", "dpmsolver++", "dpm-solver++"):
+    elif key == "dpm":
         sched = DPMSolverMultistepScheduler(
             **common,
             algorithm_type="dpmsolver++",
@@ -175,7 +288,7 @@ def make_scheduler(
             dynamic_thresholding_ratio=0.995,
             sample_max_value=1.0,
         )
-    else:
+    else:  # pragma: no cover - scheduler_key() admits nothing else
         raise StepCacheError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
     sched.set_timesteps(num_inference_steps)
     return sched
@@ -185,7 +298,7 @@ def sample(
     model: torch.nn.Module,
     class_labels: torch.Tensor,
     *,
-    scheduler: str | SchedulerMixin = "ddim",
+    scheduler: str | SchedulerMixin | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     seed: int = 0,
@@ -201,11 +314,14 @@ def sample(
     Args:
         model: the reference DiT (or anything with the same call signature returning ``.sample``).
         class_labels: ``(N,)`` integer labels in ``0..9`` (``NULL_CLASS`` = unconditional).
-        scheduler: ``"ddim"``, ``"dpm"`` (built with :func:`make_scheduler` on the betas the model was
-            trained with) or an already configured diffusers scheduler whose timesteps are set.
+        scheduler: ``"ddim"``, ``"dpm"`` (DDPM model) or ``"flow-euler"`` (flow model), built with
+            :func:`make_scheduler` on the schedule the model was trained with, or an already configured
+            diffusers scheduler whose timesteps are set. ``None``: the model's default (``ddim`` for the
+            DDPM model, ``flow-euler`` for the flow model). A name that does not fit the model is refused.
         num_inference_steps: steps when ``scheduler`` is a name (ignored for a scheduler object).
         guidance_scale: classifier-free guidance weight; ``1.0`` disables guidance (model card figures use
-            :data:`DEFAULT_GUIDANCE_SCALE`).
+            :data:`DEFAULT_GUIDANCE_SCALE`). For the flow model the velocity is guided the same way,
+            ``v_null + w (v_cond - v_null)``.
         seed: seeds the CPU ``torch.Generator`` that draws x_T, so a fixed seed reproduces the images on
             any device.
         progress: show a tqdm bar.
@@ -214,11 +330,18 @@ def sample(
     Returns:
         ``(N, 1, 16, 16)`` images in ``[-1, 1]`` (float32, on the model's device).
     """
+    which = getattr(model, "stepcache_reference_model", None)
+    if scheduler is None:
+        scheduler = default_scheduler(which or "ddpm")
     if isinstance(scheduler, str):
+        if which is not None:
+            check_scheduler_fits(which, scheduler)
         train_cfg = getattr(model, "stepcache_train_scheduler", None)
         sched = make_scheduler(scheduler, num_inference_steps, train_config=train_cfg)
     else:
         sched = scheduler
+    # Flow matching: float timesteps sigma * 1000 (read as they are); DDPM: integer timesteps.
+    flow = is_flow_scheduler(sched)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(device)
@@ -228,7 +351,7 @@ def sample(
     size = int(getattr(cfg_model, "sample_size", 16))
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     x = torch.randn((n, channels, size, size), generator=generator, dtype=torch.float32)
-    x = (x * float(sched.init_noise_sigma)).to(device=device, dtype=dtype)
+    x = (x * float(getattr(sched, "init_noise_sigma", 1.0))).to(device=device, dtype=dtype)
 
     use_cfg = guidance_scale != 1.0
     # Guided runs stack [conditional; unconditional] so each step is still one model call.
@@ -250,8 +373,12 @@ def sample(
     with torch.no_grad():
         for i, t in enumerate(iterator):
             x_in = torch.cat([x, x]) if use_cfg else x
-            x_in = sched.scale_model_input(x_in, t)
-            t_batch = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
+            if hasattr(sched, "scale_model_input"):
+                x_in = sched.scale_model_input(x_in, t)
+            if flow:
+                t_batch = torch.full((x_in.shape[0],), float(t), device=device, dtype=torch.float32)
+            else:
+                t_batch = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
             out = model(hidden_states=x_in, timestep=t_batch, class_labels=model_labels).sample
             if use_cfg:
                 eps_cond, eps_uncond = out.chunk(2)

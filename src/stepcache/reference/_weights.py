@@ -31,7 +31,8 @@ DEFAULT_WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 
 #: The one command that recreates every file in the weights folder.
 REGENERATE_HINT = (
-    "Regenerate the reference weights with `python scripts/train_reference.py` (about 30 min on a CPU)."
+    "Regenerate the reference weights with `python scripts/train_reference.py` (about 30 min on a CPU; "
+    "add `--objective flow` for the flow-matching model dit_digits_flow)."
 )
 
 

@@ -20,13 +20,20 @@ class ReferencePipeline:
     """The reference model behind a pipeline-like call, so the CLI and calibration treat it like
     a diffusers pipeline: ``pipe(class_labels=[...], num_inference_steps=50)`` returns images."""
 
-    def __init__(self, scheduler: str = "ddim", guidance_scale: float | None = None) -> None:
+    def __init__(
+        self, scheduler: str | None = None, guidance_scale: float | None = None, *, model: str = "ddpm"
+    ) -> None:
+        """``model``: ``"ddpm"`` (default) or ``"flow"``; ``scheduler``: one that fits it (``None``: the
+        model's default, ``ddim`` or ``flow-euler``); a mismatch raises :class:`StepCacheError`."""
         from stepcache import reference
+        from stepcache.reference._model import check_scheduler_fits, model_key
 
-        self.transformer = reference.load_model()
-        self.scheduler_name = scheduler
+        self.model_name = model_key(model)
+        scheduler = reference.default_scheduler(self.model_name) if scheduler is None else scheduler
+        self.scheduler_name = check_scheduler_fits(self.model_name, scheduler)
+        self.transformer = reference.load_model(model=self.model_name)
         self.guidance_scale = reference.DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-        self.scheduler = reference.make_scheduler(scheduler, 50)
+        self.scheduler = reference.make_scheduler(self.scheduler_name, 50)
 
     def __call__(
         self,
@@ -56,7 +63,10 @@ class ReferencePipeline:
 
 
 def shipped_calibration(scheduler: str, steps: int) -> Calibration | None:
-    """The calibration shipped for (scheduler, steps), if there is one."""
+    """The calibration shipped for (scheduler, steps), if there is one.
+
+    Scheduler names are unique to a model (``ddim``/``dpm``: the DDPM model; ``flow-euler``: the flow
+    model), so ``flow-euler-20.json`` is the flow model's."""
     path = resources.files("stepcache.reference") / "calibrations" / f"{scheduler}-{steps}.json"
     if not path.is_file():
         return None
@@ -70,8 +80,13 @@ def calibrate_reference(
     seed: int = 1000,
     guidance_scale: float | None = None,
     progress: bool = True,
+    model: str | None = None,
 ) -> Calibration:
-    """Calibrate the reference model: ``samples`` generations of one image per class each."""
-    pipe = ReferencePipeline(scheduler, guidance_scale)
+    """Calibrate a reference model: ``samples`` generations of one image per class each.
+
+    ``model``: ``"ddpm"`` or ``"flow"``; ``None`` means the model the scheduler belongs to."""
+    from stepcache.reference._model import model_of_scheduler
+
+    pipe = ReferencePipeline(scheduler, guidance_scale, model=model or model_of_scheduler(scheduler))
     inputs = [{"class_labels": list(range(10)), "seed": seed + i} for i in range(samples)]
     return calibrate(pipe, inputs=inputs, num_inference_steps=steps, progress=progress)
