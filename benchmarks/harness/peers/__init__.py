@@ -76,7 +76,7 @@ _PACKAGES = {
 }
 _METHODS = {
     DIFFUSERS: ("FirstBlockCache", "TaylorSeer", "PAB", "FasterCache", "MagCache"),
-    CACHE_DIT: ("DBCache", "DBCache+TaylorSeer"),
+    CACHE_DIT: ("DBCache", "DBCache+TaylorSeer", "DBCache+FoCa"),
     SMOOTHCACHE: ("SmoothCacheHelper",),
 }
 # TaylorSeer caches these outputs. Its default patterns ("^transformer_blocks.*attn") must match the
@@ -228,8 +228,14 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
 
     # (interval, warm-up steps): TaylorSeer's step 3 is always predicted and intervals are integers, so
     # interval 2 tops out near 0.5; a longer full-compute warm-up gives the high-fraction end.
-    for interval, warm in ((2, max(3, round(0.4 * n))), (2, 3), (3, 3), (4, 3), (5, 3)):
-        knob = f"interval={interval}" + (f", warm-up={warm}" if warm != 3 else "")
+    tsr = [(i, w, 1) for i, w in ((2, max(3, round(0.4 * n))), (2, 3), (3, 3), (4, 3), (5, 3))]
+    tsr += [(i, 3, 2) for i in (3, 4)]  # second order (two finite differences), as TaylorSeer allows
+    for interval, warm, order in tsr:
+        knob = (
+            f"interval={interval}"
+            + (f", warm-up={warm}" if warm != 3 else "")
+            + (", order 2" if order == 2 else "")
+        )
         out.append(
             PeerMethod(
                 DIFFUSERS,
@@ -237,7 +243,7 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
                 knob,
                 {
                     "cache_interval": interval,
-                    "max_order": 1,
+                    "max_order": order,
                     "disable_cache_before_step": warm,
                     "taylor_factors_dtype": "float32",
                     "cache_identifiers": list(_TAYLORSEER_TARGETS),
@@ -302,6 +308,16 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
                 if name.endswith("TaylorSeer"):
                     params["taylorseer_order"] = 1
                 out.append(PeerMethod(CACHE_DIT, name, f"F{fn}B{bn}, threshold={threshold:g}", params))
+    fn, bn = splits[0]
+    for threshold in (0.06, 0.12, 0.25, 0.5):  # FoCa on the first split only: the sweep stays short
+        params = {
+            "Fn_compute_blocks": fn,
+            "Bn_compute_blocks": bn,
+            "residual_diff_threshold": threshold,
+            "max_warmup_steps": warmup,
+            "max_continuous_cached_steps": -1,
+        }
+        out.append(PeerMethod(CACHE_DIT, "DBCache+FoCa", f"F{fn}B{bn}, threshold={threshold:g}", params))
 
     return out
 

@@ -1,4 +1,5 @@
-"""cache-dit's DBCache (Fn/Bn dual block cache), with and without its TaylorSeer calibrator.
+"""cache-dit's DBCache (Fn/Bn dual block cache), alone, with its TaylorSeer calibrator, or with its
+FoCa calibrator (the forecaster cache-dit 1.5 ships next to TaylorSeer).
 
 Enabled through cache-dit's ``BlockAdapter`` with its ``DiTPatchFunctor``, in fused-CFG mode (one
 model call per step); a fresh cache context is set at each new generation.
@@ -33,6 +34,7 @@ def enable(
     order = p.pop("taylorseer_order", None)
     if method.name.endswith("TaylorSeer") and order is None:
         order = 1
+    foca = method.name.endswith("FoCa")
     depth = len(model.transformer_blocks)
     fn, bn = int(p.get("Fn_compute_blocks", 1)), int(p.get("Bn_compute_blocks", 0))
     if fn < 1 or bn < 0 or fn + bn > depth:
@@ -40,7 +42,10 @@ def enable(
     try:
         # Fused CFG (one call per step) and a persistent context that refreshes after n steps.
         cache_config = cache_dit.DBCacheConfig(**p, enable_separate_cfg=False, num_inference_steps=n)
-        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=int(order)) if order else None
+        if foca:  # FoCa (arXiv 2508.16211): BDF2 predictor + Heun corrector on the cached residuals
+            calibrator: Any = cache_dit.FoCaCalibratorConfig()
+        else:
+            calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=int(order)) if order else None
     except TypeError as exc:
         raise PeerError(f"bad params for cache-dit {method.name}: {exc}") from exc
     pristine = (copy.deepcopy(cache_config), copy.deepcopy(calibrator))
