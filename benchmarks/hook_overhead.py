@@ -133,16 +133,25 @@ def main() -> None:
         # Steady state, as users run it: each configuration on its own copy of the model, its cache
         # enabled once for all repeats (toggling hooks between runs measures Python re-warming its
         # attribute caches, not the hooks); runs alternate between the copies.
-        plain, cached, counted = model, copy.deepcopy(model), copy.deepcopy(model)
+        # A second uncached copy is the control: two identical models on different allocations
+        # differ by this much (the noise floor of the comparison).
+        plain, control = model, copy.deepcopy(model)
+        cached, counted = copy.deepcopy(model), copy.deepcopy(model)
         handles = [stepcache.cache(cached, schedule), stepcache.cache(counted, schedule, count_macs=True)]
-        configs = {"uncached": plain, "all-compute": cached, "all-compute, count_macs": counted}
+        configs = {
+            "uncached": plain,
+            "uncached (control copy)": control,
+            "all-compute": cached,
+            "all-compute, count_macs": counted,
+        }
         times: dict[str, list[float]] = {k: [] for k in configs}
         for m in configs.values():  # warm-up
             for _ in range(3):
                 loop(m, call, args.steps)
-        for _ in range(args.repeats):  # alternating, so drift hits every configuration alike
-            for k, m in configs.items():
-                times[k].append(loop(m, call, args.steps))
+        order = list(configs)
+        for r in range(args.repeats):  # alternating, and rotating who goes first, so drift and
+            for k in order[r % len(order) :] + order[: r % len(order)]:  # position hit all alike
+                times[k].append(loop(configs[k], call, args.steps))
         for h in handles:
             h.close()
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -151,6 +160,8 @@ def main() -> None:
             "ms_per_step": {k: round(1e3 * v / args.steps, 4) for k, v in med.items()},
             "overhead": round(med["all-compute"] / med["uncached"] - 1, 4),
             "overhead_count_macs": round(med["all-compute, count_macs"] / med["uncached"] - 1, 4),
+            "control": round(med["uncached (control copy)"] / med["uncached"] - 1, 4),
+            "us_per_step": round(1e6 * (med["all-compute"] - med["uncached"]) / args.steps, 1),
         }
         print(name, rows[name], flush=True)
     report = {
@@ -168,14 +179,16 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         lines = [
-            "| model | components | uncached ms/step | all-compute ms/step | overhead | with count_macs |",
-            "|---|---|---|---|---|---|",
+            "| model | components | uncached ms/step | all-compute ms/step | overhead | µs/step "
+            "| with count_macs | control (uncached copy) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
             ms = r["ms_per_step"]
             lines.append(
                 f"| {name} | {r['components']} | {ms['uncached']:.3f} | {ms['all-compute']:.3f} | "
-                f"{100 * r['overhead']:+.2f} % | {100 * r['overhead_count_macs']:+.2f} % |"
+                f"{100 * r['overhead']:+.2f} % | {r['us_per_step']:+.1f} | {100 * r['overhead_count_macs']:+.2f} % | "
+                f"{100 * r['control']:+.2f} % |"
             )
         args.out.with_suffix(".md").write_text(
             "# Hook overhead at tiny shapes\n\n"
