@@ -120,7 +120,7 @@ def forecast_coefficients(
         return (s - a) * (2 * h1 + h2) / (h1 * (h1 + h2)), -(s - a) * h1 / (h2 * (h1 + h2))
     raise ScheduleError(f"{value!r} is not a plan value.")
 _FORMAT = "stepcache.schedule"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: plans may hold second-order forecasts (3, 4); files without them are written as 1
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta"}
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
 _SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>\d+))?$")
@@ -345,7 +345,8 @@ class Schedule(JsonValue):
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
+            # Files older readers can read stay version 1; second-order values make them say "upgrade".
+            "format_version": _FORMAT_VERSION if any(max(p) > FORECAST for p in self.plans.values()) else 1,
             "stepcache_version": __version__,
             "num_steps": self.num_steps,
             "plans": {k: list(v) for k, v in self.plans.items()},
