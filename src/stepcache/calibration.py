@@ -37,7 +37,7 @@ from .errors import CalibrationError, StepCacheError
 from .runtime.introspect import count_macs, fingerprint, model_class, weights_state
 from .runtime.session import Session
 from .runtime.steps import StepTracker
-from .schedule import BDF2, FORECAST2, METHODS, forecast_coefficients
+from .schedule import METHODS, forecast_coefficients
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -140,7 +140,9 @@ class Calibration(JsonValue):
                 )
             for name, arr in table.items():
                 _check_array(f"{label} of {name}", arr, want, finite=label == "weights")
-        if not isinstance(self.forecast2_errors, Mapping) or not set(self.forecast2_errors) <= set(SECOND_ORDER):
+        if not isinstance(self.forecast2_errors, Mapping) or not set(self.forecast2_errors) <= set(
+            SECOND_ORDER
+        ):
             raise CalibrationError(
                 f"calibration forecast2_errors must map methods {list(SECOND_ORDER)} to tables, got "
                 f"{sorted(self.forecast2_errors) if isinstance(self.forecast2_errors, Mapping) else self.forecast2_errors!r}."
@@ -152,7 +154,10 @@ class Calibration(JsonValue):
                 )
             for name, arr in table.items():
                 _check_array(
-                    f"{method} forecast errors of {name}", arr, (*shape, self.lookahead + 1, self.lookahead + 1), finite=False
+                    f"{method} forecast errors of {name}",
+                    arr,
+                    (*shape, self.lookahead + 1, self.lookahead + 1),
+                    finite=False,
                 )
         if not isinstance(self.macs, Mapping) or not set(self.macs) <= set(self.components):
             raise CalibrationError("calibration macs name components the calibration does not have.")
@@ -234,7 +239,11 @@ class Calibration(JsonValue):
                 ("lookahead", first.lookahead, cal.lookahead),
                 ("components (names and types)", dict(first.components), dict(cal.components)),
                 ("forecast errors recorded", bool(first.forecast_errors), bool(cal.forecast_errors)),
-                ("second-order forecast errors recorded", sorted(first.forecast2_errors), sorted(cal.forecast2_errors)),
+                (
+                    "second-order forecast errors recorded",
+                    sorted(first.forecast2_errors),
+                    sorted(cal.forecast2_errors),
+                ),
             ]
             checks += [(f"meta {k!r}", first.meta.get(k), cal.meta.get(k)) for k in (*keys, "guidance_scale")]
             for label, a, b in checks:
@@ -268,7 +277,10 @@ class Calibration(JsonValue):
             for method in forecast2:
                 forecast2[method][name] = functools.reduce(
                     operator.add,
-                    (_Moments.of_summary(c.num_samples, c.forecast2_errors[method][name], None) for c in cals),
+                    (
+                        _Moments.of_summary(c.num_samples, c.forecast2_errors[method][name], None)
+                        for c in cals
+                    ),
                 ).mean
         macs = {
             name: next((c.macs[name] for c in cals if c.macs.get(name) is not None), None) for name in names
@@ -338,9 +350,11 @@ class Calibration(JsonValue):
         def second(name: str) -> dict[str, list] | None:
             if not self.forecast2_errors:
                 return None
-            return {m: [[arr(u) for u in t] for t in tables[name]] for m, tables in self.forecast2_errors.items()}
+            return {
+                m: [[arr(u) for u in t] for t in tables[name]] for m, tables in self.forecast2_errors.items()
+            }
 
-        out = {
+        out: dict[str, Any] = {
             "format": _FORMAT,
             "format_version": _FORMAT_VERSION if self.forecast2_errors else 1,  # readable by older versions
             "stepcache_version": __version__,
@@ -551,7 +565,9 @@ class _Recorder:
         self.forecast = forecast
         self.second_order = second_order and forecast
         k = lookahead
-        self.width = 1 + (k + 1 if forecast else 0) + (len(SECOND_ORDER) * (k + 1) ** 2 if self.second_order else 0)
+        self.width = (
+            1 + (k + 1 if forecast else 0) + (len(SECOND_ORDER) * (k + 1) ** 2 if self.second_order else 0)
+        )
         self.tracker = tracker
         self.sequence_group = sequence_group
         self.names = [c.name for c in components]
@@ -562,7 +578,8 @@ class _Recorder:
         # (name, step, j, m, per-item |difference|_1, per-item |output|_1); m = 0 marks a copy error.
         # Numerator and denominator stay apart until the generation ends: under context parallelism
         # both are summed over the ranks' sequence slices before dividing.
-        self._pending: list[tuple[str, int, int, int, torch.Tensor, torch.Tensor]] = []
+        # Second-order forecasts come in blocks: j and m are then arrays (one per row of e).
+        self._pending: list[tuple[str, int, Any, Any, torch.Tensor, torch.Tensor]] = []
         self._max_step = -1
 
     def intercept(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -601,19 +618,46 @@ class _Recorder:
                     continue
                 pred = a + (j / m) * (a - b)
                 self._pending.append((name, step, j, m, (cur - pred).abs().sum(1), norm))
-                if not self.second_order:
-                    continue
-                for p in range(1, k + 2):
-                    c = past.get(step - j - m - p)
-                    if c is None:
-                        continue
-                    for q, value in enumerate((METHODS[method] for method in SECOND_ORDER)):
-                        alpha, beta = forecast_coefficients(value, step, step - j, step - j - m, step - j - m - p)
-                        pred = a + alpha * (a - b) + beta * (b - c)
-                        at = k + 2 + q * (k + 1) ** 2 + (m - 1) * (k + 1) + (p - 1)
-                        self._pending.append((name, step, j, at, (cur - pred).abs().sum(1), norm))
+        if self.second_order:
+            self._record_second_order(name, step, cur, past, norm)
         hist.append((step, cur))
         self._max_step = max(self._max_step, step)
+
+    def _record_second_order(
+        self, name: str, step: int, cur: torch.Tensor, past: dict[int, torch.Tensor], norm: torch.Tensor
+    ) -> None:
+        """Every second-order forecast of ``step`` from three earlier outputs at once: each is a
+        weighted sum of the stacked history (``(1 + alpha) o_a + (beta - alpha) o_b - beta o_c``),
+        so one matrix product per chunk of forecasts replaces hundreds of small elementwise ops."""
+        k = self.k
+        slots = sorted(past)
+        where = {t: i for i, t in enumerate(slots)}
+        rows, cells = [], []
+        for j in range(1, k + 1):
+            for m in range(1, k + 2):
+                for p in range(1, k + 2):
+                    a, b, c = step - j, step - j - m, step - j - m - p
+                    if a not in where or b not in where or c not in where:
+                        continue
+                    for q, method in enumerate(SECOND_ORDER):
+                        alpha, beta = forecast_coefficients(METHODS[method], step, a, b, c)
+                        row = [0.0] * len(slots)
+                        row[where[a]] += 1 + alpha
+                        row[where[b]] += beta - alpha
+                        row[where[c]] -= beta
+                        rows.append(row)
+                        cells.append((j, k + 2 + q * (k + 1) ** 2 + (m - 1) * (k + 1) + (p - 1)))
+        if not rows:
+            return
+        history = torch.stack([past[t] for t in slots])  # (slots, batch, features)
+        weights = torch.tensor(rows, dtype=history.dtype, device=history.device)
+        chunk = max(1, (1 << 26) // max(1, cur.numel()))  # at most ~256 MB of float32 forecasts at once
+        for lo in range(0, len(rows), chunk):
+            preds = torch.einsum("ch,hbf->cbf", weights[lo : lo + chunk], history)
+            errors = (cur - preds).abs().sum(2)  # (forecasts, batch)
+            js = np.array([c[0] for c in cells[lo : lo + chunk]])
+            ats = np.array([c[1] for c in cells[lo : lo + chunk]])
+            self._pending.append((name, step, js, ats, errors, norm))
 
     def finish_generation(self) -> None:
         """Average the finished generation's errors over items and branches into one sample."""
@@ -628,6 +672,11 @@ class _Recorder:
             for name, step, j, m, e, _ in self._pending:
                 vals = flat[at : at + e.numel()]
                 at += e.numel()
+                if isinstance(j, np.ndarray):  # a block of second-order forecasts: (cells, batch)
+                    block = vals.reshape(e.shape)
+                    np.add.at(sums[name][step], (j - 1, m), block.sum(1))
+                    np.add.at(counts[name][step], (j - 1, m), block.shape[1])
+                    continue
                 sums[name][step, j - 1, m] += vals.sum()
                 counts[name][step, j - 1, m] += vals.size
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -643,7 +692,7 @@ class _Recorder:
         """Every pending relative L1 error, flat: numerators over denominators, each summed over the
         sequence group's slices first when there is one (one collective per generation)."""
         num = torch.cat([e.reshape(-1) for *_, e, _ in self._pending])
-        den = torch.cat([d.reshape(-1) for *_, d in self._pending])
+        den = torch.cat([d.expand_as(e).reshape(-1) for *_, e, d in self._pending])
         group = self.sequence_group
         if group is not None:
             sizes = distributed.all_reduce(torch.tensor([num.numel(), -num.numel()]), group, op="max")
@@ -792,7 +841,9 @@ def calibrate(
         k1 = lookahead + 1
         for q, method in enumerate(SECOND_ORDER):
             forecast2_errors[method] = {
-                name: fmoments[name].mean[:, :, k1 + q * k1 * k1 : k1 + (q + 1) * k1 * k1].reshape(n, lookahead, k1, k1)
+                name: fmoments[name]
+                .mean[:, :, k1 + q * k1 * k1 : k1 + (q + 1) * k1 * k1]
+                .reshape(n, lookahead, k1, k1)
                 for name in names
             }
     sched = scheduler or (type(target.scheduler).__name__ if hasattr(target, "scheduler") else None)

@@ -119,6 +119,8 @@ def forecast_coefficients(
     if value == BDF2:
         return (s - a) * (2 * h1 + h2) / (h1 * (h1 + h2)), -(s - a) * h1 / (h2 * (h1 + h2))
     raise ScheduleError(f"{value!r} is not a plan value.")
+
+
 _FORMAT = "stepcache.schedule"
 _FORMAT_VERSION = 2  # 2: plans may hold second-order forecasts (3, 4); files without them are written as 1
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta"}
@@ -217,6 +219,7 @@ class Schedule(JsonValue):
         forecast: bool | None = None,
         weighted: bool | None = None,
         budget: str = "calls",
+        second_order: bool | None = None,
         **memory: Any,
     ) -> Schedule:
         """The least summed calibrated error for a compute budget (exact DP + knapsack):
@@ -231,6 +234,7 @@ class Schedule(JsonValue):
             forecast=forecast,
             weighted=weighted,
             budget=budget,
+            second_order=second_order,
             **memory,
         )
 

@@ -225,7 +225,9 @@ class _Slot:
             if depth == 2:
                 alpha, beta = self.coefs[step]
                 return _extrapolate2(entry[1], entry[2], entry[3], alpha, beta)
-            return _extrapolate(entry[1], entry[2], self.coefs1[step] if self.history == 2 else self.coefs[step][0])
+            return _extrapolate(
+                entry[1], entry[2], self.coefs1[step] if self.history == 2 else self.coefs[step][0]
+            )
         self.computed += 1
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
@@ -241,9 +243,10 @@ class _Slot:
                 off.end(self, step, branch)
             return out
         shape = first_tensor_shape(args, kwargs)
-        chain = held > 1 and entry is not None and entry[0] == shape
-        previous = entry[1] if chain else None
-        before = entry[2] if chain and held > 2 else None
+        previous = before = None
+        if held > 1 and entry is not None and entry[0] == shape:
+            previous = entry[1]
+            before = entry[2] if held > 2 else None
         kept = out if self.storage is None else pack(out, self.storage)
         self._put(branch, (shape, kept, previous, before))
         # Bytes: the new output in, what the entry held and no longer holds out (the last output
@@ -361,7 +364,9 @@ class _Slot:
             self._put(branch, (shape, _where(self.pred, out, last), _where(self.pred, last, before), None))
             return out
         earlier = before if prev2 is None else prev2
-        out = _extrapolate2(out, _sub(last, before), _sub(before, earlier), self.coef_t, self.beta_t, difference=True)
+        out = _extrapolate2(
+            out, _sub(last, before), _sub(before, earlier), self.coef_t, self.beta_t, difference=True
+        )
         self._put(
             branch,
             (
