@@ -110,7 +110,10 @@ def run(samples: int, cal_samples: int, batch: int, out_dir: Path) -> dict[str, 
         cal_seconds = time.perf_counter() - start
         with torch.no_grad():
             base = generate(model, scheduler, steps, samples, batch)
-        results[f"{scheduler}-{steps}"] = {"calibration_seconds": round(cal_seconds, 1), "lookahead": cal.lookahead}
+        results[f"{scheduler}-{steps}"] = {
+            "calibration_seconds": round(cal_seconds, 1),
+            "lookahead": cal.lookahead,
+        }
         for fraction in FRACTIONS:
             for name, sched in schedules(cal, steps, fraction).items():
                 with torch.no_grad(), stepcache.cache(model, sched) as handle:
@@ -157,7 +160,11 @@ def report(results: dict[str, Any]) -> str:
         lines += [
             f"## {key} (lookahead {info.get('lookahead')}, calibration {info.get('calibration_seconds')} s)",
             "",
-            "| schedule | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " | peak KiB at " + " / ".join(map(str, FRACTIONS)) + " |",
+            "| schedule | "
+            + " | ".join(f"f = {f}" for f in FRACTIONS)
+            + " | peak KiB at "
+            + " / ".join(map(str, FRACTIONS))
+            + " |",
             "|---|" + "---|" * (len(FRACTIONS) + 1),
         ]
         names = list(dict.fromkeys(r["method"] for r in rows))
