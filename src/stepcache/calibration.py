@@ -673,9 +673,10 @@ class _Recorder:
                 vals = flat[at : at + e.numel()]
                 at += e.numel()
                 if isinstance(j, np.ndarray):  # a block of second-order forecasts: (cells, batch)
-                    block = vals.reshape(e.shape)
+                    cells, items = e.shape
+                    block = vals.reshape(cells, items)
                     np.add.at(sums[name][step], (j - 1, m), block.sum(1))
-                    np.add.at(counts[name][step], (j - 1, m), block.shape[1])
+                    np.add.at(counts[name][step], (j - 1, m), items)
                     continue
                 sums[name][step, j - 1, m] += vals.sum()
                 counts[name][step, j - 1, m] += vals.size
