@@ -37,12 +37,14 @@ from .errors import CalibrationError, StepCacheError
 from .runtime.introspect import count_macs, fingerprint, model_class, weights_state
 from .runtime.session import Session
 from .runtime.steps import StepTracker
+from .schedule import METHODS, forecast_coefficients
 
 __all__ = ["Calibration", "calibrate"]
 
 logger = logging.getLogger(__name__)
 _FORMAT = "stepcache.calibration"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2 adds second-order forecast errors; files without them are written as 1
+SECOND_ORDER = ("taylor2", "bdf2")  # the forecast methods of forecast2_errors, by name (schedule.METHODS)
 
 
 def _flatten(output: Any) -> torch.Tensor | None:
@@ -79,6 +81,11 @@ class Calibration(JsonValue):
             step ``s`` from steps ``s-j`` and ``s-j-m`` (empty when calibrated with ``forecast=False``).
         weights: name -> array ``(num_steps,)``: how much one unit of reuse error of that component at
             that step changes the final sample, from :func:`~stepcache.sensitivity` (empty if not run).
+        forecast2_errors: method (``"taylor2"``, ``"bdf2"``) -> name -> array
+            ``(num_steps, lookahead, lookahead + 1, lookahead + 1)``; ``[s, j-1, m-1, p-1]`` is the mean
+            relative L1 error of that method's forecast of step ``s`` from steps ``a = s-j``,
+            ``b = a-m`` and ``c = b-p`` (:func:`stepcache.schedule.forecast_coefficients`); empty
+            unless calibrated with ``second_order=True``.
     """
 
     _what: ClassVar[str] = "calibration"
@@ -95,6 +102,7 @@ class Calibration(JsonValue):
     meta: Mapping[str, Any] = field(default_factory=dict)
     forecast_errors: Mapping[str, np.ndarray] = field(default_factory=dict)
     weights: Mapping[str, np.ndarray] = field(default_factory=dict)
+    forecast2_errors: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for label, value, least in (
@@ -132,6 +140,25 @@ class Calibration(JsonValue):
                 )
             for name, arr in table.items():
                 _check_array(f"{label} of {name}", arr, want, finite=label == "weights")
+        if not isinstance(self.forecast2_errors, Mapping) or not set(self.forecast2_errors) <= set(
+            SECOND_ORDER
+        ):
+            raise CalibrationError(
+                f"calibration forecast2_errors must map methods {list(SECOND_ORDER)} to tables, got "
+                f"{sorted(self.forecast2_errors) if isinstance(self.forecast2_errors, Mapping) else self.forecast2_errors!r}."
+            )
+        for method, table in self.forecast2_errors.items():
+            if not isinstance(table, Mapping) or set(table) != set(self.components):
+                raise CalibrationError(
+                    f"calibration {method} forecast errors and components name different sets of components."
+                )
+            for name, arr in table.items():
+                _check_array(
+                    f"{method} forecast errors of {name}",
+                    arr,
+                    (*shape, self.lookahead + 1, self.lookahead + 1),
+                    finite=False,
+                )
         if not isinstance(self.macs, Mapping) or not set(self.macs) <= set(self.components):
             raise CalibrationError("calibration macs name components the calibration does not have.")
         for name, macs in self.macs.items():
@@ -148,6 +175,10 @@ class Calibration(JsonValue):
     def type_forecast_errors(self) -> dict[str, np.ndarray]:
         """Type -> forecast error table averaged over that type's layers (empty without forecasts)."""
         return _by_type(self.components, self.forecast_errors)
+
+    def type_forecast2_errors(self) -> dict[str, dict[str, np.ndarray]]:
+        """Method -> type -> second-order forecast error table averaged over that type's layers."""
+        return {m: _by_type(self.components, t) for m, t in self.forecast2_errors.items()}
 
     def type_weights(self) -> dict[str, np.ndarray]:
         """Type -> per-step sensitivity weights averaged over that type's layers (empty if none)."""
@@ -208,6 +239,11 @@ class Calibration(JsonValue):
                 ("lookahead", first.lookahead, cal.lookahead),
                 ("components (names and types)", dict(first.components), dict(cal.components)),
                 ("forecast errors recorded", bool(first.forecast_errors), bool(cal.forecast_errors)),
+                (
+                    "second-order forecast errors recorded",
+                    sorted(first.forecast2_errors),
+                    sorted(cal.forecast2_errors),
+                ),
             ]
             checks += [(f"meta {k!r}", first.meta.get(k), cal.meta.get(k)) for k in (*keys, "guidance_scale")]
             for label, a, b in checks:
@@ -224,6 +260,7 @@ class Calibration(JsonValue):
             )
         names = list(first.components)
         errors, spread, forecast = {}, {}, {}
+        forecast2: dict[str, dict[str, np.ndarray]] = {m: {} for m in first.forecast2_errors}
         for name in names:
             pooled = functools.reduce(
                 operator.add,
@@ -236,6 +273,14 @@ class Calibration(JsonValue):
                 forecast[name] = functools.reduce(
                     operator.add,
                     (_Moments.of_summary(c.num_samples, c.forecast_errors[name], None) for c in cals),
+                ).mean
+            for method in forecast2:
+                forecast2[method][name] = functools.reduce(
+                    operator.add,
+                    (
+                        _Moments.of_summary(c.num_samples, c.forecast2_errors[method][name], None)
+                        for c in cals
+                    ),
                 ).mean
         macs = {
             name: next((c.macs[name] for c in cals if c.macs.get(name) is not None), None) for name in names
@@ -258,6 +303,7 @@ class Calibration(JsonValue):
             macs=macs,
             meta=meta,
             forecast_errors=forecast,
+            forecast2_errors=forecast2,
         )
 
     def summary(self) -> str:
@@ -287,7 +333,7 @@ class Calibration(JsonValue):
         so is an infinite error, with a warning, as JSON has no infinity and it reads back as missing."""
         infinite = sum(
             int(np.isinf(np.asarray(t[name], dtype=float)).sum())
-            for t in (self.errors, self.spread, self.forecast_errors)
+            for t in (self.errors, self.spread, self.forecast_errors, *self.forecast2_errors.values())
             for name in t
         )
         if infinite:
@@ -301,9 +347,16 @@ class Calibration(JsonValue):
         def arr(a: np.ndarray) -> list:
             return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(a)]
 
-        return {
+        def second(name: str) -> dict[str, list] | None:
+            if not self.forecast2_errors:
+                return None
+            return {
+                m: [[arr(u) for u in t] for t in tables[name]] for m, tables in self.forecast2_errors.items()
+            }
+
+        out: dict[str, Any] = {
             "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
+            "format_version": _FORMAT_VERSION if self.forecast2_errors else 1,  # readable by older versions
             "stepcache_version": __version__,
             "num_steps": self.num_steps,
             "lookahead": self.lookahead,
@@ -319,10 +372,15 @@ class Calibration(JsonValue):
                         [arr(t) for t in self.forecast_errors[name]] if name in self.forecast_errors else None
                     ),
                     "weights": ([float(v) for v in self.weights[name]] if name in self.weights else None),
+                    "forecast2_errors": second(name),
                 }
                 for name, kind in self.components.items()
             },
         }
+        if not self.forecast2_errors:
+            for c in out["components"].values():
+                del c["forecast2_errors"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "calibration") -> Calibration:
@@ -363,6 +421,7 @@ class Calibration(JsonValue):
         if "stepcache_version" in data and not isinstance(data["stepcache_version"], str):
             raise fail("'stepcache_version'", f"must be a string, got {kind_of(data['stepcache_version'])}")
         types, macs, errors, spread, forecast, weights = {}, {}, {}, {}, {}, {}
+        forecast2: dict[str, dict[str, np.ndarray]] = {}
         for name, c in comps.items():
             where = f"components[{name!r}]"
             if not isinstance(c, dict):
@@ -388,6 +447,16 @@ class Calibration(JsonValue):
                 )
             if c.get("weights") is not None:
                 weights[name] = _table(c["weights"], (n,), f"{where}.weights", fail, missing=False)
+            second = c.get("forecast2_errors")
+            if second is not None:
+                if not isinstance(second, dict) or not set(second) <= set(SECOND_ORDER):
+                    raise fail(
+                        f"{where}.forecast2_errors", f"must be an object with keys among {list(SECOND_ORDER)}"
+                    )
+                for method, table in second.items():
+                    forecast2.setdefault(method, {})[name] = _table(
+                        table, (n, k, k + 1, k + 1), f"{where}.forecast2_errors.{method}", fail, missing=True
+                    )
         try:
             return cls(
                 num_steps=n,
@@ -400,6 +469,7 @@ class Calibration(JsonValue):
                 meta=dict(meta),
                 forecast_errors=forecast,
                 weights=weights,
+                forecast2_errors=forecast2,
             )
         except CalibrationError as e:
             raise CalibrationError(f"{source}: {e}") from None
@@ -407,7 +477,7 @@ class Calibration(JsonValue):
 
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "lookahead", "num_samples"}
 _FIELDS |= {"meta", "components"}
-_COMPONENT_FIELDS = {"type", "macs", "errors", "spread", "forecast_errors", "weights"}
+_COMPONENT_FIELDS = {"type", "macs", "errors", "spread", "forecast_errors", "weights", "forecast2_errors"}
 
 
 def _check_array(label: str, arr: Any, shape: tuple[int, ...], *, finite: bool) -> None:
@@ -473,6 +543,13 @@ class _Recorder:
     With ``forecast``, it also records the error of a first-order forecast: the output at step ``s``
     predicted from the outputs at ``a = s - j`` and ``b = a - m`` as ``o_a + (j / m) (o_a - o_b)``, the
     extrapolation the runtime applies; that needs the ``2k + 1`` most recent outputs instead of ``k``.
+    With ``second_order`` as well, the errors of the second-order methods (``SECOND_ORDER``) from
+    ``a``, ``b`` and ``c = b - p``, with the runtime's weights (``forecast_coefficients``); that needs
+    the ``3k + 2`` most recent outputs and ``2 k (k+1)^2`` more error sums per step.
+
+    Errors of one generation collect in one table per component, ``(steps, k, width)``: along the
+    last axis the copy error, then the first-order errors by ``m``, then each second-order method's
+    errors by ``(m, p)``.
     """
 
     def __init__(
@@ -482,9 +559,15 @@ class _Recorder:
         tracker: StepTracker,
         forecast: bool = False,
         sequence_group: Any = None,
+        second_order: bool = False,
     ) -> None:
         self.k = lookahead
         self.forecast = forecast
+        self.second_order = second_order and forecast
+        k = lookahead
+        self.width = (
+            1 + (k + 1 if forecast else 0) + (len(SECOND_ORDER) * (k + 1) ** 2 if self.second_order else 0)
+        )
         self.tracker = tracker
         self.sequence_group = sequence_group
         self.names = [c.name for c in components]
@@ -495,7 +578,8 @@ class _Recorder:
         # (name, step, j, m, per-item |difference|_1, per-item |output|_1); m = 0 marks a copy error.
         # Numerator and denominator stay apart until the generation ends: under context parallelism
         # both are summed over the ranks' sequence slices before dividing.
-        self._pending: list[tuple[str, int, int, int, torch.Tensor, torch.Tensor]] = []
+        # Second-order forecasts come in blocks: j and m are then arrays (one per row of e).
+        self._pending: list[tuple[str, int, Any, Any, torch.Tensor, torch.Tensor]] = []
         self._max_step = -1
 
     def intercept(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -517,7 +601,8 @@ class _Recorder:
         if cur is None:
             return
         k = self.k
-        hist = self._hist.setdefault((name, branch), deque(maxlen=2 * k + 1 if self.forecast else k))
+        depth = (3 * k + 2 if self.second_order else 2 * k + 1) if self.forecast else k
+        hist = self._hist.setdefault((name, branch), deque(maxlen=depth))
         past = {s: o for s, o in hist if o.shape == cur.shape}
         norm = cur.abs().sum(1)
         for j in range(1, k + 1):
@@ -529,25 +614,70 @@ class _Recorder:
                 continue
             for m in range(1, k + 2):
                 b = past.get(step - j - m)
-                if b is not None:
-                    pred = a + (j / m) * (a - b)
-                    self._pending.append((name, step, j, m, (cur - pred).abs().sum(1), norm))
+                if b is None:
+                    continue
+                pred = a + (j / m) * (a - b)
+                self._pending.append((name, step, j, m, (cur - pred).abs().sum(1), norm))
+        if self.second_order:
+            self._record_second_order(name, step, cur, past, norm)
         hist.append((step, cur))
         self._max_step = max(self._max_step, step)
+
+    def _record_second_order(
+        self, name: str, step: int, cur: torch.Tensor, past: dict[int, torch.Tensor], norm: torch.Tensor
+    ) -> None:
+        """Every second-order forecast of ``step`` from three earlier outputs at once: each is a
+        weighted sum of the stacked history (``(1 + alpha) o_a + (beta - alpha) o_b - beta o_c``),
+        so one matrix product per chunk of forecasts replaces hundreds of small elementwise ops."""
+        k = self.k
+        slots = sorted(past)
+        where = {t: i for i, t in enumerate(slots)}
+        rows, cells = [], []
+        for j in range(1, k + 1):
+            for m in range(1, k + 2):
+                for p in range(1, k + 2):
+                    a, b, c = step - j, step - j - m, step - j - m - p
+                    if a not in where or b not in where or c not in where:
+                        continue
+                    for q, method in enumerate(SECOND_ORDER):
+                        alpha, beta = forecast_coefficients(METHODS[method], step, a, b, c)
+                        row = [0.0] * len(slots)
+                        row[where[a]] += 1 + alpha
+                        row[where[b]] += beta - alpha
+                        row[where[c]] -= beta
+                        rows.append(row)
+                        cells.append((j, k + 2 + q * (k + 1) ** 2 + (m - 1) * (k + 1) + (p - 1)))
+        if not rows:
+            return
+        history = torch.stack([past[t] for t in slots])  # (slots, batch, features)
+        weights = torch.tensor(rows, dtype=history.dtype, device=history.device)
+        chunk = max(1, (1 << 26) // max(1, cur.numel()))  # at most ~256 MB of float32 forecasts at once
+        for lo in range(0, len(rows), chunk):
+            preds = torch.einsum("ch,hbf->cbf", weights[lo : lo + chunk], history)
+            errors = (cur - preds).abs().sum(2)  # (forecasts, batch)
+            js = np.array([c[0] for c in cells[lo : lo + chunk]])
+            ats = np.array([c[1] for c in cells[lo : lo + chunk]])
+            self._pending.append((name, step, js, ats, errors, norm))
 
     def finish_generation(self) -> None:
         """Average the finished generation's errors over items and branches into one sample."""
         if self._max_step < 0:
             return
         n, k = self._max_step + 1, self.k
-        sums = {name: np.zeros((n, k, k + 2)) for name in self.names}
-        counts = {name: np.zeros((n, k, k + 2)) for name in self.names}
+        sums = {name: np.zeros((n, k, self.width)) for name in self.names}
+        counts = {name: np.zeros((n, k, self.width)) for name in self.names}
         if self._pending:
             flat = self._ratios().cpu().numpy()
             at = 0
             for name, step, j, m, e, _ in self._pending:
                 vals = flat[at : at + e.numel()]
                 at += e.numel()
+                if isinstance(j, np.ndarray):  # a block of second-order forecasts: (cells, batch)
+                    cells, items = e.shape
+                    block = vals.reshape(cells, items)
+                    np.add.at(sums[name][step], (j - 1, m), block.sum(1))
+                    np.add.at(counts[name][step], (j - 1, m), items)
+                    continue
                 sums[name][step, j - 1, m] += vals.sum()
                 counts[name][step, j - 1, m] += vals.size
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -563,7 +693,7 @@ class _Recorder:
         """Every pending relative L1 error, flat: numerators over denominators, each summed over the
         sequence group's slices first when there is one (one collective per generation)."""
         num = torch.cat([e.reshape(-1) for *_, e, _ in self._pending])
-        den = torch.cat([d.reshape(-1) for *_, d in self._pending])
+        den = torch.cat([d.expand_as(e).reshape(-1) for *_, e, d in self._pending])
         group = self.sequence_group
         if group is not None:
             sizes = distributed.all_reduce(torch.tensor([num.numel(), -num.numel()]), group, op="max")
@@ -591,6 +721,7 @@ def calibrate(
     num_inference_steps: int | None = None,
     lookahead: int = 3,
     forecast: bool = True,
+    second_order: bool = False,
     blocks: Any = None,
     components: Any = None,
     types: Iterable[str] | None = None,
@@ -612,6 +743,10 @@ def calibrate(
         lookahead: ``k``, the largest step distance to measure (the longest possible reuse run).
         forecast: also record first-order forecast errors (what the ``optimal`` policy uses to choose
             between copying and forecasting); holds ``2k + 1`` outputs per component instead of ``k``.
+        second_order: also record the errors of the second-order forecasts (``"taylor2"``, plan value
+            3, and ``"bdf2"``, 4; ``forecast2_errors``), which the policies then choose from as well;
+            holds ``3k + 2`` outputs per component and costs ``2 k (k+1)^2`` more error sums per
+            component and step (off by default).
         blocks, components, types: override discovery (see :func:`stepcache.discover`).
         timestep_arg: name of the denoiser's timestep argument, if it is not found automatically.
         scheduler: scheduler name to record (taken from the pipeline when there is one).
@@ -666,7 +801,11 @@ def calibrate(
     comps = discover(target, blocks=blocks, components=components, types=types)
     names = [c.name for c in comps]
     tracker = StepTracker()
-    recorder = _Recorder(comps, lookahead, tracker, forecast=forecast, sequence_group=seq)
+    if second_order and not forecast:
+        raise CalibrationError("second_order=True records forecast errors too: pass forecast=True with it.")
+    recorder = _Recorder(
+        comps, lookahead, tracker, forecast=forecast, sequence_group=seq, second_order=second_order
+    )
     tracker.on_generation.append(recorder.finish_generation)
     tracker.on_reset.append(recorder.drop_generation)
 
@@ -697,7 +836,17 @@ def calibrate(
         )
     errors = {name: moments[name].mean for name in names}
     spread = {name: moments[name].std() for name in names}
-    forecast_errors = {name: fmoments[name].mean for name in names} if fmoments else {}
+    forecast_errors = {name: fmoments[name].mean[:, :, : lookahead + 1] for name in names} if fmoments else {}
+    forecast2_errors: dict[str, dict[str, np.ndarray]] = {}
+    if fmoments and recorder.second_order:
+        k1 = lookahead + 1
+        for q, method in enumerate(SECOND_ORDER):
+            forecast2_errors[method] = {
+                name: fmoments[name]
+                .mean[:, :, k1 + q * k1 * k1 : k1 + (q + 1) * k1 * k1]
+                .reshape(n, lookahead, k1, k1)
+                for name in names
+            }
     sched = scheduler or (type(target.scheduler).__name__ if hasattr(target, "scheduler") else None)
     info = {
         **dict(meta or {}),
@@ -722,6 +871,7 @@ def calibrate(
         macs=dict(zip(names, macs, strict=True)),
         meta=info,
         forecast_errors=forecast_errors,
+        forecast2_errors=forecast2_errors,
     )
 
 
@@ -804,6 +954,7 @@ def _pooled_statistics(
         _check_lengths([])
     _check_lengths([n_max, n_min])
     n, k = n_max, recorder.k
+    f = recorder.width - 1  # forecast errors per (step, j): first order, then second order if recorded
     forecast = bool(got[5])
     pooled_macs = [None if m < 0 else m for m in got[7:]]
     local = (
@@ -814,16 +965,16 @@ def _pooled_statistics(
     flocal = (
         {name: _Moments.of(np.stack([g[name] for g in fgens])) for name in names}
         if fgens
-        else {name: _Moments.empty((n, k, k + 1)) for name in names}
+        else {name: _Moments.empty((n, k, f)) for name in names}
     )
     parts = [np.array([float(len(gens))])]
     for name in names:
         parts += local[name].pack() + (flocal[name].pack() if forecast else [])
     gathered = distributed.all_gather(torch.from_numpy(np.concatenate(parts)), group)
-    sizes = [1] + ([n * k] * 3 + ([n * k * (k + 1)] * 3 if forecast else [])) * len(names)
+    sizes = [1] + ([n * k] * 3 + ([n * k * f] * 3 if forecast else [])) * len(names)
     total = 0
     moments = {name: _Moments.empty((n, k)) for name in names}
-    fmoments = {name: _Moments.empty((n, k, k + 1)) for name in names} if forecast else {}
+    fmoments = {name: _Moments.empty((n, k, f)) for name in names} if forecast else {}
     for flat in gathered:
         chunks = np.split(flat.numpy(), np.cumsum(sizes)[:-1])
         total += int(chunks[0][0])
@@ -832,7 +983,7 @@ def _pooled_statistics(
             moments[name] = moments[name] + _Moments.unpack(chunks[at : at + 3], (n, k))
             at += 3
             if forecast:
-                fmoments[name] = fmoments[name] + _Moments.unpack(chunks[at : at + 3], (n, k, k + 1))
+                fmoments[name] = fmoments[name] + _Moments.unpack(chunks[at : at + 3], (n, k, f))
                 at += 3
     return total, n, moments, fmoments, pooled_macs, got[6]
 

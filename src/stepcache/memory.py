@@ -1,7 +1,7 @@
 """Cache memory planning: how many bytes a schedule's stored outputs will hold, before running it.
 
 A cache keeps, per component and guidance branch, the last computed output (and, for forecasting
-plans, the one before) while a later step reads it. Two functions predict the peak of that memory:
+plans, the one before, or the two before for second-order forecasts) while a later step reads it. Two functions predict the peak of that memory:
 
 * :func:`output_bytes` measures the bytes of each component's output in one run, under forward
   hooks; on a model built on ``torch.device("meta")`` with meta inputs it costs no memory and no
@@ -170,7 +170,8 @@ def predict_peak(
 
     Replays the runtime exactly: at each step, each guidance branch, each component in call order,
     a compute step keeps the output only if a later step reads it (dropping what it held
-    otherwise), a forecasting plan keeps the previous output too, and a reuse step changes nothing.
+    otherwise), and the earlier outputs a later forecast reads (one for first order, two for second
+    order), and a reuse step changes nothing.
 
     Args:
         schedule: the schedule the cache will run.
@@ -215,8 +216,8 @@ def predict_peak(
                 stored = held.get(key)
                 if plan[step] != COMPUTE and stored is not None:
                     continue  # reuse: the store is untouched
-                keep, keep_two = rules[comp.name]
-                after = (2 if keep_two and stored is not None else 1) if keep[step] else 0
+                keep = rules[comp.name][0]
+                after = min(keep[step], 1 + (stored or 0))
                 if after:
                     held[key] = after
                 else:
@@ -259,12 +260,12 @@ def stored_sizes(
 
 
 def holdings(plan: Sequence[int]) -> list[int]:
-    """Outputs a component's store holds after its call at each step (0, 1 or 2), by the runtime's rule."""
-    keep, keep_two = liveness(tuple(plan))
+    """Outputs a component's store holds after its call at each step (0 to 3), by the runtime's rule."""
+    keep = liveness(tuple(plan))[0]
     out, held = [], 0
     for s, v in enumerate(plan):
         if v == COMPUTE or not held:
-            held = (2 if keep_two and held else 1) if keep[s] else 0
+            held = min(keep[s], 1 + held)
         out.append(held)
     return out
 
@@ -273,12 +274,12 @@ def unplanned_peak(
     schedule: Schedule, sizes: Mapping[str, int], *, components: Any, branches: int = 1
 ) -> int:
     """The bytes a cache without liveness holds at its peak: every scheduled component keeps its last
-    output (and the one before, when its plan forecasts) on every branch, as under ``torch.compile``
+    output (and the one or two before, when its plan forecasts) on every branch, as under ``torch.compile``
     and in the original SmoothCache package. The reference point of a memory budget's percentage."""
     comps = _components(components, schedule)
     plans = schedule.resolve(comps)
     return branches * sum(
-        int(sizes[c.name]) * (2 if liveness(plans[c.name])[1] else 1) for c in comps if c.name in plans
+        int(sizes[c.name]) * (1 + liveness(plans[c.name])[1]) for c in comps if c.name in plans
     )
 
 

@@ -3,8 +3,10 @@
 A :class:`Schedule` is a plain, versioned, serialisable value: the data that flows from a policy
 (:mod:`stepcache.policies`) to the runtime (:mod:`stepcache.runtime`). Each entry maps a *selector*
 to a per-step plan of :class:`PlanValue` s (``1`` = compute and store, ``0`` = reuse the stored
-output, ``2`` = forecast it from the last two computed outputs by first-order extrapolation). A
-selector is one of
+output, ``2`` = forecast it from the last two computed outputs by first-order extrapolation, ``3`` =
+forecast it from the last three by second-order (quadratic) extrapolation, ``4`` = forecast it along
+the tangent of a second-order backward difference (BDF2-style); :func:`forecast_coefficients` gives
+the weights). A selector is one of
 
 * a component type (``attn``, ``cross_attn``, ``ff``, ``block``): every component of that type;
 * a qualified component name (``transformer_blocks.3.ff``): that component only;
@@ -44,7 +46,19 @@ from .errors import ScheduleError, StepCacheError
 if TYPE_CHECKING:
     from .calibration import Calibration
 
-__all__ = ["COMPUTE", "FORECAST", "REUSE", "PlanValue", "Schedule"]
+__all__ = [
+    "BDF2",
+    "COMPUTE",
+    "FORECAST",
+    "FORECAST2",
+    "FORECASTS",
+    "METHODS",
+    "REUSE",
+    "PlanValue",
+    "Schedule",
+    "forecast_coefficients",
+    "reads",
+]
 
 
 class PlanValue(enum.IntEnum):
@@ -53,11 +67,62 @@ class PlanValue(enum.IntEnum):
     REUSE = 0  # return the output kept from the last computed step
     COMPUTE = 1  # run the component and keep its output
     FORECAST = 2  # extrapolate (first order) from the last two kept outputs
+    FORECAST2 = 3  # extrapolate (second order, Lagrange/Newton) from the last three kept outputs
+    BDF2 = 4  # step along the BDF2 (three-point backward difference) derivative at the last output
 
 
 COMPUTE, REUSE, FORECAST = int(PlanValue.COMPUTE), int(PlanValue.REUSE), int(PlanValue.FORECAST)
+FORECAST2, BDF2 = int(PlanValue.FORECAST2), int(PlanValue.BDF2)
+FORECASTS = (FORECAST, FORECAST2, BDF2)  # the plan values that extrapolate
+# Forecast method names (calibration tables, with_forecast, meta) -> plan value.
+METHODS = {"first-order": FORECAST, "taylor2": FORECAST2, "bdf2": BDF2}
+_VALUES = (REUSE, COMPUTE, *FORECASTS)
+_SYMBOLS = {COMPUTE: "#", REUSE: ".", FORECAST: "~", FORECAST2: "^", BDF2: "b"}
+
+
+def reads(value: int) -> int:
+    """How many earlier computed outputs a step with plan value ``value`` reads beyond the last one
+    (``-1`` for a compute, 0 for a copy, 1 for a first-order forecast, 2 for the second-order ones)."""
+    return {COMPUTE: -1, REUSE: 0, FORECAST: 1, FORECAST2: 2, BDF2: 2}[value]
+
+
+def forecast_coefficients(
+    value: int, s: float, a: float, b: float | None = None, c: float | None = None
+) -> tuple[float, float]:
+    """Weights ``(alpha, beta)`` of a forecast at step ``s`` from outputs computed at ``a > b > c``:
+    ``o_s ~ o_a + alpha (o_a - o_b) + beta (o_b - o_c)``, exact in step index for any gaps:
+
+    * ``FORECAST`` (first order, TaylorSeer's order 1): the line through ``a`` and ``b``:
+      ``alpha = (s - a) / (a - b)``, ``beta = 0``.
+    * ``FORECAST2`` (second order): the parabola through ``a, b, c`` (Lagrange, or Newton's divided
+      differences ``o_a + (s-a) D1 + (s-a)(s-b) D2``): exact for outputs quadratic in the step index.
+      ``alpha = w_a - 1``, ``beta = -w_c`` with the Lagrange weights ``w_a = (s-b)(s-c)/((a-b)(a-c))``,
+      ``w_c = (s-a)(s-b)/((a-c)(b-c))``.
+    * ``BDF2``: one step along the derivative at ``a`` of that parabola, the three-point backward
+      difference of BDF2 (``(3 o_a - 4 o_b + o_c) / 2h`` for equal gaps ``h``):
+      ``o_a + (s-a) (D1 + (a-b) D2)``. Exact for lines, not for parabolas: it keeps the curvature
+      term of the derivative but not the ``(s-a)^2`` one, a damped second-order forecast.
+
+    Missing history degrades: a second-order value without ``c`` is first order, any forecast
+    without ``b`` is a copy (``(0, 0)``), as the runtime does at the start of a generation.
+    """
+    if value in (COMPUTE, REUSE) or b is None:
+        return 0.0, 0.0
+    h1 = a - b
+    if value == FORECAST or c is None:
+        return (s - a) / h1, 0.0
+    h2 = b - c
+    if value == FORECAST2:
+        w_a = (s - b) * (s - c) / (h1 * (h1 + h2))
+        w_c = (s - a) * (s - b) / ((h1 + h2) * h2)
+        return w_a - 1.0, -w_c
+    if value == BDF2:
+        return (s - a) * (2 * h1 + h2) / (h1 * (h1 + h2)), -(s - a) * h1 / (h2 * (h1 + h2))
+    raise ScheduleError(f"{value!r} is not a plan value.")
+
+
 _FORMAT = "stepcache.schedule"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: plans may hold second-order forecasts (3, 4); files without them are written as 1
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta"}
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
 _SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>\d+))?$")
@@ -72,7 +137,8 @@ class Schedule(JsonValue):
     Attributes:
         num_steps: denoising steps the plans cover.
         plans: selector -> tuple of plan values, one per step: ``1`` compute, ``0`` reuse, ``2``
-            forecast (:class:`PlanValue`).
+            first-order forecast, ``3`` second-order forecast, ``4`` BDF2-style forecast
+            (:class:`PlanValue`).
         counts: selector -> number of components it stood for when it was made; weights
             :attr:`compute_fraction`. Missing selectors count once.
         meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
@@ -153,6 +219,7 @@ class Schedule(JsonValue):
         forecast: bool | None = None,
         weighted: bool | None = None,
         budget: str = "calls",
+        second_order: bool | None = None,
         **memory: Any,
     ) -> Schedule:
         """The least summed calibrated error for a compute budget (exact DP + knapsack):
@@ -167,6 +234,7 @@ class Schedule(JsonValue):
             forecast=forecast,
             weighted=weighted,
             budget=budget,
+            second_order=second_order,
             **memory,
         )
 
@@ -190,13 +258,19 @@ class Schedule(JsonValue):
             executed += w * plan.count(COMPUTE)
         return executed / total
 
-    def with_forecast(self) -> Schedule:
-        """The same compute steps, with every reuse replaced by a first-order forecast.
+    def with_forecast(self, method: str = "first-order") -> Schedule:
+        """The same compute steps, with every reuse replaced by a forecast.
 
-        Where fewer than two outputs have been computed yet, the runtime falls back to copying.
+        ``method``: ``"first-order"`` (plan value 2, the default), ``"taylor2"`` (3: second-order
+        extrapolation from the last three computed outputs) or ``"bdf2"`` (4). Where fewer outputs
+        have been computed yet, the runtime falls back to a lower order (first order, then a copy).
+        Second-order methods keep three outputs per component instead of two (docs/memory.md).
         """
-        plans = {k: tuple(FORECAST if v == REUSE else v for v in plan) for k, plan in self.plans.items()}
-        return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": "first-order"})
+        if method not in METHODS:
+            raise ScheduleError(f"method must be one of {list(METHODS)}, got {method!r}.")
+        fill = METHODS[method]
+        plans = {k: tuple(fill if v == REUSE else v for v in plan) for k, plan in self.plans.items()}
+        return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": method})
 
     def resample(self, num_steps: int) -> Schedule:
         """The same schedule stretched or squeezed to ``num_steps`` steps.
@@ -254,12 +328,13 @@ class Schedule(JsonValue):
 
     # ---------------------------------------------------------------- text
     def render(self) -> str:
-        """One line per selector: ``#`` computes, ``.`` reuses, ``~`` forecasts; step numbers on top."""
+        """One line per selector: ``#`` computes, ``.`` reuses (copies), ``~`` forecasts (first order),
+        ``^`` forecasts (second order), ``b`` forecasts (BDF2-style); step numbers on top."""
         width = max(len(k) for k in self.plans)
         ruler = "".join(str((s // 10) % 10) if s % 10 == 0 else " " for s in range(self.num_steps))
         lines = [f"{'step':<{width}}  {ruler}"]
         for key, plan in self.plans.items():
-            bar = "".join("#.~"[(COMPUTE, REUSE, FORECAST).index(v)] for v in plan)
+            bar = "".join(_SYMBOLS[v] for v in plan)
             lines.append(f"{key:<{width}}  {bar}  {plan.count(COMPUTE)}/{self.num_steps}")
         desc = ", ".join(
             f"{k}={v}" for k, v in self.meta.items() if k in ("rule", "alpha", "granularity", "interval")
@@ -274,7 +349,8 @@ class Schedule(JsonValue):
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
+            # Files older readers can read stay version 1; second-order values make them say "upgrade".
+            "format_version": _FORMAT_VERSION if any(max(p) > FORECAST for p in self.plans.values()) else 1,
             "stepcache_version": __version__,
             "num_steps": self.num_steps,
             "plans": {k: list(v) for k, v in self.plans.items()},
@@ -324,7 +400,7 @@ class Schedule(JsonValue):
         ``<stack>.<i>.<child>`` become ``<child>-<i>``.
         """
         names = dict(SMOOTHCACHE_NAMES if names is None else names)
-        forecasts = sum(plan.count(FORECAST) for plan in self.plans.values())
+        forecasts = sum(plan.count(v) for plan in self.plans.values() for v in FORECASTS)
         if forecasts:
             warnings.warn(
                 f"stepcache: the original SmoothCache format has no forecasting; {forecasts} forecast "
@@ -401,13 +477,14 @@ class Schedule(JsonValue):
 def _check_plan(key: str, plan: Any, num_steps: int) -> tuple[int, ...]:
     """A plan as a tuple of plain ints, or a ScheduleError saying what is wrong with it."""
     if isinstance(plan, (str, bytes, Mapping, set, frozenset)) or not isinstance(plan, Iterable):
-        raise ScheduleError(f"plan for {key!r} must be a list of plan values 0/1/2, got {kind_of(plan)}.")
+        raise ScheduleError(f"plan for {key!r} must be a list of plan values 0-4, got {kind_of(plan)}.")
     values = tuple(plan)
     for step, v in enumerate(values):
-        if not is_int(v) or v not in (COMPUTE, REUSE, FORECAST):
+        if not is_int(v) or v not in _VALUES:
             raise ScheduleError(
-                f"plan for {key!r} may hold only 1 (compute), 0 (reuse) and 2 (forecast), as integers; "
-                f"step {step} is {kind_of(v) if not is_int(v) else v}."
+                f"plan for {key!r} may hold only 1 (compute), 0 (reuse), 2 (first-order forecast), 3 "
+                f"(second-order forecast) and 4 (BDF2-style forecast), as integers; step {step} is "
+                f"{kind_of(v) if not is_int(v) else v}."
             )
     if len(values) != num_steps:
         raise ScheduleError(f"plan for {key!r} has {len(values)} steps, the schedule {num_steps}.")
@@ -428,7 +505,7 @@ def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) ->
         if width < 2:
             break
         picks = sorted({*picks, (a + b) // 2})
-    new = [FORECAST if FORECAST in plan else REUSE] * n
+    new = [_fill(plan)] * n
     for p in picks:
         new[p] = COMPUTE
     new[0] = new[-1] = COMPUTE
@@ -438,3 +515,10 @@ def _resample_plan(plan: tuple[int, ...], n: int, scale: float, longest: int) ->
         if run > longest:
             new[s], run = COMPUTE, 0
     return tuple(new)
+
+
+def _fill(plan: Sequence[int]) -> int:
+    """The forecast value a plan's reused steps mostly take (ties: the higher order), REUSE if it
+    never forecasts."""
+    counts = {v: plan.count(v) for v in FORECASTS if v in plan}
+    return max(counts, key=lambda v: (counts[v], v)) if counts else REUSE

@@ -9,7 +9,7 @@ One module per policy, all returning a plain Schedule and sharing the plan build
 * :mod:`.tuned`: closed loop, the candidate whose final samples stay closest to uncached.
 """
 
-from ..schedule import COMPUTE, FORECAST, REUSE, PlanValue
+from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, PlanValue
 from ._plan import check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
 from .optimal import optimal_schedule
 from .smoothcache import for_compute_fraction, from_calibration, smoothcache_rule
@@ -17,8 +17,10 @@ from .tuned import tune
 from .uniform import fora, uniform_schedule
 
 __all__ = [
+    "BDF2",
     "COMPUTE",
     "FORECAST",
+    "FORECAST2",
     "REUSE",
     "PlanValue",
     "check_fraction",

@@ -6,9 +6,11 @@ the components' output sizes, and returns per-component plans whose predicted pe
 liveness rule, :func:`stepcache.memory.predict_peak`) is within the budget:
 
 1. **Repair.** While the peak is over budget, look at the components holding an output at the
-   peak's moment. For each, two moves free memory there: *compute* (the step it holds at, and the
-   next one, compute instead of reusing: it then holds nothing at that moment) and, for a
-   forecasting plan holding two outputs, *copy* (its forecasts become copies: one output held).
+   peak's moment. For each, up to three moves free memory there: *compute* (the step it holds at,
+   and the next one, compute instead of reusing: it then holds nothing at that moment), for a
+   forecasting plan holding two or three outputs *copy* (its forecasts become copies: one output
+   held) and, for a second-order plan holding three, *first order* (its second-order forecasts
+   become first-order ones: two held).
    Each move is priced by its change of calibrated error plus ``lam`` per extra computation (``lam``:
    the median calibrated error one computation buys, measured on the given plans), per byte it
    frees at the peak; the cheapest is made. Every move adds computations or drops forecasts, so
@@ -43,7 +45,8 @@ from torch import nn
 from ..discovery import Component
 from ..errors import ScheduleError
 from ..memory import holdings, parse_bytes, peak_profile
-from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
+from ..runtime.cache import liveness
+from ..schedule import COMPUTE, FORECAST, FORECASTS, REUSE, Schedule, reads
 from .optimal import plan_cost
 
 if TYPE_CHECKING:
@@ -135,7 +138,7 @@ def fit_memory(
     size = np.array([sizes[n] for n in names], dtype=np.int64)
     plans = [list(resolved[n]) for n in names]
     rows = np.array([holdings(p) for p in plans], dtype=np.int64)
-    unplanned = branches * int(sum(size[j] * (2 if FORECAST in plans[j] else 1) for j in range(len(names))))
+    unplanned = branches * int(sum(size[j] * (1 + liveness(tuple(plans[j]))[1]) for j in range(len(names))))
     peak = peak_profile(rows, size, branches)
     asked = sum(p.count(COMPUTE) for p in plans)
     info: dict[str, Any] = {"budget": budget, "branches": branches, "unplanned_peak": unplanned}
@@ -143,13 +146,14 @@ def fit_memory(
         return _with_memory(schedule, {**info, "predicted_peak": peak[0], "changed": False})
     weights = dict(calibration.weights) if weighted else {}
     fcs = dict(calibration.forecast_errors)
+    fc2s = {n: {m: t[n] for m, t in calibration.forecast2_errors.items()} for n in names}
 
     def cost(j: int, plan: list[int]) -> float:
         n = names[j]
-        return plan_cost(tuple(plan), calibration.errors[n], fcs.get(n), weights.get(n))
+        return plan_cost(tuple(plan), calibration.errors[n], fcs.get(n), weights.get(n), fc2s.get(n))
 
     costs = [cost(j, p) for j, p in enumerate(plans)]
-    fills = [FORECAST if FORECAST in p else REUSE for p in plans]
+    fills = [max((v for v in FORECASTS if v in p), key=p.count, default=REUSE) for p in plans]
     lam = _price_of_a_computation(plans, costs, fills, cost)
     n_steps = schedule.num_steps
     while peak[0] > budget:  # 1. repair
@@ -165,8 +169,10 @@ def fit_memory(
                     if u < n_steps:
                         moved[u] = COMPUTE
                 moves.append(moved)
-                if FORECAST in plans[j] and counted == 2:
-                    moves.append([REUSE if v == FORECAST else v for v in plans[j]])
+                if counted >= 2 and any(v in FORECASTS for v in plans[j]):
+                    moves.append([REUSE if v in FORECASTS else v for v in plans[j]])
+                if counted == 3:
+                    moves.append([FORECAST if reads(v) == 2 else v for v in plans[j]])
             for moved in moves:
                 row = np.array(holdings(moved), dtype=np.int64)
                 freed = _at_moment(rows[j], s, b, j <= i, branches) - _at_moment(row, s, b, j <= i, branches)
@@ -192,8 +198,11 @@ def fit_memory(
                 if v != COMPUTE or original[j][t] == COMPUTE:
                     continue
                 moved = list(plan)
-                # The policy's own value, unless the repair made this plan copy instead of forecast.
-                moved[t] = original[j][t] if FORECAST in plan else REUSE
+                # The policy's own value, unless the repair lowered this plan's forecast order (copies
+                # instead of forecasts, or first order instead of second).
+                depth = liveness(tuple(plan))[1]
+                value = original[j][t]
+                moved[t] = value if reads(value) <= depth else (FORECAST if depth == 1 else REUSE)
                 c = cost(j, moved)
                 if math.isfinite(c):
                     options.append((c - costs[j], j, t, moved, c))

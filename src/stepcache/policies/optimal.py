@@ -4,13 +4,17 @@ SmoothCache's rule is greedy and local: from a computed step it jumps as far as 
 *last* reused step allows. Here the same calibration is used as a cost model instead:
 
 * Reusing at step ``s`` the output computed at ``a = s - j`` costs ``w[s] * e(s, j)``, where ``e`` is
-  the calibrated error of the cheaper predictor: copying (``errors[s, j-1]``) or, when the previous
+  the calibrated error of the best predictor: copying (``errors[s, j-1]``) or, when the previous
   computation ``b = a - m`` exists, the first-order forecast ``o_a + (j/m)(o_a - o_b)``
-  (``forecast_errors[s, j-1, m-1]``). ``w`` are optional sensitivity weights (how much one unit of
-  error at that step moves the final sample; see :func:`stepcache.sensitivity`).
+  (``forecast_errors[s, j-1, m-1]``) or, when the one before, ``c = b - p``, exists too and the
+  calibration recorded them, a second-order forecast (``forecast2_errors[method][s, j-1, m-1, p-1]``,
+  methods ``taylor2`` and ``bdf2``). Ties go to the lower order (it keeps fewer outputs). ``w`` are
+  optional sensitivity weights (how much one unit of error at that step moves the final sample;
+  see :func:`stepcache.sensitivity`).
 * For one component (or one type), choosing which steps compute is a shortest path over steps whose
-  state is (last compute, gap to the compute before it): the gap decides the forecast. Solving it for
-  every number of computations at once gives that component's exact cost curve.
+  state is (last compute, gap to the compute before it, and, with second-order errors, the gap
+  before that): the gaps decide the forecasts. Solving it for every number of computations at once
+  gives that component's exact cost curve.
 * One global budget is then shared across components. A computation of a component costs the
   layers it stands for (times its MACs per call when the budget is in MACs). With whole-number costs
   (calls) the split is solved exactly by a min-plus knapsack over the cost curves and the budget is
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ScheduleError
-from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
+from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, METHODS, REUSE, Schedule
 from ._plan import check_fraction, error_tables
 
 if TYPE_CHECKING:
@@ -48,15 +52,48 @@ def _finite(a: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(a), a, _INF)
 
 
-def _step_cost(copy: np.ndarray, fc: np.ndarray | None, s: int, j: int, m: int) -> tuple[float, int]:
-    """(cost, plan value) of the cheaper predictor at step ``s``, ``j`` after the last compute, whose
-    previous compute lies ``m`` before it (``m = 0``: none)."""
-    c = copy[s, j - 1]
+def _step_cost(
+    copy: np.ndarray,
+    fc: np.ndarray | None,
+    s: int,
+    j: int,
+    m: int,
+    fc2: Mapping[int, np.ndarray] | None = None,
+    p: int = 0,
+) -> tuple[float, int]:
+    """(cost, plan value) of the best predictor at step ``s``, ``j`` after the last compute, whose
+    previous compute lies ``m`` before it (``m = 0``: none) and the one before that ``p`` before the
+    previous (``p = 0``: none); ``fc2``: plan value -> second-order table. Ties: the lower order."""
+    best, value = copy[s, j - 1], REUSE
     if fc is not None and m >= 1:
         f = fc[s, j - 1, m - 1]
-        if f < c:
-            return f, FORECAST
-    return c, REUSE
+        if f < best:
+            best, value = f, FORECAST
+    if fc2 and m >= 1 and p >= 1:
+        for v, table in fc2.items():
+            f = table[s, j - 1, m - 1, p - 1]
+            if f < best:
+                best, value = f, v
+    return best, value
+
+
+def _second(forecast2: Mapping[str, np.ndarray] | None, n: int, k: int) -> dict[int, np.ndarray] | None:
+    """Second-order tables by method name -> by plan value, checked (None: none)."""
+    if not forecast2:
+        return None
+    out = {}
+    for method, table in forecast2.items():
+        if METHODS.get(method) not in (FORECAST2, BDF2):
+            raise ScheduleError(
+                f"second-order forecast errors are keyed 'taylor2' or 'bdf2', got {method!r}."
+            )
+        t = _finite(table)
+        if t.shape != (n, k, k + 1, k + 1):
+            raise ScheduleError(
+                f"{method} forecast errors have shape {t.shape}, expected {(n, k, k + 1, k + 1)}."
+            )
+        out[METHODS[method]] = t
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,6 +118,7 @@ def cost_curve(
     errors: np.ndarray,
     forecast_errors: np.ndarray | None = None,
     weights: np.ndarray | None = None,
+    forecast2_errors: Mapping[str, np.ndarray] | None = None,
 ) -> CostCurve:
     """Solve the per-component schedule exactly for every compute count (dynamic programming).
 
@@ -88,6 +126,8 @@ def cost_curve(
         errors: ``(n, k)`` calibrated copy errors, ``errors[s, j-1]`` for reusing step ``s-j`` at ``s``.
         forecast_errors: ``(n, k, k+1)`` first-order forecast errors, or ``None`` to copy only.
         weights: ``(n,)`` per-step multipliers of the error (default: ones).
+        forecast2_errors: method (``"taylor2"``, ``"bdf2"``) -> ``(n, k, k+1, k+1)`` second-order
+            forecast errors (needs ``forecast_errors``), or ``None``.
 
     The first and the last step always compute; no reuse run is longer than ``k``.
     """
@@ -96,65 +136,76 @@ def cost_curve(
     fc = None if forecast_errors is None else _finite(forecast_errors)
     if fc is not None and fc.shape != (n, k, k + 1):
         raise ScheduleError(f"forecast errors have shape {fc.shape}, expected {(n, k, k + 1)}.")
+    fc2 = _second(forecast2_errors, n, k) if fc is not None else None
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0):
         raise ScheduleError(f"weights must be {n} finite numbers >= 0, got shape {w.shape}.")
     gaps = k + 2  # gap index 0 = no previous compute, 1..k+1 = distance to it
-    # best[t][g] = cost vector over compute counts for paths whose last compute is t with gap g.
-    best = np.full((n, gaps, n + 1), _INF)
-    back = np.full((n, gaps, n + 1), -1, dtype=np.int64)  # previous gap (the previous compute is t - g)
-    best[0, 0, 1] = 0.0
+    gaps2 = gaps if fc2 else 1  # the gap before that: only second-order forecasts depend on it
+    # best[t, g, p] = cost vector over compute counts for paths whose last compute is t, with gap g
+    # to the compute before it and gap p before that one.
+    best = np.full((n, gaps, gaps2, n + 1), _INF)
+    # The previous state's p (second order: its g is this state's p), else its g.
+    back = np.full((n, gaps, gaps2, n + 1), -1, dtype=np.int64)
+    best[0, 0, 0, 1] = 0.0
     for t in range(n - 1):
         for g in range(gaps):
-            row = best[t, g]
-            if not np.isfinite(row).any():
-                continue
-            run = 0.0  # cost of reusing steps t+1..t+d-1 after a compute at t with gap g
-            for d in range(1, k + 2):
-                u = t + d
-                if u >= n:
-                    break
-                if d > 1:
-                    run += w[u - 1] * _step_cost(copy, fc, u - 1, d - 1, g)[0]
-                    if not math.isfinite(run):
+            for p in range(gaps2):
+                row = best[t, g, p]
+                if not np.isfinite(row).any():
+                    continue
+                run = 0.0  # cost of reusing steps t+1..t+d-1 after a compute at t with gaps g, p
+                for d in range(1, k + 2):
+                    u = t + d
+                    if u >= n:
                         break
-                cand = np.full(n + 1, _INF)
-                cand[1:] = row[:-1] + run
-                better = cand < best[u, d]
-                if better.any():
-                    best[u, d] = np.where(better, cand, best[u, d])
-                    back[u, d] = np.where(better, g, back[u, d])
-    final = best[n - 1]
+                    if d > 1:
+                        run += w[u - 1] * _step_cost(copy, fc, u - 1, d - 1, g, fc2, p)[0]
+                        if not math.isfinite(run):
+                            break
+                    cand = np.full(n + 1, _INF)
+                    cand[1:] = row[:-1] + run
+                    q = g if fc2 else 0
+                    better = cand < best[u, d, q]
+                    if better.any():
+                        best[u, d, q] = np.where(better, cand, best[u, d, q])
+                        back[u, d, q] = np.where(better, p if fc2 else g, back[u, d, q])
+    final = best[n - 1].reshape(gaps * gaps2, n + 1)
     cost = final.min(axis=0)
     plans: list[tuple[int, ...] | None] = []
     for c in range(n + 1):
         if not math.isfinite(cost[c]):
             plans.append(None)
             continue
-        g = int(np.argmin(final[:, c]))
+        g, p = divmod(int(np.argmin(final[:, c])), gaps2)
         computes, t = [], n - 1
         while True:
             computes.append(t)
             if t == 0:
                 break
-            t, g, c = t - g, int(back[t, g, c]), c - 1
+            prev = int(back[t, g, p, c])
+            t, c = t - g, c - 1
+            g, p = (p, prev) if fc2 else (prev, 0)
         computes.reverse()
-        plans.append(_plan_from_computes(copy, fc, n, computes))
+        plans.append(_plan_from_computes(copy, fc, n, computes, fc2))
     return CostCurve(cost=cost, plans=tuple(plans))
 
 
 def _plan_from_computes(
-    copy: np.ndarray, fc: np.ndarray | None, n: int, computes: list[int]
+    copy: np.ndarray,
+    fc: np.ndarray | None,
+    n: int,
+    computes: list[int],
+    fc2: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[int, ...]:
     plan = [REUSE] * n
-    prev = None
     for i, a in enumerate(computes):
         plan[a] = COMPUTE
         nxt = computes[i + 1] if i + 1 < len(computes) else n
-        m = 0 if prev is None else a - prev
+        m = 0 if i < 1 else a - computes[i - 1]
+        p = 0 if i < 2 else computes[i - 1] - computes[i - 2]
         for s in range(a + 1, nxt):
-            plan[s] = _step_cost(copy, fc, s, s - a, m)[1]
-        prev = a
+            plan[s] = _step_cost(copy, fc, s, s - a, m, fc2, p)[1]
     return tuple(plan)
 
 
@@ -163,21 +214,29 @@ def plan_cost(
     errors: np.ndarray,
     forecast_errors: np.ndarray | None = None,
     weights: np.ndarray | None = None,
+    forecast2_errors: Mapping[str, np.ndarray] | None = None,
 ) -> float:
     """The cost model's value of a given plan (what :func:`cost_curve` minimises); inf if a run is
-    longer than the calibration's lookahead or a forecast has no calibrated error."""
+    longer than the calibration's lookahead or a forecast has no calibrated error.
+
+    Each step is priced as the runtime runs it: a forecast with too little history at the cost of
+    the lower order it falls back to. A second-order forecast without ``forecast2_errors`` is priced
+    at the first-order error (an approximation: the calibration did not measure it)."""
     copy = _finite(errors)
     fc = None if forecast_errors is None else _finite(forecast_errors)
     n, k = copy.shape
+    fc2 = _second(forecast2_errors, n, k) or {}
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
-    total, a, b = 0.0, None, None
+    total, a, b, c = 0.0, None, None, None
     for s, v in enumerate(plan):
         if v == COMPUTE:
-            a, b = s, a
+            a, b, c = s, a, b
             continue
         if a is None or s - a > k:
             return _INF
-        if v == FORECAST and fc is not None and b is not None:
+        if v in fc2 and c is not None and b is not None:
+            total += w[s] * fc2[v][s, s - a - 1, a - b - 1, b - c - 1]
+        elif v != REUSE and fc is not None and b is not None:
             total += w[s] * fc[s, s - a - 1, a - b - 1]
         else:
             total += w[s] * copy[s, s - a - 1]
@@ -291,6 +350,7 @@ def optimal_schedule(
     forecast: bool | None = None,
     weighted: bool | None = None,
     budget: str = "calls",
+    second_order: bool | None = None,
     memory_budget: int | str | None = None,
     sizes: Mapping[str, int] | None = None,
     branches: int = 1,
@@ -299,7 +359,8 @@ def optimal_schedule(
 
     Each component (``granularity="layer"``) or type (``"type"``) gets the plan that minimises the
     *sum* of the errors of its reused steps for its number of computations, each reused step
-    copying or forecasting, whichever calibrated better; one global budget is shared among them
+    copying or forecasting (first order, or with ``second_order`` the second-order methods too),
+    whichever calibrated best; one global budget is shared among them
     exactly (a knapsack over call counts, a Lagrangian over MACs; see :func:`allocate`).
 
     Args:
@@ -310,6 +371,10 @@ def optimal_schedule(
         weighted: multiply errors by the calibration's sensitivity weights
             (:func:`stepcache.sensitivity`); ``None`` = whenever it has them.
         budget: ``"calls"`` or ``"macs"``.
+        second_order: let reused steps use the second-order forecasts (plan values 3 and 4) where
+            they calibrated better; ``None`` = whenever the calibration recorded their errors
+            (``calibrate(..., second_order=True)``). Such plans keep three outputs per component
+            (docs/memory.md); with ``memory_budget`` the fitting counts them.
         memory_budget: bytes the stored outputs may hold at once (an int, or ``"16GB"``, ``"512MiB"``):
             the schedule is then fitted to it (:func:`stepcache.policies._budget.fit_memory`), which
             may compute more than asked when the budget is tight (``meta["memory"]`` says).
@@ -334,14 +399,30 @@ def optimal_schedule(
             "this calibration has no sensitivity weights: run stepcache.sensitivity() on it, or pass "
             "weighted=False."
         )
+    has_fc2 = bool(calibration.forecast2_errors)
+    if second_order and not (has_fc2 and (forecast or forecast is None)):
+        raise ScheduleError(
+            "second_order=True needs second-order forecast errors: recalibrate with "
+            "calibrate(..., second_order=True) (and keep forecast on)."
+        )
     forecast = has_fc if forecast is None else forecast
     weighted = has_w if weighted is None else weighted
+    second_order = (has_fc2 and bool(forecast)) if second_order is None else second_order
+    fc2s: dict[str, dict[str, np.ndarray]] = {}
     if granularity == "type":
         fcs = calibration.type_forecast_errors() if forecast else {}
         ws = calibration.type_weights() if weighted else {}
+        if second_order:
+            for method, by_type in calibration.type_forecast2_errors().items():
+                for key, table in by_type.items():
+                    fc2s.setdefault(key, {})[method] = table
     else:
         fcs = dict(calibration.forecast_errors) if forecast else {}
         ws = dict(calibration.weights) if weighted else {}
+        if second_order:
+            for method, by_name in calibration.forecast2_errors.items():
+                for key, table in by_name.items():
+                    fc2s.setdefault(key, {})[method] = table
     units = {}
     for key in tables:
         macs = 1.0
@@ -358,7 +439,7 @@ def optimal_schedule(
             "budget='macs' needs components that cost something: this calibration records 0 MACs for "
             "all of them. Use budget='calls'."
         )
-    curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key)) for key in tables}
+    curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key), fc2s.get(key)) for key in tables}
     total = sum(units.values()) * calibration.num_steps
     try:
         alloc = allocate(curves, units, fraction * total)
@@ -378,6 +459,7 @@ def optimal_schedule(
         "rule": "optimal",
         "granularity": granularity,
         "forecast": "calibrated" if forecast else None,
+        "second_order": bool(second_order),
         "weighted": bool(weighted),
         "budget": budget,
         "target_compute_fraction": float(fraction),

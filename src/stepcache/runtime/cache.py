@@ -31,7 +31,7 @@ from .._logging import follow_diffusers
 from ..discovery import DEFAULT_TYPES, Component, denoisers_of, discover, unwrap
 from ..distributed import check_schedule_agreement
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCacheWarning
-from ..schedule import COMPUTE, FORECAST, Schedule
+from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, forecast_coefficients, reads
 from . import headroom
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class, weights_state
 from .offload import Offloader, OffloadStats, _Host
@@ -45,23 +45,38 @@ __all__ = ["CacheHandle", "cache", "disable", "liveness", "summary"]
 logger = logging.getLogger(__name__)
 
 
-def liveness(plan: tuple[int, ...]) -> tuple[list[bool], bool]:
-    """Which computed outputs a plan keeps: ``(keep, keep_two)``.
+def liveness(plan: tuple[int, ...]) -> tuple[list[int], int]:
+    """How many computed outputs a plan keeps, and when: ``(held, history)``.
 
-    ``keep[s]``: the output computed at step ``s`` is kept, because a later step reads it before the
-    component computes again (the next step reuses it, or, in a forecasting plan, a forecast two steps
-    on extrapolates from it as the previous output). ``keep_two``: the plan forecasts, so a kept entry
-    also holds the previous computed output. The runtime's slots and :func:`stepcache.memory.predict_peak`
-    both follow this one rule.
+    ``held[s]`` (for a computing step ``s``): how many outputs the component's store holds after it,
+    0 to 3: the one just computed and the most recent earlier ones, as many as some later step
+    still reads. A copy (plan value 0) reads the last computed output, a first-order forecast (2)
+    the last two, a second-order one (3, 4) the last three; an output is kept from its computation
+    until the computation after the last interval that reads it. So an output nothing reads is never
+    stored, an all-compute step stores nothing, and a plan of copies keeps one output, of first-order
+    forecasts two, of second-order forecasts three. For a reusing step, ``held[s]`` is what a
+    computation there keeps when nothing is stored to reuse (1 if the next step reuses, else 0).
+
+    ``history``: the most earlier outputs any step of the plan reads (0 copies only, 1 first order,
+    2 second order): what a compiled graph keeps at every step. The runtime's slots,
+    :func:`stepcache.memory.predict_peak` and the offload schedule all follow this one rule.
     """
-    keep_two = FORECAST in plan  # plain reuse needs only the last output: half the memory
     n = len(plan)
-    keep = [
-        (s + 1 < n and plan[s + 1] != COMPUTE)
-        or (keep_two and s + 2 < n and plan[s + 1] == COMPUTE and plan[s + 2] == FORECAST)
-        for s in range(n)
+    history = max((reads(v) for v in plan if v != COMPUTE), default=0)
+    computes = [s for s, v in enumerate(plan) if v == COMPUTE]
+    deepest = []  # per compute: the most earlier outputs a step before the next compute reads (-1: none)
+    for i, a in enumerate(computes):
+        end = computes[i + 1] if i + 1 < len(computes) else n
+        deepest.append(max((reads(plan[u]) for u in range(a + 1, end)), default=-1))
+    # The last interval (indexed by the compute that opens it) that reads compute i's output.
+    last = [
+        max((j for j in range(i, min(i + 3, len(computes))) if deepest[j] >= j - i), default=-1)
+        for i in range(len(computes))
     ]
-    return keep, keep_two
+    held = [int(s + 1 < n and plan[s + 1] != COMPUTE) for s in range(n)]
+    for j, a in enumerate(computes):  # the outputs still read are the most recent ones
+        held[a] = sum(1 for i in range(max(0, j - 2), j + 1) if last[i] >= j)
+    return held, history
 
 
 def nbytes(value: Any) -> int:
@@ -87,31 +102,35 @@ class _Bytes:
 class _Slot:
     """Runtime state of one cached component.
 
-    ``store[branch]`` is ``(input shape, last output, previous output or None)`` or None: the two most
-    recent computed outputs (a list, not a dict: dynamo guards on one list item where it would guard
-    on a dict's whole key set, which multiplied compiled graphs), so a reuse step can copy the last one or extrapolate from both. What to do at
-    the current step (``mode``) and the extrapolation weight (``coef``) are set once per step.
+    ``store[branch]`` is ``(input shape, last output, previous output or None, the one before or None)``
+    or None: the most recent computed outputs (a list, not a dict: dynamo guards on one list item
+    where it would guard on a dict's whole key set, which multiplied compiled graphs), so a reuse
+    step can copy the last one or extrapolate from two or three. What to do at the current step
+    (``mode``) and the extrapolation weights (``coef``, :func:`stepcache.schedule.forecast_coefficients`)
+    are set once per step.
     ``held`` is the bytes the store holds; eager calls update it (and the shared ``bytes_type`` and
     ``bytes_all``) when they change the store, compiled ones on the host after each denoiser call.
 
-    Under ``torch.compile`` the decision is data instead (:meth:`_traced`): ``pred`` and ``coef_t``
-    are tensors filled on the host when a step starts and read by ``torch.cond`` when the graph
+    Under ``torch.compile`` the decision is data instead (:meth:`_traced`): ``pred``, ``coef_t``
+    and ``beta_t`` are tensors filled on the host when a step starts and read by ``torch.cond`` when the graph
     runs, so dynamo never specialises a graph on the plan. One graph then serves every step and
     every layer, whatever the schedule (per type or per layer), and no recompile limit is reached.
     """
 
     __slots__ = (
+        "beta_t",
         "bytes_all",
         "bytes_type",
         "coef",
         "coef_t",
         "coefs",
+        "coefs1",
         "compiled",
         "computed",
         "count",
         "held",
+        "history",
         "keep",
-        "keep_two",
         "macs",
         "mode",
         "module",
@@ -147,8 +166,8 @@ class _Slot:
         self.bytes_type = _Bytes() if bytes_type is None else bytes_type
         self.bytes_all = _Bytes() if bytes_all is None else bytes_all
         self.set_plan(plan)
-        self.mode, self.coef = COMPUTE, 0.0
-        self.store: list[tuple[tuple[int, ...] | None, Any, Any] | None] = [None, None]
+        self.mode, self.coef = COMPUTE, (0.0, 0.0)
+        self.store: list[tuple[tuple[int, ...] | None, Any, Any, Any] | None] = [None, None]
         self.seen: dict[int, bool] = {}  # compiled calls: branches already counted this generation
         self.computed = self.reused = 0
         self.macs: float | None = None
@@ -157,25 +176,30 @@ class _Slot:
         self.compiled = self.traced_call = False
         self.pred = torch.ones((), dtype=torch.bool)
         self.coef_t = torch.zeros((), dtype=torch.float32)
+        self.beta_t = torch.zeros((), dtype=torch.float32)
 
     def set_plan(self, plan: tuple[int, ...]) -> None:
         self.plan = plan
-        self.keep, self.keep_two = liveness(plan)
-        # First-order extrapolation weight per step: (s - a) / (a - b) for the last two computes a > b.
-        self.coefs = [0.0] * len(plan)
-        a = b = None
+        self.keep, self.history = liveness(plan)
+        # Extrapolation weights per step, from the last computes a > b > c before it (0 where none):
+        # the plan's own (coefs), and first order (coefs1, when a store lacks the oldest output).
+        self.coefs = [(0.0, 0.0)] * len(plan)
+        self.coefs1 = [0.0] * len(plan)
+        a = b = c = None
         for s, v in enumerate(plan):
             if v == COMPUTE:
-                a, b = s, a
-            elif a is not None and b is not None:
-                self.coefs[s] = (s - a) / (a - b)
+                a, b, c = s, a, b
+            elif v in FORECASTS and a is not None:
+                self.coefs[s] = forecast_coefficients(v, s, a, b, c)
+                self.coefs1[s] = forecast_coefficients(REUSE if b is None else 2, s, a, b)[0]
 
     def start_step(self, step: int) -> None:
         """Compiled graphs read the step's plan from tensors: fill them (eager calls read the plan)."""
         self.mode, self.coef = self.plan[step], self.coefs[step]
         if self.compiled:
             self.pred.fill_(self.mode == COMPUTE)
-            self.coef_t.fill_(self.coef if self.mode == FORECAST else 0.0)
+            self.coef_t.fill_(self.coef[0])
+            self.beta_t.fill_(self.coef[1])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -191,35 +215,48 @@ class _Slot:
         if mode != COMPUTE and entry is not None and entry[0] == first_tensor_shape(args, kwargs):
             # The shape check refuses an output kept for a differently shaped input (a new batch size).
             self.reused += 1
-            coef = self.coefs[step]
-            last, forecast = entry[1], mode == FORECAST and entry[2] is not None and coef
+            if mode == REUSE or entry[2] is None:
+                if off is not None or self.storage is not None:
+                    return self._read(entry, step, branch, 0)
+                return entry[1]
+            depth = 2 if self.history == 2 and entry[3] is not None else 1
             if off is not None or self.storage is not None:
-                return self._read(entry, step, branch, bool(forecast))
-            if forecast:
-                return _extrapolate(last, entry[2], coef)
-            return last
+                return self._read(entry, step, branch, depth)
+            if depth == 2:
+                alpha, beta = self.coefs[step]
+                return _extrapolate2(entry[1], entry[2], entry[3], alpha, beta)
+            return _extrapolate(
+                entry[1], entry[2], self.coefs1[step] if self.history == 2 else self.coefs[step][0]
+            )
         self.computed += 1
         if self.count and self.macs is None:
             out, self.macs = count_macs(self.original, *args, **kwargs)
         else:
             out = self.original(*args, **kwargs)
-        if not self.keep[step]:  # nothing reads it: hold no memory (and drop what is held)
+        held = self.keep[step]
+        if not held:  # nothing reads it: hold no memory (and drop what is held)
             if entry is not None:
                 store[branch] = None
-                self._change(-nbytes(entry[1]) - nbytes(entry[2]))
+                self._change(-nbytes(entry[1]) - nbytes(entry[2]) - nbytes(entry[3]))
             if off is not None:
                 off.stored(entry, None)
                 off.end(self, step, branch)
             return out
         shape = first_tensor_shape(args, kwargs)
-        previous = entry[1] if self.keep_two and entry is not None and entry[0] == shape else None
+        previous = before = None
+        if held > 1 and entry is not None and entry[0] == shape:
+            previous = entry[1]
+            before = entry[2] if held > 2 else None
         kept = out if self.storage is None else pack(out, self.storage)
-        self._put(branch, (shape, kept, previous))
-        # Bytes: the new output in, what the entry held out (the last output stays as the previous
-        # one in a forecasting plan). Replacing an output by one of the same size changes nothing.
+        self._put(branch, (shape, kept, previous, before))
+        # Bytes: the new output in, what the entry held and no longer holds out (the last output
+        # stays as the previous one in a forecasting plan, and so on). Replacing an output by one of
+        # the same size changes nothing.
         delta = kept.nbytes if type(kept) is torch.Tensor else nbytes(kept)
         if entry is not None:
-            if entry[2] is not None:
+            if entry[3] is not None:
+                delta -= nbytes(entry[3])
+            if before is None and entry[2] is not None:
                 delta -= nbytes(entry[2])
             if previous is None:
                 last = entry[1]
@@ -231,24 +268,29 @@ class _Slot:
             off.end(self, step, branch)
         return out
 
-    def _read(self, entry: tuple, step: int, branch: int, forecast: bool) -> Any:
-        """A reuse step's output when kept outputs are packed or offloaded: fetched, unpacked."""
+    def _read(self, entry: tuple, step: int, branch: int, depth: int) -> Any:
+        """A reuse step's output when kept outputs are packed or offloaded: fetched, unpacked;
+        extrapolated from ``depth`` earlier outputs (0: a copy)."""
         off = self.offload
         last = entry[1] if off is None else off.read(entry[1], self, branch, 1)
         out = unpack(last)
-        if forecast:
-            prev = entry[2] if off is None else off.read(entry[2], self, branch, 2)
-            out = _extrapolate(out, unpack(prev), self.coefs[step])
+        if depth:
+            prev = unpack(entry[2] if off is None else off.read(entry[2], self, branch, 2))
+            if depth == 2:  # offload refuses second-order plans: only packed outputs get here
+                alpha, beta = self.coefs[step]
+                out = _extrapolate2(out, prev, unpack(entry[3]), alpha, beta)
+            else:
+                out = _extrapolate(out, prev, self.coefs1[step] if self.history == 2 else self.coefs[step][0])
         if off is not None:
             off.end(self, step, branch)
         return out
 
-    def kept(self, branch: int) -> tuple[tuple[int, ...] | None, Any, Any] | None:
+    def kept(self, branch: int) -> tuple[tuple[int, ...] | None, Any, Any, Any] | None:
         """What this component keeps for ``branch`` (None: nothing)."""
         store = self.store
         return store[branch] if branch < len(store) else None
 
-    def _put(self, branch: int, entry: tuple[tuple[int, ...] | None, Any, Any]) -> None:
+    def _put(self, branch: int, entry: tuple[tuple[int, ...] | None, Any, Any, Any]) -> None:
         if branch >= len(self.store):  # a third guidance branch (rare): grow once
             self.store.extend([None] * (branch + 1 - len(self.store)))
         self.store[branch] = entry
@@ -266,7 +308,7 @@ class _Slot:
 
     def recount(self) -> None:
         """Count the store's bytes afresh (on the host, after a compiled denoiser call)."""
-        held = sum(nbytes(e[1]) + nbytes(e[2]) for e in self.store if e is not None)
+        held = sum(nbytes(e[1]) + nbytes(e[2]) + nbytes(e[3]) for e in self.store if e is not None)
         if held != self.held:
             self._change(held - self.held)
 
@@ -274,7 +316,7 @@ class _Slot:
         """The forward dynamo traces: compute or reuse chosen by ``torch.cond`` on ``self.pred``.
 
         Only what is fixed for a whole generation is Python here (the guidance branch, whether an
-        output is kept for this input shape, whether the plan forecasts), so the number of graphs
+        output is kept for this input shape, the plan's forecast order), so the number of graphs
         is bounded by those few cases, never by layers, steps or the plan's values.
         """
         self.compiled = self.traced_call = self.tracker.compiled = True
@@ -285,11 +327,20 @@ class _Slot:
             out = self.original(*args, **kwargs)
             # Kept as the later graphs' cond outputs will be (contiguous), so their guards on the
             # kept tensors' strides hold from the first reuse on: no recompile per layout. A
-            # forecasting plan keeps a copy as its "previous" output too (the weight is 0 until two
-            # computations exist), so the graphs never depend on how many outputs are kept yet.
-            self._put(branch, (shape, _own(out), _clone(out) if self.keep_two else None))
+            # forecasting plan keeps copies as its earlier outputs too (the weights are 0 until
+            # enough computations exist), so the graphs never depend on how many outputs are kept yet.
+            history = self.history
+            self._put(
+                branch,
+                (
+                    shape,
+                    _own(out),
+                    _clone(out) if history >= 1 else None,
+                    _clone(out) if history >= 2 else None,
+                ),
+            )
             return out
-        last, prev = entry[1], entry[2]
+        last, prev, prev2 = entry[1], entry[2], entry[3]
         _warm_signature_cache(self.module)
         args = tuple(_pin_layout(a) for a in args)
         kwargs = {k: _pin_layout(v) for k, v in kwargs.items()}
@@ -297,18 +348,34 @@ class _Slot:
         def compute() -> Any:
             return _own(self.original(*args, **kwargs))
 
-        if not self.keep_two:
+        if not self.history:
             out = torch.cond(self.pred, compute, lambda: _clone(last), ())
-            self._put(branch, (shape, out, None))
+            self._put(branch, (shape, out, None, None))
             return out
-        # Forecasting plans keep two outputs. torch.cond only chooses compute or copy, as for copy
-        # plans; the extrapolation and the update of the two kept outputs are plain elementwise
-        # code after it (inductor miscompiled the three-output branch form): the weight coef_t is
-        # 0 except at a forecasting reuse, so a computed or copied output passes through unchanged.
+        # Forecasting plans keep two outputs (three for second order). torch.cond only chooses
+        # compute or copy, as for copy plans; the extrapolation and the update of the kept outputs
+        # are plain elementwise code after it (inductor miscompiled the three-output branch form):
+        # the weights coef_t and beta_t are 0 except at a forecasting reuse, so a computed or copied
+        # output passes through unchanged.
         before = last if prev is None else prev
         out = torch.cond(self.pred, compute, lambda: _clone(last), ())
-        out = _extrapolate(out, _sub(last, before), self.coef_t, difference=True)
-        self._put(branch, (shape, _where(self.pred, out, last), _where(self.pred, last, before)))
+        if self.history == 1:
+            out = _extrapolate(out, _sub(last, before), self.coef_t, difference=True)
+            self._put(branch, (shape, _where(self.pred, out, last), _where(self.pred, last, before), None))
+            return out
+        earlier = before if prev2 is None else prev2
+        out = _extrapolate2(
+            out, _sub(last, before), _sub(before, earlier), self.coef_t, self.beta_t, difference=True
+        )
+        self._put(
+            branch,
+            (
+                shape,
+                _where(self.pred, out, last),
+                _where(self.pred, last, before),
+                _where(self.pred, before, earlier),
+            ),
+        )
         return out
 
     def tally(self, branch: int) -> None:
@@ -379,6 +446,29 @@ def _extrapolate(last: Any, previous: Any, coef: float | torch.Tensor, differenc
         return tuple(_extrapolate(a, b, coef, difference) for a, b in zip(last, previous, strict=True))
     if isinstance(last, torch.Tensor):
         return last + coef * (previous if difference else last - previous)
+    return last
+
+
+def _extrapolate2(
+    last: Any,
+    previous: Any,
+    earlier: Any,
+    alpha: float | torch.Tensor,
+    beta: float | torch.Tensor,
+    difference: bool = False,
+) -> Any:
+    """(last + alpha * (last - previous)) + beta * (previous - earlier), through tuples of tensors;
+    with ``difference``, ``previous`` and ``earlier`` already are those two differences. One order of
+    operations for the eager and the compiled path, so they agree bit for bit."""
+    if isinstance(last, tuple):
+        return tuple(
+            _extrapolate2(a, b, c, alpha, beta, difference)
+            for a, b, c in zip(last, previous, earlier, strict=True)
+        )
+    if isinstance(last, torch.Tensor):
+        if difference:
+            return last + alpha * previous + beta * earlier
+        return last + alpha * (last - previous) + beta * (previous - earlier)
     return last
 
 
@@ -462,6 +552,13 @@ class CacheHandle:
         if not plans:
             raise ScheduleError(
                 "the schedule covers none of the discovered components; nothing would be cached."
+            )
+        second = sorted(name for name, plan in plans.items() if liveness(plan)[1] > 1)
+        if offload and second:
+            raise StepCacheError(
+                f"offload=True does not support second-order forecasts (plan values 3 and 4), which keep "
+                f"three outputs per component; {len(second)} component(s) use them (e.g. {second[0]}). "
+                "Use first-order forecasts (schedule.with_forecast()) or copies with offload, or drop offload."
             )
         self.schedule = schedule  # always the schedule given: resampling never replaces it
         self._running = schedule  # the one the current generation follows (resampled if need be)

@@ -53,7 +53,11 @@ def _items(plan: Sequence[int]) -> list[_Item]:
     """The kept outputs of one plan, replaying the runtime's slot (see ``liveness``)."""
     from .cache import liveness
 
-    keep, keep_two = liveness(tuple(plan))
+    keep, history = liveness(tuple(plan))
+    if history > 1:
+        raise StepCacheError(
+            "offload does not support second-order forecasts (plan values 3 and 4, three kept outputs)."
+        )
     items: list[_Item] = []
     last: _Item | None = None
     prev: _Item | None = None
@@ -68,7 +72,7 @@ def _items(plan: Sequence[int]) -> list[_Item]:
         if keep[s]:
             new = _Item(s)
             items.append(new)
-            if keep_two and last is not None:
+            if keep[s] > 1 and last is not None:
                 last.aged = s
                 prev = last
             else:
