@@ -13,9 +13,9 @@ step forecast from the last two computed outputs (first order):
 * warm-up ``w``, the last step (or the last two steps) computed, the rest evenly spaced in between;
 * warm-up ``w``, then a computation every ``i`` steps from ``w - 1 + i + phase`` (three phases), the
   last steps forecast;
-* TaylorSeer's placement: warm-up ``w``, the first computation right after it (at step ``w``, ``w + 1``
-  as diffusers' TaylorSeer does, or ``w + 2``), then every ``i``-th step, with none, the last or the
-  last two steps forced to compute;
+* TaylorSeer's placement: warm-up ``w``, the first computation right after it (at step ``w``, or
+  ``w + 1`` as diffusers' TaylorSeer does), then every ``i``-th step, with none, the last or the last
+  two steps forced to compute (later first computations are the phases above);
 * the optimal policy's schedule (:func:`~stepcache.policies.optimal.optimal_schedule`) when a
   calibration is given; the best candidate with copying instead of forecasting.
 
