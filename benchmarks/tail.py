@@ -16,11 +16,13 @@ evaluation images as the reference peer, at the settings whose measured compute 
 
     python benchmarks/tail.py                      # the committed results (see --help for sizes)
     python benchmarks/tail.py --quick              # 4 tuning / 8 evaluation images, DPM-Solver++ 20 only
+    python benchmarks/tail.py --ablation --runs dpm-20-g3:0.5 dpm-20-g1:0.35 --out benchmarks/results/tail-ablation
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -40,6 +42,15 @@ from stepcache.runtime import cache
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OLD = {"objective": "mse", "validation": 0, "family": "classic"}
+#: --ablation: one ingredient at a time on the full family (``tuning`` multiplies the tuning images).
+ABLATION: dict[str, dict[str, Any]] = {
+    "full family, mse, no validation": {"objective": "mse", "validation": 0},
+    "full family, worst-25%, no validation": {"validation": 0},
+    "full family, mse, validation": {"objective": "mse"},
+    "new default, 2x tuning images": {"tuning": 2},
+    "full family, mse, no validation, 2x tuning images": {"objective": "mse", "validation": 0, "tuning": 2},
+    "full family, mean, validation, 2x tuning images": {"objective": "mean", "tuning": 2},
+}
 TUNING_SEED, EVAL_SEED = 20_000, 0
 TAYLORSEER = ((2, 3), (3, 3), (4, 3), (3, 2), (4, 2))  # (interval, warm-up): fractions ~0.3..0.55
 
@@ -104,10 +115,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="evaluation images (other seeds)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.35, 0.5])
     parser.add_argument(
-        "--runs", nargs="+", default=["dpm-20-g3", "dpm-20-g1", "ddim-50-g1"], help="sampler-steps-gGUIDANCE"
+        "--runs",
+        nargs="+",
+        default=["dpm-20-g3", "dpm-20-g1", "ddim-50-g1"],
+        help="sampler-steps-gGUIDANCE[:fraction]",
     )
     parser.add_argument("--no-peers", dest="peers", action="store_false")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="the ABLATION variants instead of old-style / new default, no peers",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "tail")
     args = parser.parse_args()
     if args.quick:
@@ -118,22 +137,26 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for spec in args.runs:
+        spec, _, only = spec.partition(":")  # "dpm-20-g3:0.5": that fraction only
         scheduler, steps_s, g = spec.split("-")
         steps, guidance = int(steps_s), float(g[1:])
         cal = reference.shipped_calibration(scheduler, steps)
         assert cal is not None, spec
 
-        def tuning_run(s=scheduler, n=steps, g=guidance) -> torch.Tensor:
-            return generate(model, s, n, args.tuning, TUNING_SEED, g)
+        def tuning_run(s=scheduler, n=steps, g=guidance, times=1) -> torch.Tensor:
+            return generate(model, s, n, args.tuning * times, TUNING_SEED, g)
 
         def eval_run(s=scheduler, n=steps, g=guidance) -> torch.Tensor:
             return generate(model, s, n, args.samples, EVAL_SEED, g)
 
         base = eval_run()
-        for fraction in args.fractions:
-            for name, opts in (("old-style", OLD), ("new default", {})):
+        for fraction in [float(only)] if only else args.fractions:
+            variants = ABLATION if args.ablation else {"old-style": OLD, "new default": {}}
+            for name, variant in variants.items():
+                opts = dict(variant)
+                run = functools.partial(tuning_run, times=opts.pop("tuning", 1))
                 t0 = time.perf_counter()
-                sched = tune(model, tuning_run, fraction, calibration=cal, progress=False, **opts)
+                sched = tune(model, run, fraction, calibration=cal, progress=False, **opts)
                 seconds = time.perf_counter() - t0
                 with cache(model, sched, count_macs=False):
                     psnr = per_image_psnr(eval_run(), base)
@@ -154,7 +177,7 @@ def main() -> None:
                 print(
                     json.dumps({k: v for k, v in row.items() if k not in ("plan", "refinement")}), flush=True
                 )
-        if args.peers:
+        if args.peers and not args.ablation:
             for knob, frac, images in taylorseer(model, steps, eval_run):
                 near = [f for f in args.fractions if abs(frac - f) <= 0.06]
                 if not near:
@@ -180,6 +203,8 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": rows,
     }
+    if args.ablation:
+        report["ablation"] = ABLATION
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
