@@ -213,13 +213,15 @@ def test_tune_picks_the_closest_candidate_and_leaves_the_model_alone(plain_dit, 
         return torch.cat(run_for(plain_dit, [5])())
 
     before = model_state(plain_dit)
-    sched = stepcache.tune(plain_dit, run, 0.5, calibration=calibration, progress=False)
+    # The pre-issue-15 scoring (pooled MSE on all samples), whose choice is the least MSE.
+    old = {"objective": "mse", "validation": 0, "family": "classic"}
+    sched = stepcache.tune(plain_dit, run, 0.5, calibration=calibration, progress=False, **old)
     assert model_state(plain_dit) == before
     info = sched.meta["tuning"]
     assert sched.meta["rule"] == "tuned" and info["runs"] == info["evaluations"] + 1
     assert info["mse"][sched.meta["candidate"]] == min(info["mse"].values())
     assert sched.compute_fraction <= 0.5 + 1e-12
-    again = stepcache.tune(plain_dit, run, 0.5, calibration=calibration, progress=False)
+    again = stepcache.tune(plain_dit, run, 0.5, calibration=calibration, progress=False, **old)
     assert again.plans == sched.plans and again.meta["tuning"]["mse"] == info["mse"]
     assert Schedule.load(sched.save(tmp_path / "t.json")) == sched
     # The chosen schedule really gives that error when replayed.

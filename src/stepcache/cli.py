@@ -675,6 +675,21 @@ def schedule(
         _fail(e)
 
 
+def _check_objective(value: str) -> None:
+    from .policies.tuned import objective_function
+
+    objective_function(value)
+
+
+def _tune_validation(value: float | None) -> float | int | None:
+    """--validation as tune takes it: a share below 1, a whole count from 1 up (None: the default)."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0 or (value >= 1 and value != int(value)):
+        raise StepCacheError(f"must be a share in [0, 1) or a whole number of samples, got {value:g}.")
+    return int(value) if value >= 1 else value
+
+
 @app.command()
 def tune(
     ctx: typer.Context,
@@ -701,8 +716,39 @@ def tune(
     guidance_scale: GuidanceOpt = None,
     seed: SeedOpt = 1000,
     memory_budget: MemoryBudgetOpt = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="How per-sample errors make one score: worst-25% (default: the worst quarter of the samples), "
+            "mean, worst, worst-K, worst-P%, quantile-Q (e.g. quantile-0.1: the 10th percentile PSNR) or mse.",
+            callback=_checked(_check_objective),
+        ),
+    ] = "worst-25%",
+    validation: Annotated[
+        float | None,
+        typer.Option(
+            help="Samples held out to choose among the top candidates and accept refinement: a share in "
+            "[0, 1) or a count (default: half; 0: none).",
+            callback=_checked(_tune_validation),
+        ),
+    ] = None,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            min=1, max=1000, help="Best candidates on the fit samples that validation chooses among."
+        ),
+    ] = 3,
+    family: Annotated[
+        str,
+        typer.Option(
+            help="Candidate family: full (with TaylorSeer placements and forced last steps) or classic.",
+            callback=_checked(_choice("full", "classic")),
+        ),
+    ] = "full",
+    refine: Annotated[int, typer.Option(min=0, max=100, help="Rounds of local search (0: none).")] = 1,
 ) -> None:
-    """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached."""
+    """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached
+    (by --objective over the samples, chosen among the top candidates on held-out samples)."""
     from .calibration import Calibration
     from .policies.tuned import tune as run_tune
 
@@ -727,11 +773,29 @@ def tune(
                 "memory_budget": memory_budget,
                 "sizes": output_bytes(target, _replay(target, inputs[:1], seed, 2)),
             }
-        sched = run_tune(target, replay, compute_fraction, num_steps=steps, calibration=cal, **memory)
+        sched = run_tune(
+            target,
+            replay,
+            compute_fraction,
+            num_steps=steps,
+            calibration=cal,
+            objective=objective,
+            validation=_tune_validation(validation),
+            top_k=top_k,
+            family=family,
+            refine=refine,
+            **memory,
+        )
         typer.echo(sched.render())
         if "memory" in sched.meta:
             typer.echo(_memory_line(sched.meta["memory"]))
-        typer.echo(f"chosen: {sched.meta['candidate']} ({sched.meta['tuning']['runs']} replays)")
+        info = sched.meta.get("tuning", {})
+        score = info.get("scores", {}).get(sched.meta.get("candidate"), {})
+        typer.echo(
+            f"chosen: {sched.meta['candidate']} ({info.get('runs', 0)} replays; {objective}: fit "
+            f"{score.get('fit')} dB, validation {score.get('validation')} dB on "
+            f"{info.get('fit_samples', 0)} + {info.get('validation_samples', 0)} samples)"
+        )
         sched.save(out)
         typer.echo(f"wrote {out}")
     except StepCacheError as e:

@@ -24,6 +24,8 @@ __all__ = [
     "error_tables",
     "fora_plan",
     "interval_plan",
+    "offset_plan",
+    "spaced_plan",
     "uniform_plan",
     "warmup_plan",
 ]
@@ -108,3 +110,49 @@ def interval_plan(num_steps: int, computes: int, warmup: int, phase: int = 0) ->
         raise ScheduleError(f"phase {phase} is not below the interval {i}.")
     picks = set(range(warmup)) | set(range(warmup - 1 + i + phase, num_steps, i))
     return tuple(COMPUTE if s in picks else FORECAST for s in range(num_steps))
+
+
+def spaced_plan(num_steps: int, computes: int, warmup: int, tail: int = 1) -> tuple[int, ...]:
+    """``warmup`` computed steps, the last ``tail`` steps computed, and the remaining computations
+    evenly spaced in between, every reused step forecast. ``tail=1`` is :func:`warmup_plan`."""
+    if not 1 <= tail <= num_steps or warmup < 1 or warmup + tail > computes or computes > num_steps:
+        raise ScheduleError(
+            f"warm-up {warmup} and {tail} last step(s) do not fit {computes} computations in {num_steps} steps."
+        )
+    rest = computes - warmup - tail
+    grid = np.round(np.linspace(warmup - 1, num_steps - tail, rest + 2))[1:-1].astype(int)
+    picks = set(range(warmup)) | set(range(num_steps - tail, num_steps)) | {int(s) for s in grid}
+    if len(picks) != computes:
+        raise ScheduleError(
+            f"warm-up {warmup} and {tail} last step(s) leave no room for {computes} computations."
+        )
+    return tuple(COMPUTE if s in picks else FORECAST for s in range(num_steps))
+
+
+def offset_plan(
+    num_steps: int, computes: int, warmup: int, offset: int = 1, tail: int = 0
+) -> tuple[int, ...]:
+    """``warmup`` computed steps, then one at step ``warmup + offset`` and every ``i``-th step after it
+    (the smallest ``i`` within budget), and the last ``tail`` steps; the rest forecast.
+
+    diffusers' TaylorSeer with ``disable_cache_before_step=w`` and ``cache_interval=i`` computes
+    steps ``0..w-1``, then ``w + 1``, ``w + 1 + i``, ...: ``offset_plan(n, c, w, offset=1)``.
+    """
+    if not 1 <= warmup < computes or offset < 0 or not 0 <= tail < computes - warmup or computes > num_steps:
+        raise ScheduleError(
+            f"warm-up {warmup}, offset {offset}, {tail} last step(s) do not fit {computes} computations."
+        )
+    first = warmup + offset
+    if first >= num_steps - tail:
+        raise ScheduleError(
+            f"offset {offset} after warm-up {warmup} leaves no interval in {num_steps} steps."
+        )
+
+    def picks(i: int) -> set[int]:
+        return set(range(warmup)) | set(range(first, num_steps, i)) | set(range(num_steps - tail, num_steps))
+
+    i = 1
+    while len(picks(i)) > computes:
+        i += 1
+    chosen = picks(i)
+    return tuple(COMPUTE if s in chosen else FORECAST for s in range(num_steps))

@@ -4,31 +4,67 @@ Open-loop costs (the calibrated relative L1 change, even with sensitivity weight
 poorly on real models: where computations fall in the first few steps, and whether a forecast has
 two recent outputs to extrapolate from, moves the final sample far more than the per-step error
 suggests (on the reference model the warm-up length alone moves the PSNR of one budget by several
-dB; docs/policies.md has the measurements). So this policy evaluates a small family of candidate
-schedules on a few calibration generations and keeps the best:
+dB; docs/policies.md has the measurements). So this policy evaluates a family of candidate
+schedules on the samples of a few calibration generations and keeps the best.
 
-* warm-up ``w`` full computations, then the remaining computations evenly spaced and ending on the
-  last step, every reused step forecast from the last two computed outputs (first order), for a
-  range of ``w``;
-* warm-up ``w``, then a computation every ``i`` steps until the budget is spent (three phases), the
-  last steps forecast (what TaylorSeer does; at small budgets it beats computing the last step);
-* the same with copying instead of forecasting, for the best ``w``;
-* the optimal policy's schedule (:func:`~stepcache.policies.optimal.optimal_schedule`) when a calibration is given;
-* then a local search from the best: move one computation one step earlier or later, keep the best
-  move, repeat for ``refine`` rounds.
+**Candidates** (``family="full"``, the default), for a grid of warm-up lengths ``w``, every reused
+step forecast from the last two computed outputs (first order):
 
-Every candidate computes at most ``floor(fraction * num_steps)`` steps for every component (the
-even-spacing family and the local moves exactly that many), so the budget is never exceeded. The
-cost is ``1 + evaluations`` calls of ``run``, reported in ``meta["tuning"]``. The result is a plain,
-serialisable :class:`Schedule`.
+* warm-up ``w``, the last step (or the last two steps) computed, the rest evenly spaced in between;
+* warm-up ``w``, then a computation every ``i`` steps from ``w - 1 + i + phase`` (three phases), the
+  last steps forecast;
+* TaylorSeer's placement: warm-up ``w``, the first computation right after it (at step ``w``, or
+  ``w + 1`` as diffusers' TaylorSeer does), then every ``i``-th step, with none, the last or the last
+  two steps forced to compute (later first computations are the phases above);
+* the optimal policy's schedule (:func:`~stepcache.policies.optimal.optimal_schedule`) when a
+  calibration is given; the best candidate with copying instead of forecasting.
+
+``family="classic"`` keeps only the first two warm-up families (with the last step computed): what
+``tune`` tried before the TaylorSeer placements were added. Every candidate computes at most
+``floor(fraction * num_steps)`` steps for every component, so the budget is never exceeded.
+
+**Objective.** Each candidate's samples are compared with the uncached samples of the same seeds,
+*per sample* (index 0 of what ``run`` returns): ``e = 10 log10(MSE)`` in dB, which is the sample's
+PSNR up to a constant (``PSNR = 10 log10(range^2) - e``). ``objective`` reduces the per-sample ``e``:
+
+* ``"worst-25%"`` (default): the mean of the worst quarter of the samples (at least one);
+* ``"mean"``: the mean, i.e. the mean per-sample PSNR;
+* ``"worst"``: the single worst sample;
+* ``"worst-K"`` (``"worst-3"``): the mean of the ``K`` worst samples; ``"worst-P%"`` the worst ``P`` %;
+* ``"quantile-Q"`` (``"quantile-0.1"``): the ``Q`` quantile of the per-sample PSNR (0.1: the tenth
+  percentile, low tail);
+* ``"mse"``: the mean squared error over all samples, what ``tune`` scored before (pooled, so the
+  many good samples average a bad one away).
+
+Why the worst quarter by default: a schedule that is good on average can ruin a few samples (an
+independent harness found a tuned schedule's worst sample 9 dB below a peer's at an equal mean), and
+a mean does not see it. The single worst sample, or a 5th percentile, of the ten or twenty samples
+tuning can afford is one sample: its score is mostly noise and selects by it. The mean of the worst
+quarter (the conditional value at risk of the per-sample error) looks at the tail and still averages
+several samples.
+
+**Validation.** Choosing the best of a hundred candidates on the same few samples selects noise as
+well as quality, so the samples are split (a fixed shuffle; ``validation``: the held-out share, or a
+count). Candidates are ranked on the *fit* part; the choice among the ``top_k`` best is made on the
+held-out *validation* part, and so is the local search: from the chosen schedule, every move of one
+computation one step earlier or later is scored on the fit part, and the best move is kept only when
+it also improves the validation score (for ``refine`` rounds, stopping early). Both splits come from
+the same replays, so validation costs nothing extra. ``validation=0`` scores and refines on all
+samples (the previous behaviour).
+
+The cost is ``1 + evaluations`` calls of ``run``; ``meta["tuning"]`` records the objective, the
+split, every candidate's score on both parts, the top-k, whether refinement was accepted and why.
+The result is a plain, serialisable :class:`Schedule`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,10 +75,82 @@ from ..runtime import cache
 from ..runtime.introspect import final_samples
 from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
 from ._budget import fit_memory
-from ._plan import check_fraction, interval_plan, warmup_plan
+from ._plan import check_fraction, interval_plan, offset_plan, spaced_plan, warmup_plan
 from .optimal import optimal_schedule
 
-__all__ = ["tune"]
+__all__ = ["DEFAULT_OBJECTIVE", "tune"]
+
+#: What ``tune`` minimises unless told otherwise: the mean error of the worst quarter of the samples.
+DEFAULT_OBJECTIVE = "worst-25%"
+FAMILIES = ("full", "classic")
+_OBJECTIVE_HELP = (
+    "objective must be 'mean', 'worst', 'worst-K' (K samples, e.g. 'worst-3'), 'worst-P%' (e.g. 'worst-25%'), "
+    "'quantile-Q' (Q in (0, 1), e.g. 'quantile-0.1': the tenth percentile PSNR) or 'mse'"
+)
+
+
+def objective_function(objective: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``objective`` (see the module doc) as a function of (per-sample error in dB, per-sample MSE)
+    to one score in dB, lower is better. Raises :class:`ScheduleError` for anything else."""
+    if not isinstance(objective, str):
+        raise ScheduleError(f"{_OBJECTIVE_HELP}; got {objective!r}.")
+    name = objective.strip().lower()
+    if name == "mean":
+        return lambda e, _: float(e.mean())
+    if name == "worst":
+        return lambda e, _: float(e.max())
+    if name == "mse":
+        return lambda _, mse: float(_db(mse.mean()))
+    if m := re.fullmatch(r"worst-(\d+)", name):
+        k = int(m.group(1))
+        if k < 1:
+            raise ScheduleError(f"{_OBJECTIVE_HELP}; 'worst-K' needs K >= 1, got {objective!r}.")
+        return lambda e, _: float(e.topk(min(k, e.numel())).values.mean())
+    if m := re.fullmatch(r"worst-(\d+(?:\.\d*)?)%", name):
+        share = float(m.group(1)) / 100
+        if not 0 < share <= 1:
+            raise ScheduleError(f"{_OBJECTIVE_HELP}; 'worst-P%' needs 0 < P <= 100, got {objective!r}.")
+        return lambda e, _: float(e.topk(max(1, math.ceil(share * e.numel() - 1e-9))).values.mean())
+    if m := re.fullmatch(r"quantile-(\d*\.?\d+)", name):
+        q = float(m.group(1))
+        if not 0 < q < 1:
+            raise ScheduleError(f"{_OBJECTIVE_HELP}; 'quantile-Q' needs 0 < Q < 1, got {objective!r}.")
+        # The Q quantile of the PSNR is the 1 - Q quantile of the error.
+        return lambda e, _: float(torch.quantile(e.double(), 1 - q))
+    raise ScheduleError(f"{_OBJECTIVE_HELP}; got {objective!r}.")
+
+
+def _db(mse: torch.Tensor) -> Any:
+    return 10 * torch.log10(mse.double().clamp_min(1e-30))
+
+
+def _split(samples: int, validation: float | int | None) -> tuple[list[int], list[int]]:
+    """(fit indices, validation indices) of ``samples``: a fixed shuffle, the held-out part last."""
+    count = _held_out(samples, validation)
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted(order[: samples - count]), sorted(order[samples - count :])
+
+
+def _held_out(samples: int, validation: float | int | None) -> int:
+    """How many of ``samples`` ``validation`` holds out; raises for a value that cannot be one."""
+    if validation is None:  # the default: half, when there are two samples to split
+        count = samples // 2
+    elif isinstance(validation, bool) or not isinstance(validation, (int, float)) or not validation >= 0:
+        raise ScheduleError(
+            f"validation must be a share in [0, 1) or a whole number of samples >= 0, got {validation!r}."
+        )
+    elif isinstance(validation, int):
+        count = validation
+    elif validation < 1:
+        count = max(1, round(validation * samples)) if validation > 0 else 0
+    else:
+        raise ScheduleError(f"validation as a share must be below 1, got {validation!r} (a count is an int).")
+    if count and count >= samples:
+        raise ScheduleError(
+            f"validation holds out {count} of the {samples} sample(s) `run` returns, leaving none to fit: "
+            "generate more samples per run, or pass a smaller validation (0: none)."
+        )
+    return count
 
 
 def _moves(plans: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, tuple[int, ...]]]:
@@ -64,6 +172,43 @@ def _warmups(computes: int, top: int) -> list[int]:
     return [w for w in grid if w <= min(top, computes - 2)]
 
 
+def candidate_plans(n: int, computes: int, top: int, family: str = "full") -> dict[str, tuple[int, ...]]:
+    """The family's plans (label -> plan of one component type), distinct, each computing at most
+    ``computes`` of ``n`` steps, with warm-ups up to ``top`` (see the module doc)."""
+    if family not in FAMILIES:
+        raise ScheduleError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {family!r}.")
+    out: dict[str, tuple[int, ...]] = {}
+    seen: set[tuple[int, ...]] = set()
+
+    def offer(label: str, build: Callable[[], tuple[int, ...]]) -> None:
+        with contextlib.suppress(ScheduleError):  # this variant does not fit the budget
+            plan = build()
+            if plan not in seen and plan.count(COMPUTE) <= computes:
+                seen.add(plan)
+                out[label] = plan
+
+    warmups = _warmups(computes, top)
+    for w in warmups:
+        offer(f"warm-up {w}, even to the end, forecast", partial(warmup_plan, n, computes, w))
+        for phase in range(3):
+            offer(
+                f"warm-up {w}, every i-th (phase {phase}), forecast",
+                partial(interval_plan, n, computes, w, phase),
+            )
+    if family == "classic":
+        return out
+    for w in warmups:
+        offer(f"warm-up {w}, even, last 2 computed, forecast", partial(spaced_plan, n, computes, w, 2))
+        for offset in range(2):
+            for tail in range(3):
+                last = {0: "", 1: ", last computed", 2: ", last 2 computed"}[tail]
+                offer(
+                    f"warm-up {w}, first at +{offset} then every i-th{last}, forecast",
+                    partial(offset_plan, n, computes, w, offset, tail),
+                )
+    return out
+
+
 def tune(
     target: Any,
     run: Callable[[], Any],
@@ -73,29 +218,55 @@ def tune(
     calibration: Calibration | None = None,
     max_warmup: int | None = None,
     refine: int = 1,
+    objective: str = DEFAULT_OBJECTIVE,
+    validation: float | int | None = None,
+    top_k: int = 3,
+    family: str = "full",
     progress: bool = True,
     memory_budget: int | str | None = None,
     sizes: Mapping[str, int] | None = None,
     branches: int = 1,
 ) -> Schedule:
-    """The candidate schedule whose final samples are closest (MSE) to the uncached ones on ``run``.
+    """The candidate schedule whose final samples stay closest to the uncached ones on ``run``, by
+    ``objective`` over the samples, chosen and refined on held-out samples (see the module doc).
 
     Args:
         target: the pipeline or denoiser ``run`` uses.
         run: a callable with no arguments that generates with fixed seeds and returns the final samples
-            as a tensor (the same contract as :func:`stepcache.sensitivity`); a few images suffice.
+            as a tensor, samples along dimension 0 (the same contract as :func:`stepcache.sensitivity`);
+            a dozen or two samples suffice.
         fraction: share of component calls to execute.
         num_steps: denoising steps of ``run`` (taken from ``calibration`` when given).
         calibration: adds the optimal policy's schedule to the candidates.
         max_warmup: longest warm-up tried (default: half of the steps).
-        refine: rounds of local search from the best candidate (each tries moving every computation
-            of every plan one step earlier or later, ~2 x computations replays; stops early when no
-            move helps).
+        refine: rounds of local search from the chosen candidate (each tries moving every computation
+            of every plan one step earlier or later, ~2 x computations replays; stops at the first
+            round whose best move does not improve both the fit and the validation score).
+        objective: how per-sample errors make one score: ``"worst-25%"`` (default), ``"mean"``,
+            ``"worst"``, ``"worst-K"``, ``"worst-P%"``, ``"quantile-Q"`` or ``"mse"`` (module doc).
+        validation: samples held out for the final choice and for accepting refinement: a share in
+            ``[0, 1)`` or a count; default half of them (none when ``run`` returns a single sample);
+            0 chooses and refines on all samples.
+        top_k: the best candidates on the fit samples among which validation chooses.
+        family: ``"full"`` (default) or ``"classic"`` (no TaylorSeer placements, no forced last steps).
         progress: show a progress bar over the evaluations.
         memory_budget, sizes, branches: fit every candidate (and every local move) to this many
             bytes of stored outputs before it is replayed (:func:`~stepcache.policies._budget.fit_memory`;
             needs ``calibration``, whose errors price the fitting).
+
+    Raises:
+        ScheduleError: a bad objective, validation, top_k, family or budget, or ``run`` returning
+            something other than the same shape of samples each call.
     """
+    reduce = objective_function(objective)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ScheduleError(f"top_k must be a positive integer, got {top_k!r}.")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ScheduleError(f"refine must be a whole number of rounds >= 0, got {refine!r}.")
+    if family not in FAMILIES:
+        raise ScheduleError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {family!r}.")
+    if validation is not None:
+        _held_out(2 if validation == 0 else 10**9, validation)  # the value itself, before any replay
     if memory_budget is not None and calibration is None:
         raise ScheduleError(
             "tune with a memory_budget needs calibration=: its errors decide what to give up."
@@ -117,22 +288,9 @@ def tune(
             Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
         )
     top = max_warmup if max_warmup is not None else max(2, n // 2)
-    candidates: dict[str, Schedule] = {}
-    seen: set[tuple[int, ...]] = set()
-
-    def offer(label: str, plan: tuple[int, ...]) -> None:
-        if plan not in seen:
-            seen.add(plan)
-            candidates[label] = Schedule(n, {"*": plan})
-
-    for w in _warmups(computes, top):
-        with contextlib.suppress(ScheduleError):  # this warm-up does not fit the budget
-            offer(f"warm-up {w}, even to the end, forecast", warmup_plan(n, computes, w))
-        for phase in range(3):
-            with contextlib.suppress(ScheduleError):
-                offer(
-                    f"warm-up {w}, every i-th (phase {phase}), forecast", interval_plan(n, computes, w, phase)
-                )
+    candidates = {
+        label: Schedule(n, {"*": plan}) for label, plan in candidate_plans(n, computes, top, family).items()
+    }
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
             candidates["optimal (type)"] = optimal_schedule(calibration, computes / n)
@@ -142,53 +300,108 @@ def tune(
 
     start = time.perf_counter()
     with torch.no_grad():
-        reference = final_samples(run(), ScheduleError)
-    scores: dict[str, float] = {}
+        reference = _rows(final_samples(run(), ScheduleError))
+    fit_rows, val_rows = _split(reference.shape[0], validation)
+    held_out = bool(val_rows)
+    if not held_out:
+        fit_rows = list(range(reference.shape[0]))
+    scores: dict[str, tuple[float, float | None]] = {}  # label -> (fit, validation)
+    mses: dict[str, float] = {}
 
-    def score(label: str, schedule: Schedule) -> float:
+    def score(label: str, schedule: Schedule) -> tuple[float, float | None]:
         schedule = fit(schedule)
         with cache(target, schedule, count_macs=False), torch.no_grad():
-            out = final_samples(run(), ScheduleError)
+            out = _rows(final_samples(run(), ScheduleError))
         if out.shape != reference.shape:
             raise ScheduleError("`run` returned differently shaped samples on a second call.")
+        mse = (out - reference).pow(2).mean(dim=1)
+        e = _db(mse)
         candidates[label] = schedule
-        scores[label] = float((out - reference).pow(2).mean())
+        mses[label] = float(mse.mean())
+        scores[label] = (
+            reduce(e[fit_rows], mse[fit_rows]),
+            reduce(e[val_rows], mse[val_rows]) if held_out else None,
+        )
         bar.update(1)
         return scores[label]
 
+    def by_fit(labels: Any) -> list[str]:
+        return sorted(labels, key=lambda k: scores[k][0])
+
+    def held(label: str) -> float:  # the validation score (the fit score when nothing is held out)
+        fit_score, val_score = scores[label]
+        return fit_score if val_score is None else val_score
+
+    refinement: list[dict[str, Any]] = []
     bar = tqdm(desc="tuning", unit="replay", disable=not progress, leave=False)
     try:
         for label, sched in list(candidates.items()):
             score(label, sched)
-        best_label = min(scores, key=scores.__getitem__)
+        best_label = by_fit(scores)[0]
         best = candidates[best_label]
         copy = {k: tuple(REUSE if v == FORECAST else v for v in p) for k, p in best.plans.items()}
         if copy != dict(best.plans):
             score(best_label.replace("forecast", "copy"), Schedule(n, copy, best.counts))
+        leaders = by_fit(scores)[:top_k]
+        # The final choice among the top-k: on the held-out samples (on the fit samples without them).
+        chosen_label = min(leaders, key=held)
         for r in range(refine):  # local search: move one computation of one plan by one step
-            best_label = min(scores, key=scores.__getitem__)
-            best = candidates[best_label]
-            moves = list(_moves(best.plans))
-            for i, plans in enumerate(moves):
-                score(f"{best_label}; refined {r + 1}.{i}", Schedule(n, plans, best.counts))
-            if min(scores, key=scores.__getitem__) == best_label:
+            base = candidates[chosen_label]
+            labels = []
+            for i, plans in enumerate(_moves(base.plans)):
+                labels.append(f"{chosen_label}; refined {r + 1}.{i}")
+                score(labels[-1], Schedule(n, plans, base.counts))
+            if not labels:
                 break
+            move = by_fit(labels)[0]
+            accepted = scores[move][0] < scores[chosen_label][0] and held(move) < held(chosen_label)
+            refinement.append(
+                {
+                    "round": r + 1,
+                    "best_move": move,
+                    "fit": _r(scores[move][0]),
+                    "validation": _r(scores[move][1]),
+                    "accepted": accepted,
+                }
+            )
+            if not accepted:
+                break
+            chosen_label = move
     finally:
         bar.close()
-    best_label = min(scores, key=scores.__getitem__)
-    chosen = candidates[best_label]
+    chosen = candidates[chosen_label]
     meta = {
         **chosen.meta,
         "rule": "tuned",
-        "candidate": best_label,
+        "candidate": chosen_label,
         "target_compute_fraction": float(fraction),
         "tuning": {
+            "objective": objective,
+            "family": family,
+            "samples": int(reference.shape[0]),
+            "fit_samples": len(fit_rows),
+            "validation_samples": len(val_rows),
+            "validation_rows": val_rows,
+            "top_k": leaders,
+            "chosen_by": "validation among the top-k" if held_out else "fit score",
+            "refinement": refinement,
             "evaluations": len(scores),
             "runs": len(scores) + 1,
             "seconds": round(time.perf_counter() - start, 2),
-            "mse": {k: float(f"{v:.4g}") for k, v in scores.items()},
+            "score_unit": "dB of per-sample MSE (PSNR = 10 log10(range^2) - score), lower is better",
+            "scores": {k: {"fit": _r(f), "validation": _r(v)} for k, (f, v) in scores.items()},
+            "mse": {k: float(f"{v:.4g}") for k, v in mses.items()},
         },
     }
     if calibration is not None:
         meta.update(calibration.provenance())
     return Schedule(n, chosen.plans, chosen.counts, meta)
+
+
+def _rows(samples: torch.Tensor) -> torch.Tensor:
+    """Samples as rows (index 0), flattened."""
+    return samples.reshape(1, -1) if samples.ndim == 0 else samples.reshape(samples.shape[0], -1)
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
