@@ -85,18 +85,7 @@ def taylorseer(model: torch.nn.Module, steps: int, run: Any) -> list[tuple[str, 
         return []
     out = []
     for interval, warm in TAYLORSEER:
-        pm = peers.PeerMethod(
-            peers.DIFFUSERS,
-            "TaylorSeer",
-            f"interval={interval}, warm-up={warm}",
-            {
-                "cache_interval": interval,
-                "max_order": 1,
-                "disable_cache_before_step": warm,
-                "taylor_factors_dtype": "float32",
-                "cache_identifiers": list(peers._TAYLORSEER_TARGETS),
-            },
-        )
+        pm = peers.taylorseer(interval, warm)
         with (
             peers.count_component_calls(model) as counts,
             peers.apply_peer(pm, model, num_inference_steps=steps),

@@ -150,18 +150,7 @@ def _methods(model: torch.nn.Module, cfg: SpeedConfig) -> list[tuple[str, float 
             warm = 3 if interval > 1 else n
             if f > 0.6:  # interval 2 plus a full-compute warm-up reaches the higher fractions
                 interval, warm = 2, max(3, round((2 * f - 1) * n))
-            pm = peers.PeerMethod(
-                peers.DIFFUSERS,
-                "TaylorSeer",
-                f"interval={interval}, warm-up={warm}",
-                {
-                    "cache_interval": interval,
-                    "max_order": 1,
-                    "disable_cache_before_step": warm,
-                    "taylor_factors_dtype": "float32",
-                    "cache_identifiers": [r"transformer_blocks\.\d+\.(attn1|ff)"],
-                },
-            )
+            pm = peers.taylorseer(interval, warm)
             out.append(
                 ("diffusers TaylorSeer", f, lambda pm=pm: peers.apply_peer(pm, model, num_inference_steps=n))
             )

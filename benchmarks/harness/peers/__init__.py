@@ -236,20 +236,7 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
             + (f", warm-up={warm}" if warm != 3 else "")
             + (", order 2" if order == 2 else "")
         )
-        out.append(
-            PeerMethod(
-                DIFFUSERS,
-                "TaylorSeer",
-                knob,
-                {
-                    "cache_interval": interval,
-                    "max_order": order,
-                    "disable_cache_before_step": warm,
-                    "taylor_factors_dtype": "float32",
-                    "cache_identifiers": list(_TAYLORSEER_TARGETS),
-                },
-            )
-        )
+        out.append(taylorseer(interval, warm, order, knob=knob))
 
     for skip in (2, 3, 4, 6):
         out.append(
@@ -320,6 +307,23 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
         out.append(PeerMethod(CACHE_DIT, "DBCache+FoCa", f"F{fn}B{bn}, threshold={threshold:g}", params))
 
     return out
+
+
+def taylorseer(interval: int, warm: int, order: int = 1, *, knob: str | None = None) -> PeerMethod:
+    """diffusers TaylorSeer computing every ``interval``-th step after ``warm`` full steps, on the
+    attention and feed-forward outputs (float32 Taylor factors, as the reference model runs)."""
+    return PeerMethod(
+        DIFFUSERS,
+        "TaylorSeer",
+        knob or f"interval={interval}, warm-up={warm}",
+        {
+            "cache_interval": interval,
+            "max_order": order,
+            "disable_cache_before_step": warm,
+            "taylor_factors_dtype": "float32",
+            "cache_identifiers": list(_TAYLORSEER_TARGETS),
+        },
+    )
 
 
 def _check_positive_int(value: Any, name: str) -> int:
