@@ -122,12 +122,13 @@ def main() -> None:
         args.tuning, args.samples, args.runs = 4, 8, ["dpm-20-g3"]
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = reference.load_model()
+    models = {name: reference.load_model(model=name) for name in ("ddpm", "flow")}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for spec in args.runs:
         spec, _, only = spec.partition(":")  # "dpm-20-g3:0.5": that fraction only
-        scheduler, steps_s, g = spec.split("-")
+        scheduler, steps_s, g = spec.rsplit("-", 2)  # "flow-euler-20-g4": the flow-matching model
+        model = models["flow" if scheduler == "flow-euler" else "ddpm"]
         steps, guidance = int(steps_s), float(g[1:])
         cal = reference.shipped_calibration(scheduler, steps)
         assert cal is not None, spec
