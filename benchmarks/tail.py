@@ -133,11 +133,11 @@ def main() -> None:
         cal = reference.shipped_calibration(scheduler, steps)
         assert cal is not None, spec
 
-        def tuning_run(s=scheduler, n=steps, g=guidance, times=1) -> torch.Tensor:
-            return generate(model, s, n, args.tuning * times, TUNING_SEED, g)
+        def tuning_run(s=scheduler, n=steps, g=guidance, times=1, m=model) -> torch.Tensor:
+            return generate(m, s, n, args.tuning * times, TUNING_SEED, g)
 
-        def eval_run(s=scheduler, n=steps, g=guidance) -> torch.Tensor:
-            return generate(model, s, n, args.samples, EVAL_SEED, g)
+        def eval_run(s=scheduler, n=steps, g=guidance, m=model) -> torch.Tensor:
+            return generate(m, s, n, args.samples, EVAL_SEED, g)
 
         base = eval_run()
         for fraction in [float(only)] if only else args.fractions:
