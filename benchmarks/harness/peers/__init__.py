@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from stepcache.errors import StepCacheError
@@ -347,12 +348,18 @@ def count_component_calls(model: nn.Module) -> Iterator[Callable[[], dict[str, A
     feed-forward's first ``Linear``) fires only when the component is computed. Model calls are counted
     with a pre-hook on the model, which runs whatever replaced its ``forward``.
 
+    Computations are weighted by the rows (batch items) they ran on, relative to the largest batch a
+    model call had: a method that runs the model or a component on one guidance half of a batched
+    classifier-free-guidance call (FasterCache's CFG cache, stepcache's guidance reuse) is charged half
+    a computation there, which is the compute it really spent.
+
     Yields:
         A function returning ``{"attn", "ff", "executed", "model_calls", "components",
         "total_possible", "fraction"}``; ``fraction = executed / (model_calls * components)``, i.e.
-        executed / (layers * 2 * steps) on the reference DiT.
+        executed / (layers * 2 * steps) on the reference DiT (``executed`` in full-batch units).
     """
-    counts = {"attn": 0, "ff": 0, "model_calls": 0}
+    counts: dict[str, float] = {"attn": 0, "ff": 0, "model_calls": 0}
+    rows = {"max": 0}  # the largest batch a model call had: one full computation
     leaves: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         child = name.rsplit(".", 1)[-1]
@@ -369,21 +376,30 @@ def count_component_calls(model: nn.Module) -> Iterator[Callable[[], dict[str, A
             "children); count_component_calls cannot measure it."
         )
 
+    def batch_of(args: tuple, kwargs: dict | None = None) -> int:
+        first = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
     def counter(kind: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            counts[kind] += 1
+        def hook(_module: nn.Module, args: tuple, _out: Any) -> None:
+            counts[kind] += batch_of(args)
 
         return hook
 
+    def model_call(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        counts["model_calls"] += 1
+        rows["max"] = max(rows["max"], batch_of(args, kwargs))
+
     handles = [leaf.register_forward_hook(counter(kind)) for kind, leaf in leaves]
-    handles.append(model.register_forward_pre_hook(counter("model_calls")))
+    handles.append(model.register_forward_pre_hook(model_call, with_kwargs=True))
 
     def read() -> dict[str, Any]:
         total = counts["model_calls"] * len(leaves)
-        executed = counts["attn"] + counts["ff"]
+        unit = max(rows["max"], 1)
+        executed = (counts["attn"] + counts["ff"]) / unit
         return {
-            "attn": counts["attn"],
-            "ff": counts["ff"],
+            "attn": counts["attn"] / unit,
+            "ff": counts["ff"] / unit,
             "executed": executed,
             "model_calls": counts["model_calls"],
             "components": len(leaves),
