@@ -33,6 +33,7 @@ from ..distributed import check_schedule_agreement
 from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCacheWarning
 from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, forecast_coefficients, reads
 from . import headroom
+from .guided import Guide
 from .introspect import count_macs, fingerprint, first_tensor_shape, model_class, weights_state
 from .offload import Offloader, OffloadStats, _Host
 from .session import Installer, Session, active_session, hook_state
@@ -128,6 +129,8 @@ class _Slot:
         "compiled",
         "computed",
         "count",
+        "guide",
+        "halved",
         "held",
         "history",
         "keep",
@@ -169,7 +172,8 @@ class _Slot:
         self.mode, self.coef = COMPUTE, (0.0, 0.0)
         self.store: list[tuple[tuple[int, ...] | None, Any, Any, Any] | None] = [None, None]
         self.seen: dict[int, bool] = {}  # compiled calls: branches already counted this generation
-        self.computed = self.reused = 0
+        self.computed = self.reused = self.halved = 0
+        self.guide: Guide | None = None  # guidance reuse (stepcache.guidance), eager calls only
         self.macs: float | None = None
         # Compiled path: the step's decision as tensors, on the host (torch.cond reads its predicate
         # there, so no device sync).
@@ -228,10 +232,19 @@ class _Slot:
             return _extrapolate(
                 entry[1], entry[2], self.coefs1[step] if self.history == 2 else self.coefs[step][0]
             )
-        self.computed += 1
-        if self.count and self.macs is None:
+        guide = self.guide
+        if guide is not None:  # may compute the conditional half only, or stand in for this branch
+            out = guide.call(self.original, args, kwargs, step, branch)
+            if guide.skipped:
+                self.reused += 1
+            else:
+                self.computed += 1
+                self.halved += guide.halved
+        elif self.count and self.macs is None:
+            self.computed += 1
             out, self.macs = count_macs(self.original, *args, **kwargs)
         else:
+            self.computed += 1
             out = self.original(*args, **kwargs)
         held = self.keep[step]
         if not held:  # nothing reads it: hold no memory (and drop what is held)
@@ -395,6 +408,8 @@ class _Slot:
         """Drop every stored output (the bytes held go back to zero; peaks stay)."""
         self.store[:] = [None] * len(self.store)
         self.seen.clear()
+        if self.guide is not None:
+            self.guide.clear()
         self.mode = COMPUTE
         if self.held:
             self._change(-self.held)
@@ -514,6 +529,7 @@ class CacheHandle:
         storage_dtype: Any = None,
         offload: bool = False,
         offload_lead: int | None = None,
+        guidance: Any = None,
     ) -> None:
         schedule = _resolve_schedule(schedule)
         self._storage = resolve_storage_dtype(storage_dtype)
@@ -560,6 +576,10 @@ class CacheHandle:
                 f"three outputs per component; {len(second)} component(s) use them (e.g. {second[0]}). "
                 "Use first-order forecasts (schedule.with_forecast()) or copies with offload, or drop offload."
             )
+        cached = [c for c in found if c.name in plans]
+        self.guidance, self._guides = _guidance_plans(
+            guidance, schedule, cached, on_length_mismatch, storage_dtype, offload
+        )
         self.schedule = schedule  # always the schedule given: resampling never replaces it
         self._running = schedule  # the one the current generation follows (resampled if need be)
         self.components = [c for c in found if c.name in plans]
@@ -595,6 +615,9 @@ class CacheHandle:
         kind = self._bytes.setdefault(comp.type, _Bytes())
         slot = _Slot(comp, self._plans[comp.name], original, self.tracker, self._count, kind, self._bytes_all)
         slot.storage = self._storage
+        if comp.name in self._guides:
+            g = self.guidance
+            slot.guide = Guide(self._guides[comp.name], g.mode, g.layout, g.uncond_branch)
         self._slots[comp.name] = slot
         return slot.forward
 
@@ -701,8 +724,8 @@ class CacheHandle:
         for kind, slots in by_type.items():
             macs = (
                 None
-                if any(s.macs is None for s in slots if s.reused)
-                else sum(s.reused * (s.macs or 0) for s in slots)
+                if any(s.macs is None for s in slots if s.reused or s.halved)
+                else sum((s.reused + 0.5 * s.halved) * (s.macs or 0) for s in slots)
             )
             held = self._bytes.get(kind) or _Bytes()
             out[kind] = TypeStats(
@@ -712,6 +735,7 @@ class CacheHandle:
                 macs,
                 stored_bytes=held.now,
                 peak_stored_bytes=held.peak,
+                halved=sum(s.halved for s in slots),
             )
         return CacheStats(out, self._generations, total_peak_bytes=self._bytes_all.peak)
 
@@ -748,6 +772,11 @@ class CacheHandle:
     def _tally(self) -> None:
         if not self.tracker.compiled:
             return  # eager calls counted themselves
+        if self._guides:
+            raise StepCacheError(
+                "guidance reuse (cache(..., guidance=...)) works on eager calls only: it changes the batch a "
+                "component runs on, which a compiled graph fixes. Cache the uncompiled model, or drop guidance=."
+            )
         if self._storage is not None or self._offloader is not None:
             raise StepCacheError(
                 "storage_dtype and offload work on eager calls only: under torch.compile the kept outputs "
@@ -901,6 +930,7 @@ def cache(
     storage_dtype: Any = None,
     offload: bool = False,
     offload_lead: int | None = None,
+    guidance: Any = None,
 ) -> CacheHandle:
     """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
 
@@ -926,6 +956,9 @@ def cache(
             schedule computed from the plan (:func:`stepcache.runtime.offload.transfer_schedule`);
             ``handle.offload_stats`` reports what moved. Eager calls only.
         offload_lead: component calls between a fetch and its read (default: one step).
+        guidance: a :class:`stepcache.guidance.GuidanceReuse` (or its file): at the compute steps it
+            marks, a component computes the conditional guidance branch only and stands in for the
+            unconditional one (its last output, or the kept guidance difference). Eager calls only.
     """
     follow_diffusers()
     return CacheHandle(
@@ -942,7 +975,44 @@ def cache(
         storage_dtype=storage_dtype,
         offload=offload,
         offload_lead=offload_lead,
+        guidance=guidance,
     ).open()
+
+
+def _guidance_plans(
+    guidance: Any,
+    schedule: Schedule,
+    components: list[Component],
+    on_length_mismatch: str,
+    storage: Any,
+    offload: bool,
+) -> tuple[Any, dict[str, tuple[bool, ...]]]:
+    """The guidance plan (loaded if a file) and component name -> its steps (validated against the
+    schedule and the other options)."""
+    if guidance is None:
+        return None, {}
+    from ..guidance import GuidanceReuse
+
+    if isinstance(guidance, (str, os.PathLike)):
+        guidance = GuidanceReuse.load(os.fspath(guidance))
+    if not isinstance(guidance, GuidanceReuse):
+        raise StepCacheError(
+            f"guidance must be a stepcache.guidance.GuidanceReuse (or its file), got {type(guidance).__name__}."
+        )
+    if guidance.num_steps != schedule.num_steps:
+        raise ScheduleError(
+            f"the guidance plan has {guidance.num_steps} steps, the schedule {schedule.num_steps}: build both "
+            "for the same step count."
+        )
+    if on_length_mismatch == "resample":
+        raise StepCacheError(
+            "guidance reuse does not resample: pass on_length_mismatch='error' with guidance=."
+        )
+    if storage is not None or offload:
+        raise StepCacheError(
+            "guidance reuse keeps its outputs as computed: drop storage_dtype/offload with it."
+        )
+    return guidance, {name: plan for name, plan in guidance.resolve(components).items() if any(plan)}
 
 
 def disable(target: Any) -> None:

@@ -26,11 +26,12 @@ class TypeStats:
     macs_saved: float | None
     stored_bytes: int = 0
     peak_stored_bytes: int = 0
+    halved: int = 0  # of the computed calls, those that ran one guidance half of the batch only
 
     @property
     def compute_fraction(self) -> float:
         calls = self.computed + self.reused
-        return self.computed / calls if calls else 1.0
+        return (self.computed - 0.5 * self.halved) / calls if calls else 1.0
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ class CacheStats:
         return sum(s.reused for s in self.by_type.values())
 
     @property
+    def halved(self) -> int:
+        return sum(s.halved for s in self.by_type.values())
+
+    @property
     def compute_fraction(self) -> float:
-        """Executed scheduled-component calls / all scheduled-component calls (as the schedule's)."""
+        """Executed scheduled-component calls / all scheduled-component calls (as the schedule's); a
+        call that ran one guidance half of its batch (guidance reuse) counts half."""
         calls = self.computed + self.reused
-        return self.computed / calls if calls else 1.0
+        return (self.computed - 0.5 * self.halved) / calls if calls else 1.0
 
     @property
     def macs_saved(self) -> float | None:
@@ -81,6 +87,7 @@ class CacheStats:
             "generations": self.generations,
             "computed": self.computed,
             "reused": self.reused,
+            "halved": self.halved,
             "compute_fraction": self.compute_fraction,
             "macs_saved": self.macs_saved,
             "stored_bytes": self.stored_bytes,
@@ -90,6 +97,7 @@ class CacheStats:
                     "components": s.components,
                     "computed": s.computed,
                     "reused": s.reused,
+                    "halved": s.halved,
                     "compute_fraction": s.compute_fraction,
                     "macs_saved": s.macs_saved,
                     "stored_bytes": s.stored_bytes,

@@ -1,0 +1,126 @@
+"""Guidance reuse at run time: compute a component for the conditional branch only.
+
+Under classifier-free guidance each component runs twice per step: for the conditional input and for
+the unconditional one, either in one call on a stacked batch (``"cond-first"`` / ``"uncond-first"``:
+DiT, PixArt, SD3 pipelines) or in two calls (``"split"``: Wan, Flux true CFG). At a step the
+:class:`~stepcache.guidance.GuidanceReuse` plan marks for a component, :class:`Guide` runs the
+component on the conditional half only and stands in for the unconditional half with
+
+* ``"reuse"``: the unconditional output of the component's last full computation (plain per-branch
+  reuse, half the work of the step);
+* ``"difference"``: the conditional output just computed plus the difference (unconditional minus
+  conditional) kept from the last full computation: FasterCache's observation that the gap between
+  the branches drifts more slowly than either branch.
+
+Anything a full computation did not leave (the first step, a new batch size) makes it compute in full,
+so a plan can never make an output up from nothing. Eager calls only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree
+
+__all__ = ["Guide"]
+
+LAYOUTS = ("cond-first", "uncond-first", "split")
+MODES = ("difference", "reuse")
+
+
+def _batch(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of the call: the first dimension of its first tensor argument."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _rows(tree: Any, n: int, rows: slice) -> Any:
+    """Every tensor of ``tree`` whose first dimension is the batch ``n``, cut to ``rows``."""
+    return _pytree.tree_map(
+        lambda t: t[rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, tree
+    )
+
+
+class Guide:
+    """One component's guidance state: the plan (per step, whether the unconditional branch is
+    stood in for), and what its last full computation left to stand in with.
+
+    ``halved`` after :meth:`call`: 1 when the call computed the conditional half only (stacked
+    batch), 0 when it computed in full; ``skipped`` (split calls): the unconditional call did not
+    compute at all.
+    """
+
+    __slots__ = ("cond", "halved", "kept", "layout", "mode", "shape", "skip", "skipped", "uncond_branch")
+
+    def __init__(self, skip: tuple[bool, ...], mode: str, layout: str, uncond_branch: int = 1) -> None:
+        self.skip, self.mode, self.layout, self.uncond_branch = skip, mode, layout, uncond_branch
+        self.kept: Any = None  # the difference (mode "difference") or the unconditional output ("reuse")
+        self.cond: Any = None  # split calls: this step's conditional output (or the last full one's)
+        self.shape: tuple[int, ...] | None = None
+        self.halved = self.skipped = False
+
+    def clear(self) -> None:
+        self.kept = self.cond = self.shape = None
+
+    def call(self, original: Callable[..., Any], args: tuple, kwargs: dict, step: int, branch: int) -> Any:
+        self.halved = self.skipped = False
+        if self.layout == "split":
+            return self._split(original, args, kwargs, step, branch)
+        n = _batch(args, kwargs)
+        if n is None or n % 2:
+            return original(*args, **kwargs)  # not a stacked guidance batch: nothing to halve
+        h = n // 2
+        cond, uncond = (
+            (slice(0, h), slice(h, n)) if self.layout == "cond-first" else (slice(h, n), slice(0, h))
+        )
+        shape = _shape(args, kwargs)
+        if self.skip[step] and self.kept is not None and self.shape == shape:
+            out_c = original(*_rows(args, n, cond), **_rows(kwargs, n, cond))
+            stand_in = _combine(out_c, self.kept, self.mode)
+            self.halved = True
+            first, second = (out_c, stand_in) if self.layout == "cond-first" else (stand_in, out_c)
+            return _pytree.tree_map(lambda a, b: torch.cat([a, b]), first, second)
+        out = original(*args, **kwargs)
+        if any(self.skip[step + 1 :]):  # a later step stands in: keep what it needs
+            out_c, out_u = _rows(out, n, cond), _rows(out, n, uncond)
+            self.kept = _keep(out_c, out_u, self.mode)
+            self.shape = shape
+        return out
+
+    def _split(self, original: Callable[..., Any], args: tuple, kwargs: dict, step: int, branch: int) -> Any:
+        shape = _shape(args, kwargs)
+        if branch != self.uncond_branch:  # the conditional call always computes; the other reads it
+            out = original(*args, **kwargs)
+            self.cond = out
+            return out
+        cond, self.cond = self.cond, None  # held from the conditional call to this one only
+        if self.skip[step] and self.kept is not None and self.shape == shape and cond is not None:
+            self.skipped = True
+            return _combine(cond, self.kept, self.mode)
+        out = original(*args, **kwargs)
+        if any(self.skip[step + 1 :]) and cond is not None:
+            self.kept, self.shape = _keep(cond, out, self.mode), shape
+        return out
+
+
+def _shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return None
+
+
+def _keep(cond: Any, uncond: Any, mode: str) -> Any:
+    if mode == "reuse":
+        return _pytree.tree_map(lambda u: u.clone() if isinstance(u, torch.Tensor) else u, uncond)
+    return _pytree.tree_map(lambda c, u: u - c if isinstance(u, torch.Tensor) else u, cond, uncond)
+
+
+def _combine(cond: Any, kept: Any, mode: str) -> Any:
+    if mode == "reuse":
+        return kept
+    return _pytree.tree_map(lambda c, d: c + d if isinstance(c, torch.Tensor) else c, cond, kept)

@@ -1,0 +1,183 @@
+"""Guidance-aware caching: per-branch calibration and the two stand-ins for the unconditional branch
+(its last output, or the conditional output plus the kept guidance difference), on the reference DiT
+under batched classifier-free guidance and with the branches as two calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from model_state import model_state as snapshot
+
+import stepcache
+from stepcache import Schedule, reference
+from stepcache.errors import CalibrationError, ScheduleError, StepCacheError
+from stepcache.guidance import KINDS, GuidanceCalibration, GuidanceReuse, calibrate_guidance
+
+STEPS, GUIDANCE, N = 6, 3.0, 4
+SKIP = (False, False, True, False, True, True)  # steps 4 and 5: the second stands in at gap 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return reference.load_model()
+
+
+def batched(model, n=N, seed=0):
+    return reference.sample(
+        model,
+        torch.arange(n) % 10,
+        scheduler="dpm",
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        seed=seed,
+    )
+
+
+def split(model, n=N, seed=0):
+    """The same sampler with the two branches as two calls per step (conditional first)."""
+    sched = reference.make_scheduler("dpm", STEPS, train_config=model.stepcache_train_scheduler)
+    labels = torch.arange(n) % 10
+    null = torch.full_like(labels, reference.NULL_CLASS)
+    x = torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            tt = torch.full((n,), int(t), dtype=torch.long)
+            cond = model(hidden_states=x, timestep=tt, class_labels=labels).sample
+            uncond = model(hidden_states=x, timestep=tt, class_labels=null).sample
+            eps = uncond + GUIDANCE * (cond - uncond)
+            x = sched.step(eps, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def all_compute():
+    return Schedule(STEPS, {"attn": (1,) * STEPS, "ff": (1,) * STEPS})
+
+
+def record_ff(model):
+    """Per call of block 0's feed-forward: its output (through the cache) and the batch it ran on."""
+    ff = model.transformer_blocks[0].ff
+    outs, rows = [], []
+    hooks = [
+        ff.register_forward_hook(lambda _m, _a, out: outs.append(out.detach().clone())),
+        ff.net[0].proj.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0])),
+    ]
+    return outs, rows, hooks
+
+
+@pytest.mark.parametrize("mode", ["difference", "reuse"])
+def test_stand_in_is_what_the_mode_says(model, mode):
+    plan = GuidanceReuse(STEPS, {"ff": SKIP}, mode=mode, layout="cond-first")
+    before = snapshot(model)
+    outs, rows, hooks = record_ff(model)
+    try:
+        with stepcache.cache(model, all_compute(), guidance=plan) as handle:
+            batched(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert snapshot(model) == before
+    assert rows == [2 * N if not s else N for s in SKIP]  # the conditional half only, where planned
+    for s in (2, 4, 5):
+        last = 1 if s == 2 else 3  # the last full computation before s
+        cond, uncond = outs[s][:N], outs[s][N:]
+        want = outs[last][N:] if mode == "reuse" else cond + (outs[last][N:] - outs[last][:N])
+        torch.testing.assert_close(uncond, want, rtol=0, atol=1e-6)
+    layers = len(model.transformer_blocks)
+    assert handle.stats.halved == 3 * layers and handle.stats.by_type["attn"].halved == 0
+    comps = stepcache.discover(model)
+    assert handle.stats.compute_fraction == pytest.approx(plan.compute_fraction(all_compute(), comps))
+    assert handle.stats.compute_fraction == pytest.approx(1 - 3 / (2 * STEPS * 2))
+
+
+def test_difference_beats_plain_branch_reuse_and_split_equals_batched(model):
+    base = batched(model)
+    images = {}
+    for mode in ("difference", "reuse"):
+        plan = GuidanceReuse(STEPS, {"attn": SKIP, "ff": SKIP}, mode=mode)
+        with stepcache.cache(model, all_compute(), guidance=plan):
+            images[mode] = batched(model)
+        split_plan = GuidanceReuse(STEPS, {"attn": SKIP, "ff": SKIP}, mode=mode, layout="split")
+        with stepcache.cache(model, all_compute(), guidance=split_plan) as handle:
+            two_calls = split(model)
+        torch.testing.assert_close(two_calls, images[mode], rtol=0, atol=2e-4)
+        # two calls: a stand-in is a whole call not computed, counted as reuse
+        assert handle.stats.halved == 0 and handle.stats.reused == 3 * 2 * len(model.transformer_blocks)
+    err = {m: float((x - base).abs().mean()) for m, x in images.items()}
+    assert 0 < err["difference"] < err["reuse"]
+
+
+def test_calibrate_guidance_measures_each_branch(model, tmp_path):
+    gcal = calibrate_guidance(model, lambda: [batched(model, seed=100 + i) for i in range(2)], progress=False)
+    assert gcal.num_steps == STEPS and gcal.num_samples == 2 and gcal.layout == "cond-first"
+    name = "transformer_blocks.0.ff"
+    e = gcal.errors[name]
+    assert e.shape == (STEPS, 2, len(KINDS))
+    assert np.isnan(e[0]).all() and np.isnan(e[1, 1]).all() and np.isfinite(e[2:]).all()
+    assert (e[2:] > 0).all()
+    summary = gcal.summary()
+    assert set(summary) == {"attn", "ff"} and set(summary["ff"]) == set(KINDS)
+    again = GuidanceCalibration.load(gcal.save(tmp_path / "g.json"))
+    np.testing.assert_array_equal(again.errors[name], e)
+    # the same generations as two calls per step measure the same errors
+    gsplit = calibrate_guidance(
+        model, lambda: [split(model, seed=100 + i) for i in range(2)], layout="split", progress=False
+    )
+    np.testing.assert_allclose(gsplit.errors[name], e, rtol=1e-3, atol=1e-6)
+
+
+def test_plan_from_calibration_and_for_compute_fraction(model):
+    gcal = calibrate_guidance(model, lambda: batched(model, seed=7), progress=False)
+    sched = Schedule(STEPS, {"attn": (1, 1, 0, 1, 1, 1), "ff": (1, 1, 1, 1, 0, 1)})
+    everywhere = GuidanceReuse.from_calibration(gcal, sched, np.inf)
+    ff = everywhere.plans["transformer_blocks.0.ff"]
+    # stand in while the last full computation is within the lookahead (2 steps): s 1 and 2 (from 0), 5 (from 3)
+    assert ff == (False, True, True, False, False, True)
+    assert not any(
+        s
+        for s, v in zip(everywhere.plans["transformer_blocks.0.attn1"], (1, 1, 0, 1, 1, 1), strict=True)
+        if not v
+    )
+    assert not any(any(p) for p in GuidanceReuse.from_calibration(gcal, sched, 0.0).plans.values())
+    comps = stepcache.discover(model)
+    target = 0.8
+    plan = GuidanceReuse.for_compute_fraction(gcal, sched, target)
+    assert plan.compute_fraction(sched, comps) <= target
+    with stepcache.cache(model, sched, guidance=plan) as handle:
+        batched(model)
+    assert handle.stats.compute_fraction == pytest.approx(plan.compute_fraction(sched, comps))
+    with pytest.raises(ScheduleError, match="lower fraction"):
+        GuidanceReuse.for_compute_fraction(gcal, sched, 0.3)
+
+
+def test_bad_input_gets_clear_errors_and_leaves_the_model_alone(model, tmp_path):
+    before = snapshot(model)
+    ok = GuidanceReuse(STEPS, {"ff": SKIP})
+    with pytest.raises(ScheduleError, match="layout"):
+        GuidanceReuse(STEPS, {"ff": SKIP}, layout="interleaved")
+    with pytest.raises(ScheduleError, match="has 2 steps"):
+        GuidanceReuse(STEPS, {"ff": (True, False)})
+    with pytest.raises(ScheduleError, match="steps"):
+        stepcache.cache(model, Schedule(4, {"ff": (1, 1, 1, 1)}), guidance=ok)
+    with pytest.raises(StepCacheError, match="storage_dtype"):
+        stepcache.cache(model, all_compute(), guidance=ok, storage_dtype="bf16")
+    with pytest.raises(StepCacheError, match="resample"):
+        stepcache.cache(model, all_compute(), guidance=ok, on_length_mismatch="resample")
+    with pytest.raises(ScheduleError, match="match none"):
+        stepcache.cache(model, all_compute(), guidance=GuidanceReuse(STEPS, {"norm9": SKIP}))
+    with pytest.raises(StepCacheError, match="GuidanceReuse"):
+        stepcache.cache(model, all_compute(), guidance={"ff": SKIP})
+    with pytest.raises(CalibrationError, match="even batch"):
+        calibrate_guidance(
+            model,
+            lambda: reference.sample(model, torch.arange(3), scheduler="dpm", num_inference_steps=STEPS),
+            progress=False,
+        )
+    assert snapshot(model) == before
+    # a plan file works where the plan does
+    path = ok.save(tmp_path / "guidance.json")
+    with stepcache.cache(model, all_compute(), guidance=path) as handle:
+        batched(model)
+    assert handle.stats.halved == 3 * len(model.transformer_blocks)
+    assert GuidanceReuse.load(path) == ok
