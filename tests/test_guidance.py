@@ -12,7 +12,7 @@ from model_state import model_state as snapshot
 import stepcache
 from stepcache import Schedule, reference
 from stepcache.errors import CalibrationError, ScheduleError, StepCacheError
-from stepcache.guidance import KINDS, GuidanceCalibration, GuidanceReuse, calibrate_guidance
+from stepcache.guidance import KINDS, GuidanceCalibration, GuidanceReuse, calibrate_guidance, tune_guidance
 
 STEPS, GUIDANCE, N = 6, 3.0, 4
 SKIP = (False, False, True, False, True, True)  # steps 4 and 5: the second stands in at gap 2
@@ -181,3 +181,25 @@ def test_bad_input_gets_clear_errors_and_leaves_the_model_alone(model, tmp_path)
         batched(model)
     assert handle.stats.halved == 3 * len(model.transformer_blocks)
     assert GuidanceReuse.load(path) == ok
+
+
+def test_tune_guidance_chooses_in_closed_loop(model):
+    cal = stepcache.calibrate(model, lambda: batched(model, seed=11), progress=False)
+    gcal = calibrate_guidance(model, lambda: batched(model, seed=11), progress=False)
+    replay = lambda: batched(model, n=6, seed=5)  # noqa: E731
+    sched, plan = tune_guidance(
+        model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(0.17, 0.34), progress=False
+    )
+    info = sched.meta["guidance_tuning"]
+    assert set(info["scores"]) >= {"plain"} and len(info["scores"]) >= 2
+    assert (plan is None) == (info["chosen"] == "plain")
+    comps = stepcache.discover(model)
+    frac = sched.compute_fraction if plan is None else plan.compute_fraction(sched, comps)
+    assert frac <= 0.5 + 1e-9
+    with stepcache.cache(model, sched, guidance=plan) as handle:
+        batched(model)
+    assert handle.stats.compute_fraction == pytest.approx(frac)
+    plain, none = tune_guidance(
+        model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(), progress=False
+    )
+    assert none is None and plain.meta["guidance_tuning"]["chosen"] == "plain"

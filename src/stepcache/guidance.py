@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ._io import JsonValue
 from .calibration import _flatten, _progress
@@ -44,7 +45,7 @@ from .runtime.session import Session
 from .runtime.steps import StepTracker
 from .schedule import COMPUTE, Schedule
 
-__all__ = ["KINDS", "GuidanceCalibration", "GuidanceReuse", "calibrate_guidance"]
+__all__ = ["KINDS", "GuidanceCalibration", "GuidanceReuse", "calibrate_guidance", "tune_guidance"]
 
 #: What a guidance calibration measures, along its last axis: copying the conditional output,
 #: copying the unconditional output (per-branch reuse), and the guidance-difference stand-in.
@@ -499,3 +500,87 @@ def calibrate_guidance(
             "uncond_branch": uncond_branch,
         },
     )
+
+
+# -------------------------------------------------------------------------------- policy
+def tune_guidance(
+    target: Any,
+    run: Callable[[], Any],
+    fraction: float,
+    *,
+    calibration: Any,
+    guidance: GuidanceCalibration,
+    schedule: Schedule | None = None,
+    raise_by: Sequence[float] = (0.05, 0.1, 0.2),
+    mode: str = "difference",
+    objective: str = "worst-25%",
+    validation: float | int | None = None,
+    progress: bool = True,
+) -> tuple[Schedule, GuidanceReuse | None]:
+    """Closed loop: stand in for the unconditional branch only where it beats the plain schedule.
+
+    Candidates at ``fraction``: ``schedule`` alone (default ``Schedule.optimal(calibration, fraction)``,
+    a tuned schedule is a better start), and for each ``d`` in ``raise_by`` the optimal schedule at
+    ``fraction + d`` brought back to ``fraction`` by :meth:`GuidanceReuse.for_compute_fraction`. Each is
+    replayed on ``run`` (fixed seeds, final samples along dimension 0, as :func:`stepcache.tune`) and
+    scored per sample by ``objective`` against the uncached samples; the best two on the fit samples are
+    decided on the held-out ones. Whether stand-ins pay depends on the guidance scale: the stand-in's
+    error enters the guided prediction ``u + w (c - u)`` multiplied by ``w - 1``, while copying both
+    branches keeps most of ``c - u`` (docs/guidance.md has the measurements).
+
+    Returns:
+        ``(schedule, plan)``: ``plan`` is None when the plain schedule won; pass both to
+        ``stepcache.cache(target, schedule, guidance=plan)``. The scores are in ``schedule.meta``.
+    """
+    from .policies._plan import check_fraction
+    from .policies.tuned import _db, _rows, _split, objective_function
+    from .runtime import cache
+    from .runtime.introspect import final_samples
+
+    check_fraction(fraction)
+    reduce = objective_function(objective)
+    _check_mode(mode)
+    plain = schedule if schedule is not None else Schedule.optimal(calibration, fraction)
+    candidates: dict[str, tuple[Schedule, GuidanceReuse | None]] = {"plain": (plain, None)}
+    for d in raise_by:
+        base = Schedule.optimal(calibration, min(1.0, fraction + d))
+        try:
+            plan = GuidanceReuse.for_compute_fraction(guidance, base, fraction, mode=mode)
+        except ScheduleError:
+            continue  # stand-ins cannot bring this base down to the fraction
+        candidates[f"optimal at {fraction + d:.3g} + {mode} stand-ins"] = (base, plan)
+    with torch.no_grad():
+        reference = _rows(final_samples(run(), ScheduleError))
+    fit_rows, val_rows = _split(reference.shape[0], validation)
+    fit_rows = fit_rows if val_rows else list(range(reference.shape[0]))
+    scores: dict[str, tuple[float, float | None]] = {}
+    for label, (sched, plan) in tqdm(candidates.items(), desc="guidance", disable=not progress, leave=False):
+        with cache(target, sched, guidance=plan, count_macs=False), torch.no_grad():
+            out = _rows(final_samples(run(), ScheduleError))
+        mse = (out - reference).pow(2).mean(dim=1)
+        e = _db(mse)
+        scores[label] = (
+            reduce(e[fit_rows], mse[fit_rows]),
+            reduce(e[val_rows], mse[val_rows]) if val_rows else None,
+        )
+    leaders = sorted(scores, key=lambda k: scores[k][0])[:2]
+
+    def held(label: str) -> float:  # the validation score (the fit score when nothing is held out)
+        fit, val = scores[label]
+        return fit if val is None else val
+
+    chosen = min(leaders, key=held)
+    sched, chosen_plan = candidates[chosen]
+    meta = {
+        **sched.meta,
+        "guidance_tuning": {
+            "chosen": chosen,
+            "objective": objective,
+            "mode": mode,
+            "scores": {
+                k: {"fit": round(f, 3), "validation": None if v is None else round(v, 3)}
+                for k, (f, v) in scores.items()
+            },
+        },
+    }
+    return Schedule(sched.num_steps, sched.plans, sched.counts, meta), chosen_plan
