@@ -18,6 +18,7 @@ so a plan can never make an output up from nothing. Eager calls only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,7 @@ class Guide:
             stand_in = _combine(out_c, self.kept, self.mode)
             self.halved = True
             first, second = (out_c, stand_in) if self.layout == "cond-first" else (stand_in, out_c)
-            return _pytree.tree_map(lambda a, b: torch.cat([a, b]), first, second)
+            return _pytree.tree_map(functools.partial(_join, h), first, second)
         out = original(*args, **kwargs)
         if any(self.skip[step + 1 :]):  # a later step stands in: keep what it needs
             out_c, out_u = _rows(out, n, cond), _rows(out, n, uncond)
@@ -105,6 +106,13 @@ class Guide:
         if any(self.skip[step + 1 :]) and cond is not None:
             self.kept, self.shape = _keep(cond, out, self.mode), shape
         return out
+
+
+def _join(h: int, a: Any, b: Any) -> Any:
+    """One output of the two halves: stacked when it has the half batch, else the computed half's."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and a.shape[0] == h:
+        return torch.cat([a, b])
+    return a
 
 
 def _shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
