@@ -203,3 +203,40 @@ def test_tune_guidance_chooses_in_closed_loop(model):
         model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(), progress=False
     )
     assert none is None and plain.meta["guidance_tuning"]["chosen"] == "plain"
+
+
+@pytest.mark.parametrize(
+    "case, layout",
+    [("pixart_alpha", "uncond-first"), ("sd3", "uncond-first"), ("wan", "split"), ("flux_true_cfg", "split")],
+)
+def test_diffusers_pipelines_batched_and_split(case, layout):
+    """Real pipelines: PixArt and SD3 stack [uncond; cond] in one call (cross-attention and joint
+    attention take batched text states, SD3's attention returns a pair), Wan and Flux true CFG make
+    two calls per step (conditional first)."""
+    from pipeline_models import CASES
+
+    spec = next(c for c in CASES if c.name == case)
+    pipe = spec.build()
+    steps = 5
+    inputs = [spec.inputs("a red cat", seed=s) for s in (1, 2)]
+    gcal = calibrate_guidance(pipe, inputs=inputs, num_inference_steps=steps, layout=layout, progress=False)
+    assert gcal.layout == layout and np.isfinite(gcal.errors[next(iter(gcal.errors))][2:]).all()
+    sched = Schedule(steps, {"*": (1,) * steps})
+    plan = GuidanceReuse.from_calibration(gcal, sched, np.inf)
+    before = snapshot(pipe.transformer)
+    base = pipe(**spec.inputs("a blue dog on grass", seed=3), num_inference_steps=steps)[0]
+    with stepcache.cache(pipe, sched, guidance=plan) as handle:
+        out = pipe(**spec.inputs("a blue dog on grass", seed=3), num_inference_steps=steps)[0]
+    assert snapshot(pipe.transformer) == before
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    stats = handle.stats
+    comps = stepcache.discover(pipe)
+    assert stats.compute_fraction == pytest.approx(plan.compute_fraction(sched, comps))
+    if layout == "split":
+        assert stats.halved == 0 and stats.reused > 0
+    else:
+        assert stats.halved > 0 and stats.reused == 0
+    # no stand-in anywhere: exactly the uncached run
+    with stepcache.cache(pipe, sched, guidance=GuidanceReuse.from_calibration(gcal, sched, 0.0)):
+        again = pipe(**spec.inputs("a blue dog on grass", seed=3), num_inference_steps=steps)[0]
+    torch.testing.assert_close(again, base, rtol=0, atol=0)
