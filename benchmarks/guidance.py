@@ -12,6 +12,8 @@ Per configuration (sampler, steps, guidance scale) on the reference DiT of its o
   fraction ``f + d`` brought down to ``f`` by ``GuidanceReuse.for_compute_fraction`` with either stand-in
   (``reuse``: the unconditional output of the last full computation; ``difference``: the conditional
   output now plus the kept guidance difference);
+* ``tune_guidance`` (the plain schedule or one of the stand-in combinations, chosen on 12 replayed
+  images of seeds 20000+ by the worst quarter of per-image errors);
 * every schedule on ``--samples`` evaluation images (seeds 0+), per-image PSNR against the uncached
   image: mean, 5th percentile, worst; compute fraction as the cache measured it (a halved call counts
   half), which the harness counter confirms.
@@ -40,13 +42,14 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` impo
 from benchmarks.harness import peers
 from stepcache import Schedule, reference
 from stepcache.errors import ScheduleError
-from stepcache.guidance import KINDS, GuidanceReuse, calibrate_guidance
+from stepcache.guidance import KINDS, GuidanceReuse, calibrate_guidance, tune_guidance
 from stepcache.reference import calibrate_reference
 from stepcache.runtime import cache
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CAL_SEED, EVAL_SEED, CAL_SAMPLES = 1000, 0, 8
+TUNE_SEED, TUNE_SAMPLES = 20_000, 12  # tune_guidance's replays: 12 images of other seeds
 RUNS = ["dpm-20-g1.5", "dpm-20-g2", "dpm-20-g4", "ddim-50-g4", "flow-euler-20-g1.5", "flow-euler-20-g4"]
 
 
@@ -73,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-tune", dest="tune", action="store_false", help="skip the tune_guidance rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "guidance")
     args = parser.parse_args()
@@ -152,6 +156,17 @@ def run_config(spec: str, models: dict[str, torch.nn.Module], args: argparse.Nam
                     plan,
                     base_fraction=round(f + d, 3),
                 )
+        if args.tune:  # the closed-loop choice a user would make, on other seeds than the evaluation's
+            sched, plan = tune_guidance(
+                model,
+                lambda: generate(model, scheduler, steps, TUNE_SAMPLES, TUNE_SEED, g),
+                f,
+                calibration=cal,
+                guidance=gcal,
+                raise_by=args.raise_by,
+                progress=False,
+            )
+            run("tune_guidance", f, sched, plan, chosen=sched.meta["guidance_tuning"]["chosen"])
     return {
         "run": spec,
         "model": "flow" if scheduler == "flow-euler" else "ddpm",
@@ -210,7 +225,7 @@ def markdown(report: dict[str, Any]) -> str:
     for c in report["configs"]:
         for r in c["rows"]:
             lines.append(
-                f"| {c['run']} | {r['target']:g} | {r['method']} | {r['compute_fraction']:.3f} | {r['halved_calls']} | "
+                f"| {c['run']} | {r['target']:g} | {r['method']}{' -> ' + r['chosen'] if 'chosen' in r else ''} | {r['compute_fraction']:.3f} | {r['halved_calls']} | "
                 f"{r['mean_db']:.2f} | {r['p5_db']:.2f} | {r['worst_db']:.2f} |"
             )
     return "\n".join(lines) + "\n"
