@@ -240,3 +240,21 @@ def test_diffusers_pipelines_batched_and_split(case, layout):
     with stepcache.cache(pipe, sched, guidance=GuidanceReuse.from_calibration(gcal, sched, 0.0)):
         again = pipe(**spec.inputs("a blue dog on grass", seed=3), num_inference_steps=steps)[0]
     torch.testing.assert_close(again, base, rtol=0, atol=0)
+
+
+def test_compiled_blocks_get_a_clear_error(model):
+    """Halving the batch inside a compiled graph would recompile it: refused after the first call."""
+    torch._dynamo.reset()
+    plan = GuidanceReuse(STEPS, {"ff": SKIP})
+    before = snapshot(model)
+    try:
+        for block in model.transformer_blocks:
+            block.compile(backend="aot_eager")
+        with pytest.raises(StepCacheError, match="eager calls only"):
+            with stepcache.cache(model, all_compute(), guidance=plan):
+                batched(model)
+    finally:
+        for block in model.transformer_blocks:
+            block.__dict__.pop("_compiled_call_impl", None)  # back to eager for the other tests
+        torch._dynamo.reset()
+    assert snapshot(model) == before
