@@ -20,25 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import stepcache
+from benchmarks.harness.perimage import per_image_psnr
 from stepcache import Calibration, Schedule, reference
 from stepcache.policies._plan import uniform_plan
 
 SAMPLERS = (("ddim", 50), ("dpm", 20))
 FRACTIONS = (0.25, 0.35, 0.5)
 METHODS = ("copy", "first-order", "taylor2", "bdf2")
-
-
-def per_image_psnr(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) of each image against its uncached twin; images span [-1, 1] (range 2)."""
-    mse = (images - base).double().pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-30))
 
 
 def generate(model: torch.nn.Module, scheduler: str, steps: int, n: int, batch: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import peers
+from benchmarks.harness.perimage import generate, per_image_psnr
 from stepcache import Schedule, reference
 from stepcache.errors import ScheduleError
 from stepcache.guidance import KINDS, GuidanceReuse, calibrate_guidance, tune_guidance
@@ -51,18 +52,6 @@ RESULTS = HERE / "results"
 CAL_SEED, EVAL_SEED, CAL_SAMPLES = 1000, 0, 8
 TUNE_SEED, TUNE_SAMPLES = 20_000, 12  # tune_guidance's replays: 12 images of other seeds
 RUNS = ["dpm-20-g1.5", "dpm-20-g2", "dpm-20-g4", "ddim-50-g4", "flow-euler-20-g1.5", "flow-euler-20-g4"]
-
-
-def generate(model: torch.nn.Module, scheduler: str, steps: int, n: int, seed: int, g: float) -> torch.Tensor:
-    labels = torch.arange(n) % reference.NUM_CLASSES
-    return reference.sample(
-        model, labels, scheduler=scheduler, num_inference_steps=steps, seed=seed, guidance_scale=g
-    )
-
-
-def per_image_psnr(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    mse = (images - base).pow(2).flatten(1).mean(1).double().clamp_min(1e-30)
-    return (10 * torch.log10(4.0 / mse)).clamp(max=100.0)  # images span [-1, 1]: range 2
 
 
 def main() -> None:

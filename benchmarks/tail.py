@@ -35,6 +35,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness.perimage import generate, per_image_psnr, summary
 from stepcache import reference
 from stepcache.policies import tune
 from stepcache.runtime import cache
@@ -53,28 +54,6 @@ ABLATION: dict[str, dict[str, Any]] = {
 }
 TUNING_SEED, EVAL_SEED = 20_000, 0
 TAYLORSEER = ((2, 3), (3, 3), (4, 3), (3, 2), (4, 2))  # (interval, warm-up): fractions ~0.3..0.55
-
-
-def generate(
-    model: torch.nn.Module, scheduler: str, steps: int, n: int, seed: int, guidance: float
-) -> torch.Tensor:
-    labels = torch.arange(n) % reference.NUM_CLASSES
-    return reference.sample(
-        model, labels, scheduler=scheduler, num_inference_steps=steps, seed=seed, guidance_scale=guidance
-    )
-
-
-def per_image_psnr(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    mse = (images - base).pow(2).flatten(1).mean(1).double().clamp_min(1e-30)
-    return (10 * torch.log10(4.0 / mse)).clamp(max=100.0)  # images span [-1, 1]: range 2
-
-
-def summary(psnr: torch.Tensor) -> dict[str, float]:
-    return {
-        "mean_db": round(float(psnr.mean()), 2),
-        "p5_db": round(float(torch.quantile(psnr, 0.05)), 2),
-        "worst_db": round(float(psnr.min()), 2),
-    }
 
 
 def taylorseer(model: torch.nn.Module, steps: int, run: Any) -> list[tuple[str, float, torch.Tensor]]:
