@@ -86,6 +86,9 @@ def test_stand_in_is_what_the_mode_says(model, mode):
         torch.testing.assert_close(uncond, want, rtol=0, atol=1e-6)
     layers = len(model.transformer_blocks)
     assert handle.stats.halved == 3 * layers and handle.stats.by_type["attn"].halved == 0
+    # an all-compute schedule keeps nothing; the stand-ins keep one half-batch output per layer
+    assert handle.stats.by_type["ff"].peak_stored_bytes == layers * outs[0][:N].nbytes
+    assert handle.stats.by_type["attn"].peak_stored_bytes == 0 and handle.stats.stored_bytes == 0
     comps = stepcache.discover(model)
     assert handle.stats.compute_fraction == pytest.approx(plan.compute_fraction(all_compute(), comps))
     assert handle.stats.compute_fraction == pytest.approx(1 - 3 / (2 * STEPS * 2))

@@ -234,7 +234,10 @@ class _Slot:
             )
         guide = self.guide
         if guide is not None:  # may compute the conditional half only, or stand in for this branch
+            was = guide.kept_bytes
             out = guide.call(self.original, args, kwargs, step, branch)
+            if guide.kept_bytes != was:
+                self._change(guide.kept_bytes - was)
             if guide.skipped:
                 self.reused += 1
             else:

@@ -55,7 +55,18 @@ class Guide:
     compute at all.
     """
 
-    __slots__ = ("cond", "halved", "kept", "layout", "mode", "shape", "skip", "skipped", "uncond_branch")
+    __slots__ = (
+        "cond",
+        "halved",
+        "kept",
+        "kept_bytes",
+        "layout",
+        "mode",
+        "shape",
+        "skip",
+        "skipped",
+        "uncond_branch",
+    )
 
     def __init__(self, skip: tuple[bool, ...], mode: str, layout: str, uncond_branch: int = 1) -> None:
         self.skip, self.mode, self.layout, self.uncond_branch = skip, mode, layout, uncond_branch
@@ -63,9 +74,15 @@ class Guide:
         self.cond: Any = None  # split calls: this step's conditional output (or the last full one's)
         self.shape: tuple[int, ...] | None = None
         self.halved = self.skipped = False
+        self.kept_bytes = 0  # what ``kept`` holds (the slot adds it to its stored bytes)
 
     def clear(self) -> None:
         self.kept = self.cond = self.shape = None
+        self.kept_bytes = 0
+
+    def _hold(self, kept: Any, shape: tuple[int, ...] | None) -> None:
+        self.kept, self.shape = kept, shape
+        self.kept_bytes = sum(t.nbytes for t in _pytree.tree_leaves(kept) if isinstance(t, torch.Tensor))
 
     def call(self, original: Callable[..., Any], args: tuple, kwargs: dict, step: int, branch: int) -> Any:
         self.halved = self.skipped = False
@@ -88,8 +105,7 @@ class Guide:
         out = original(*args, **kwargs)
         if any(self.skip[step + 1 :]):  # a later step stands in: keep what it needs
             out_c, out_u = _rows(out, n, cond), _rows(out, n, uncond)
-            self.kept = _keep(out_c, out_u, self.mode)
-            self.shape = shape
+            self._hold(_keep(out_c, out_u, self.mode), shape)
         return out
 
     def _split(self, original: Callable[..., Any], args: tuple, kwargs: dict, step: int, branch: int) -> Any:
@@ -104,7 +120,7 @@ class Guide:
             return _combine(cond, self.kept, self.mode)
         out = original(*args, **kwargs)
         if any(self.skip[step + 1 :]) and cond is not None:
-            self.kept, self.shape = _keep(cond, out, self.mode), shape
+            self._hold(_keep(cond, out, self.mode), shape)
         return out
 
 
