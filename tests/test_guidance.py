@@ -253,9 +253,11 @@ def test_compiled_blocks_get_a_clear_error(model):
     try:
         for block in model.transformer_blocks:
             block.compile(backend="aot_eager")
-        with pytest.raises(StepCacheError, match="eager calls only"):
-            with stepcache.cache(model, all_compute(), guidance=plan):
-                batched(model)
+        with (
+            pytest.raises(StepCacheError, match="eager calls only"),
+            stepcache.cache(model, all_compute(), guidance=plan),
+        ):
+            batched(model)
     finally:
         for block in model.transformer_blocks:
             block.__dict__.pop("_compiled_call_impl", None)  # back to eager for the other tests
