@@ -21,7 +21,7 @@ best stepcache family is compared with the best peer family there.
 
     python benchmarks/frontier.py                                  # the committed results (~1 h on 2 cores)
     python benchmarks/frontier.py --quick                          # 1 configuration, 8 images, few points
-    python benchmarks/frontier.py --configs dpm-20-g4 flow-euler-50-g2 --samples 16 --out /tmp/frontier
+    python benchmarks/frontier.py --configs dpm-20-g4 flow-euler-50-g2:0.25,0.35 --samples 16 --out /tmp/frontier
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ def summary(psnr: torch.Tensor) -> dict[str, float]:
 
 
 def parse_config(spec: str) -> tuple[str, str, int, float]:
-    """``"flow-euler-50-g2"`` -> ``("flow", "flow-euler", 50, 2.0)``."""
-    scheduler, steps_s, g = spec.rsplit("-", 2)
+    """``"flow-euler-50-g2"`` -> ``("flow", "flow-euler", 50, 2.0)`` (a ``:fractions`` suffix is ignored)."""
+    scheduler, steps_s, g = spec.partition(":")[0].rsplit("-", 2)
     if not g.startswith("g"):
         raise SystemExit(f"bad configuration {spec!r}: expected scheduler-steps-gGUIDANCE, e.g. dpm-20-g4")
     return ("flow" if scheduler == "flow-euler" else "ddpm"), scheduler, int(steps_s), float(g[1:])
@@ -290,6 +290,10 @@ def run_config(
     from stepcache.runtime import cache
 
     name, scheduler, steps, guidance = parse_config(spec)
+    spec, _, only = spec.partition(":")  # "ddim-50-g1:0.25,0.35": tune at these fractions only
+    tuned_fractions = (
+        tuple(float(x) for x in only.split(",")) if only else (0.35,) if args.quick else TUNED_FRACTIONS
+    )
     model = models[name]
     t0 = time.perf_counter()
     cal = reference.shipped_calibration(scheduler, steps) if guidance == 1.0 else None
@@ -352,7 +356,7 @@ def run_config(
             lambda f=f: Schedule.for_compute_fraction(cal, f),
         )
     tuned_info: dict[str, dict[str, Any]] = {}
-    for f in (0.35,) if quick else TUNED_FRACTIONS:
+    for f in tuned_fractions:
 
         def build(f=f) -> Schedule:
             t = time.perf_counter()
@@ -440,6 +444,7 @@ def run_config(
         "steps": steps,
         "guidance_scale": guidance,
         "calibration": cal_source,
+        "tuned_fractions": list(tuned_fractions),
         "calibration_s": round(cal_s, 1),
         "uncached_s": round(base_s, 2),
         "points": points,
@@ -530,7 +535,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"### {c['config']}",
             "",
-            f"Calibration: {c['calibration']}; uncached {c['uncached_s']:.1f} s for {s['samples']} images.",
+            f"Calibration: {c['calibration']}; `tune` at fractions {', '.join(f'{x:g}' for x in c['tuned_fractions'])}; "
+            f"uncached {c['uncached_s']:.1f} s for {s['samples']} images.",
             "",
             "| family | points | fraction range | " + " | ".join(f"f={t:g}" for t in TARGETS) + " |",
             "|---|---|---|" + "---|" * len(TARGETS),
@@ -646,7 +652,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="scheduler-steps-gGUIDANCE")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        help="scheduler-steps-gGUIDANCE[:f1,f2,...] (the suffix: tune at these fractions only)",
+    )
     parser.add_argument("--samples", type=int, default=32, help="evaluation images per point")
     parser.add_argument("--tuning", type=int, default=12, help="images tune replays")
     parser.add_argument("--threads", type=int, default=2)
