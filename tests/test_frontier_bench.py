@@ -91,3 +91,30 @@ def test_locate_reports_the_bracket():
     pts = [(0.3, 20.0, 18.0), (0.6, 26.0, 21.0), (0.45, 19.0, 30.0)]
     assert locate(pts, 0.4) == pytest.approx((22.0, 19.0, 0.3, 0.6))
     assert locate(pts, 0.6) == (26.0, 21.0, 0.6, 0.6)
+
+
+def test_tolerance_survives_rounding():
+    assert interpolate([(0.24, 45.0, 42.0), (0.5, 50.0, 45.0)], 0.25) == pytest.approx(
+        (45.19, 42.12), abs=0.01
+    )
+    assert interpolate([(0.24, 45.0, 42.0)], 0.25) == (45.0, 42.0)
+    assert interpolate([(0.26, 45.0, 42.0)], 0.25) == (45.0, 42.0)
+
+
+def test_at_most_picks_best_measured_point_within_budget():
+    from benchmarks.frontier import at_most_row
+
+    points = [
+        _point("stepcache/tuned", 0.34, 33.0, 30.0),
+        _point("stepcache/optimal (type)", 0.36, 35.0, 31.0),  # within 0.01 of 0.35
+        _point("stepcache/optimal (type)", 0.5, 40.0, 36.0),  # over budget
+        _point("diffusers/TaylorSeer", 0.3, 31.0, 29.0),
+        _point("diffusers/TaylorSeer", 0.7, 60.0, 55.0),  # over budget: no credit
+        _point("baseline/FORA+forecast", 0.3, 50.0, 50.0),  # neither
+    ]
+    row = at_most_row(points, 0.35)
+    assert row["stepcache"]["compute_fraction"] == 0.36
+    assert row["peer"]["mean_db"] == 31.0
+    assert row["margin_mean_db"] == pytest.approx(4.0)
+    assert row["margin_p5_db"] == pytest.approx(2.0)
+    assert row["goal_met"] is True
