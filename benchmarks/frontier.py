@@ -45,6 +45,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness.perimage import generate, per_image_psnr, summary
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -215,30 +217,6 @@ def r2(x: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def generate(
-    model: torch.nn.Module, scheduler: str, steps: int, n: int, seed: int, guidance: float
-) -> torch.Tensor:
-    from stepcache import reference
-
-    labels = torch.arange(n) % reference.NUM_CLASSES
-    return reference.sample(
-        model, labels, scheduler=scheduler, num_inference_steps=steps, seed=seed, guidance_scale=guidance
-    )
-
-
-def per_image_psnr(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    mse = (images - base).pow(2).flatten(1).mean(1).double().clamp_min(1e-30)
-    return (10 * torch.log10(4.0 / mse)).clamp(max=100.0)  # images span [-1, 1]: range 2
-
-
-def summary(psnr: torch.Tensor) -> dict[str, float]:
-    return {
-        "mean_db": r2(psnr.mean()),
-        "p5_db": r2(torch.quantile(psnr, 0.05)),
-        "worst_db": r2(psnr.min()),
-    }
-
-
 def parse_config(spec: str) -> tuple[str, str, int, float]:
     """``"flow-euler-50-g2"`` -> ``("flow", "flow-euler", 50, 2.0)`` (a ``:fractions`` suffix is ignored)."""
     scheduler, steps_s, g = spec.partition(":")[0].rsplit("-", 2)
