@@ -237,16 +237,12 @@ def peer_points(
 ) -> list[tuple[str, str, Callable[[], Any], dict[str, Any]]]:
     """``(family, knob, enter, info)`` of every installed peer setting run here."""
     from benchmarks.harness import peers
+    from benchmarks.harness.quality import QualityConfig, _keep
 
     have = peers.available_peers()
     depth = len(model.transformer_blocks)
-    sweep = []
-    for pm in peers.peer_sweeps(steps, depth):
-        if pm.library == peers.CACHE_DIT and not pm.knob.startswith("F1B0"):
-            continue  # as quality._keep: one Fn/Bn split (F1B0) for cache-dit
-        if pm.name in ("PAB", "FasterCache") and not pm.knob.endswith(("=2", "=4")):
-            continue  # as quality._keep (lean)
-        sweep.append(pm)
+    lean = QualityConfig(lean=True)  # suite A's trim: cache-dit's F1B0 split, two PAB / FasterCache points
+    sweep = [pm for pm in peers.peer_sweeps(steps, depth) if _keep(pm, lean)]
     for interval, warm in (*TAYLORSEER_ORDER2, (2, max(3, round(0.4 * steps)))):
         knob = f"interval={interval}" + (f", warm-up={warm}" if warm != 3 else "") + ", order 2"
         sweep.append(peers.taylorseer(interval, warm, 2, knob=knob))

@@ -22,7 +22,6 @@ first compiled call raises a clear error), no ``storage_dtype``/``offload`` with
 
 from __future__ import annotations
 
-import fnmatch
 import time
 import warnings
 from collections import deque
@@ -39,11 +38,12 @@ from ._io import JsonValue
 from .calibration import _flatten, _progress
 from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError, ScheduleError
+from .policies._budget import calibration_components
 from .runtime.guided import LAYOUTS, MODES
 from .runtime.introspect import fingerprint, model_class
 from .runtime.session import Session
 from .runtime.steps import StepTracker
-from .schedule import COMPUTE, Schedule
+from .schedule import COMPUTE, Schedule, match_keys
 
 __all__ = ["KINDS", "GuidanceCalibration", "GuidanceReuse", "calibrate_guidance", "tune_guidance"]
 
@@ -192,7 +192,7 @@ class GuidanceReuse(JsonValue):
                 f"the guidance calibration has {gcal.num_steps} steps, the schedule {schedule.num_steps}."
             )
         q = _KIND_OF_MODE[mode]
-        resolved = schedule.resolve(_components(gcal))
+        resolved = schedule.resolve(calibration_components(gcal))
         plans = {}
         for name, plan in resolved.items():
             err = gcal.errors[name]
@@ -226,16 +226,16 @@ class GuidanceReuse(JsonValue):
     ) -> GuidanceReuse:
         """The smallest threshold whose plan brings ``schedule`` to at most ``fraction`` (every halved
         call counts half); raises if even standing in wherever possible does not get there."""
-        comps = _components(gcal)
+        comps = calibration_components(gcal)
         q = _KIND_OF_MODE[_check_mode(mode)]
         values = sorted(
             {float(v) for n in gcal.components for v in gcal.errors[n][:, :, q].ravel() if v == v}
         )
-        best = cls.from_calibration(gcal, schedule, np.inf, mode=mode)
-        if best.compute_fraction(schedule, comps) > fraction + 1e-9:
+        lowest = cls.from_calibration(gcal, schedule, np.inf, mode=mode).compute_fraction(schedule, comps)
+        if lowest > fraction + 1e-9:
             raise ScheduleError(
                 f"standing in for the unconditional branch at every compute step of this schedule still "
-                f"leaves a compute fraction of {best.compute_fraction(schedule, comps):.3f} > {fraction}: "
+                f"leaves a compute fraction of {lowest:.3f} > {fraction}: "
                 "start from a schedule with a lower fraction."
             )
         lo, hi = 0, len(values) - 1  # the first threshold whose plan is within the fraction
@@ -253,26 +253,9 @@ class GuidanceReuse(JsonValue):
     # ---------------------------------------------------------------- reading
     def resolve(self, components: Iterable[Component]) -> dict[str, tuple[bool, ...]]:
         """Component name -> plan, for the components these plans cover (a key matching none raises)."""
-        components = list(components)
-        out: dict[str, tuple[bool, ...]] = {}
-        used = set()
-        for comp in components:
-            key = (
-                comp.name
-                if comp.name in self.plans
-                else next(
-                    (
-                        k
-                        for k in self.plans
-                        if any(c in k for c in "*?[") and fnmatch.fnmatchcase(comp.name, k)
-                    ),
-                    None,
-                )
-                or (comp.type if comp.type in self.plans else None)
-            )
-            if key is not None:
-                used.add(key)
-                out[comp.name] = self.plans[key]
+        keys = match_keys(self.plans, components)
+        out = {name: self.plans[key] for name, key in keys.items()}
+        used = set(keys.values())
         unused = sorted(set(self.plans) - used)
         if unused:
             raise ScheduleError(
@@ -320,11 +303,6 @@ class GuidanceReuse(JsonValue):
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ScheduleError(f"{source} is malformed ({type(e).__name__}: {e}).") from None
-
-
-def _components(gcal: GuidanceCalibration) -> list[Component]:
-    """Stand-ins for the calibrated components (name and type are all a plan resolves by)."""
-    return [Component(name, kind, "", "", 0, nn.Identity()) for name, kind in gcal.components.items()]
 
 
 # -------------------------------------------------------------------------------- calibration

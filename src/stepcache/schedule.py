@@ -299,22 +299,9 @@ class Schedule(JsonValue):
             ScheduleError: a selector matches no component, or a component matches two patterns.
         """
         components = list(components)
-        patterns = [k for k in self.plans if any(ch in k for ch in "*?[")]
-        used: set[str] = set()
-        out: dict[str, tuple[int, ...]] = {}
-        for comp in components:
-            if comp.name in self.plans:
-                key = comp.name
-            else:
-                hits = [p for p in patterns if fnmatch.fnmatchcase(comp.name, p)]
-                if len(hits) > 1:
-                    raise ScheduleError(
-                        f"{comp.name} matches several schedule patterns {hits}; make them disjoint."
-                    )
-                key = hits[0] if hits else (comp.type if comp.type in self.plans else "")
-            if key:
-                used.add(key)
-                out[comp.name] = self.plans[key]
+        keys = match_keys(self.plans, components)
+        out = {name: self.plans[key] for name, key in keys.items()}
+        used = set(keys.values())
         unused = [k for k in self.plans if k not in used]
         if unused:
             names = [c.name for c in components]
@@ -472,6 +459,30 @@ class Schedule(JsonValue):
                     f"SmoothCache plan {key!r} may hold only 1 (compute) and 0 (reuse), got {list(plan)!r}."
                 )
         return cls(lengths.pop(), {k: tuple(p) for k, p in plans.items()}, meta={"rule": "smoothcache-file"})
+
+
+def match_keys(keys: Iterable[str], components: Iterable[Component]) -> dict[str, str]:
+    """Component name -> the key that selects it: its name, else the one glob pattern it matches,
+    else its type (components nothing selects are left out). Shared by every per-component plan
+    (:class:`Schedule`, :class:`stepcache.guidance.GuidanceReuse`).
+
+    Raises:
+        ScheduleError: a component matches two patterns.
+    """
+    keys = list(keys)
+    patterns = [k for k in keys if any(ch in k for ch in "*?[")]
+    out: dict[str, str] = {}
+    for comp in components:
+        if comp.name in keys:
+            out[comp.name] = comp.name
+            continue
+        hits = [p for p in patterns if fnmatch.fnmatchcase(comp.name, p)]
+        if len(hits) > 1:
+            raise ScheduleError(f"{comp.name} matches several plan patterns {hits}; make them disjoint.")
+        key = hits[0] if hits else (comp.type if comp.type in keys else "")
+        if key:
+            out[comp.name] = key
+    return out
 
 
 def _check_plan(key: str, plan: Any, num_steps: int) -> tuple[int, ...]:

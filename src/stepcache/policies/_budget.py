@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from torch import nn
@@ -57,7 +57,14 @@ __all__ = ["calibration_components", "fit_memory", "resolve_sizes"]
 logger = logging.getLogger(__name__)
 
 
-def calibration_components(calibration: Calibration, order: Any = None) -> list[Component]:
+class _Calibrated(Protocol):
+    """Anything that records its components by name and type (a calibration, a guidance calibration)."""
+
+    @property
+    def components(self) -> Mapping[str, str]: ...
+
+
+def calibration_components(calibration: _Calibrated, order: Any = None) -> list[Component]:
     """The calibration's components as :class:`Component` values (names and types; no modules), in
     ``order`` (names, e.g. an ``output_bytes`` result: call order) when given."""
     names = [n for n in (order or calibration.components) if n in calibration.components]

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree
 
+from .introspect import first_tensor_shape
+
 __all__ = ["Guide"]
 
 LAYOUTS = ("cond-first", "uncond-first", "split")
@@ -95,7 +97,7 @@ class Guide:
         cond, uncond = (
             (slice(0, h), slice(h, n)) if self.layout == "cond-first" else (slice(h, n), slice(0, h))
         )
-        shape = _shape(args, kwargs)
+        shape = first_tensor_shape(args, kwargs)
         if self.skip[step] and self.kept is not None and self.shape == shape:
             out_c = original(*_rows(args, n, cond), **_rows(kwargs, n, cond))
             stand_in = _combine(out_c, self.kept, self.mode)
@@ -109,7 +111,7 @@ class Guide:
         return out
 
     def _split(self, original: Callable[..., Any], args: tuple, kwargs: dict, step: int, branch: int) -> Any:
-        shape = _shape(args, kwargs)
+        shape = first_tensor_shape(args, kwargs)
         if branch != self.uncond_branch:  # the conditional call always computes; the other reads it
             out = original(*args, **kwargs)
             self.cond = out
@@ -129,13 +131,6 @@ def _join(h: int, a: Any, b: Any) -> Any:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and a.shape[0] == h:
         return torch.cat([a, b])
     return a
-
-
-def _shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    return None
 
 
 def _keep(cond: Any, uncond: Any, mode: str) -> Any:
