@@ -8,7 +8,7 @@ Per configuration (sampler, steps, guidance scale) on the reference DiT of its o
   calibration (:func:`stepcache.guidance.calibrate_guidance`, the same seeds): the per-branch errors
   (copying the conditional output, copying the unconditional output, the guidance-difference stand-in)
   averaged over components and steps at gap 1 are reported;
-* at each target compute fraction ``f``: ``Schedule.optimal(cal, f)`` alone, and ``optimal`` at a higher
+* at each target compute fraction ``f``: ``optimal_schedule(cal, f)`` alone, and ``optimal`` at a higher
   fraction ``f + d`` brought down to ``f`` by ``GuidanceReuse.for_compute_fraction`` with either stand-in
   (``reuse``: the unconditional output of the last full computation; ``difference``: the conditional
   output now plus the kept guidance difference);
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from stepcache.policies import optimal_schedule
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -129,9 +131,9 @@ def run_config(spec: str, models: dict[str, torch.nn.Module], args: argparse.Nam
         print(spec, json.dumps(row), flush=True)
 
     for f in args.fractions:
-        run("optimal", f, Schedule.optimal(cal, f), None)
+        run("optimal", f, optimal_schedule(cal, f), None)
         for d in args.raise_by:
-            shared = Schedule.optimal(cal, min(1.0, f + d))
+            shared = optimal_schedule(cal, min(1.0, f + d))
             for mode in ("reuse", "difference"):
                 try:
                     plan = GuidanceReuse.for_compute_fraction(gcal, shared, f, mode=mode)

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 import stepcache
 from stepcache import DiscoveryError, Schedule
+from stepcache.policies import for_compute_fraction
 
 REUSE_PLAN = (1, 0, 1, 0)  # compute, reuse, compute, reuse: every kind of transition in 4 steps
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -419,7 +420,7 @@ def test_calibrate_schedule_by_budget_and_apply(fam: Family) -> None:
     assert cal.num_samples == 2 and cal.num_steps == len(fam.timesteps)
     for name, errors in cal.errors.items():
         assert np.isfinite(errors[1:, 0]).all(), name  # an output was recorded at every step
-    schedule = Schedule.for_compute_fraction(cal, 0.75)
+    schedule = for_compute_fraction(cal, 0.75)
     with stepcache.cache(model, schedule) as handle:
         run(fam, model)
     assert handle.stats.compute_fraction == pytest.approx(schedule.compute_fraction)

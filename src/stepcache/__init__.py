@@ -4,9 +4,9 @@ The whole public API::
 
     comps = stepcache.discover(pipe)                          # what can be cached
     cal = stepcache.calibrate(pipe, inputs=[...], num_inference_steps=50)
-    schedule = stepcache.Schedule.from_calibration(cal, alpha=0.1)   # SmoothCache's rule
-    schedule = stepcache.Schedule.optimal(cal, 0.35)                  # or: exact DP for a budget
-    schedule = stepcache.tune(pipe, run, 0.35, calibration=cal)       # or: closed loop, the best
+    schedule = stepcache.from_calibration(cal, alpha=0.1)         # SmoothCache's rule
+    schedule = stepcache.optimal_schedule(cal, 0.35)              # or: exact DP for a budget
+    schedule = stepcache.tune(pipe, run, 0.35, calibration=cal)   # or: closed loop, the best
     with stepcache.cache(pipe, schedule) as handle:           # apply it
         images = pipe(...)
     print(handle.stats)                                       # or stepcache.summary(pipe)
@@ -31,7 +31,7 @@ from .errors import (
 )
 from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
-from .policies.tuned import tune
+from .policies import for_compute_fraction, fora, from_calibration, optimal_schedule, tune
 from .runtime import CacheHandle, CacheStats, TypeStats, cache, disable, summary
 from .schedule import PlanValue, Schedule
 from .sensitivity import sensitivity
@@ -60,6 +60,10 @@ __all__ = [
     "calibrate",
     "disable",
     "discover",
+    "for_compute_fraction",
+    "fora",
+    "from_calibration",
+    "optimal_schedule",
     "register_layout",
     "remove_smoothcache",
     "sensitivity",

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from ._io import CALIBRATION_FILE, JsonValue, check_format_version, is_int, is_number, kind_of
+from ._hub import HubValue
+from ._io import CALIBRATION_FILE, check_format_version, is_int, is_number, kind_of
 from ._logging import follow_diffusers
 from ._version import __version__
 from .discovery import COMPONENT_TYPES, Component, denoisers_of, discover
@@ -63,7 +64,7 @@ def _flatten(output: Any) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
-class Calibration(JsonValue):
+class Calibration(HubValue):
     """Calibrated per-step error curves of every component.
 
     Attributes:

@@ -30,6 +30,7 @@ from typer.core import TyperGroup
 
 from ._io import check_output
 from .errors import StepCacheError
+from .policies import for_compute_fraction, from_calibration, optimal_schedule
 
 if TYPE_CHECKING:
     from .runtime.introspect import MacShares
@@ -628,7 +629,6 @@ def schedule(
     """Turn a calibration into a schedule: --policy smoothcache (--alpha or --compute-fraction) or
     --policy optimal (--compute-fraction), optionally fitted to --memory-budget."""
     from .calibration import Calibration
-    from .schedule import Schedule
 
     if policy == "optimal" and (alpha is not None or compute_fraction is None):
         _fail("--policy optimal takes --compute-fraction (not --alpha).")
@@ -649,7 +649,7 @@ def schedule(
         if memory_budget is not None:
             memory = {"memory_budget": memory_budget, "sizes": _read_sizes(sizes), "branches": branches}
         if policy == "optimal":
-            sched = Schedule.optimal(
+            sched = optimal_schedule(
                 cal,
                 compute_fraction,  # type: ignore[arg-type]
                 granularity=granularity,
@@ -658,9 +658,9 @@ def schedule(
                 **memory,
             )
         elif alpha is not None:
-            sched = Schedule.from_calibration(cal, alpha, granularity=granularity, **memory)
+            sched = from_calibration(cal, alpha, granularity=granularity, **memory)
         else:
-            sched = Schedule.for_compute_fraction(cal, compute_fraction, granularity=granularity, **memory)  # type: ignore[arg-type]
+            sched = for_compute_fraction(cal, compute_fraction, granularity=granularity, **memory)  # type: ignore[arg-type]
         typer.echo(sched.render())
         if "memory" in sched.meta:
             typer.echo(_memory_line(sched.meta["memory"]))

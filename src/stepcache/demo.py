@@ -22,9 +22,9 @@ import torch
 
 from ._io import atomic_write, check_output
 from ._version import __version__
+from .policies import for_compute_fraction, from_calibration
 from .reference.pipeline import ReferencePipeline, calibrate_reference, shipped_calibration
 from .runtime import cache
-from .schedule import Schedule
 
 __all__ = ["DEFAULT_ALPHA", "DemoConfig", "run_demo"]
 
@@ -124,8 +124,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         )
         cal_source = f"calibrated now ({cfg.calibration_samples} samples)"
     schedules = {
-        f"alpha={cfg.alpha:g}": Schedule.from_calibration(cal, cfg.alpha),
-        f"fraction={cfg.compute_fraction:g}": Schedule.for_compute_fraction(cal, cfg.compute_fraction),
+        f"alpha={cfg.alpha:g}": from_calibration(cal, cfg.alpha),
+        f"fraction={cfg.compute_fraction:g}": for_compute_fraction(cal, cfg.compute_fraction),
     }
     cal.plot(cfg.out / "curves.png", schedule=schedules[f"alpha={cfg.alpha:g}"])
 

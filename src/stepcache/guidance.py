@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import JsonValue
+from ._hub import HubValue
 from .calibration import _flatten, _progress
 from .discovery import Component, denoisers_of, discover
 from .errors import CalibrationError, ScheduleError
+from .policies import optimal_schedule
 from .policies._budget import calibration_components
 from .runtime.guided import LAYOUTS, MODES
 from .runtime.introspect import fingerprint, model_class
@@ -69,7 +70,7 @@ def _check_mode(mode: Any) -> str:
 
 
 @dataclass(frozen=True)
-class GuidanceCalibration(JsonValue):
+class GuidanceCalibration(HubValue):
     """Per component: ``errors[name][s, j - 1, q]``, the mean relative L1 error at step ``s`` of
     ``KINDS[q]`` built from the outputs ``j`` steps earlier (NaN where there is no earlier step).
 
@@ -141,7 +142,7 @@ class GuidanceCalibration(JsonValue):
 
 
 @dataclass(frozen=True)
-class GuidanceReuse(JsonValue):
+class GuidanceReuse(HubValue):
     """Where each component stands in for its unconditional branch: ``plans[key][s]`` is True at the
     steps ``s`` where it computes the conditional branch only. A key is a component name, a
     ``fnmatch`` pattern or a component type, as in :class:`~stepcache.Schedule`.
@@ -497,7 +498,7 @@ def tune_guidance(
 ) -> tuple[Schedule, GuidanceReuse | None]:
     """Closed loop: stand in for the unconditional branch only where it beats the plain schedule.
 
-    Candidates at ``fraction``: ``schedule`` alone (default ``Schedule.optimal(calibration, fraction)``,
+    Candidates at ``fraction``: ``schedule`` alone (default ``optimal_schedule(calibration, fraction)``,
     a tuned schedule is a better start), and for each ``d`` in ``raise_by`` the optimal schedule at
     ``fraction + d`` brought back to ``fraction`` by :meth:`GuidanceReuse.for_compute_fraction`. Each is
     replayed on ``run`` (fixed seeds, final samples along dimension 0, as :func:`stepcache.tune`) and
@@ -518,10 +519,10 @@ def tune_guidance(
     check_fraction(fraction)
     reduce = objective_function(objective)
     _check_mode(mode)
-    plain = schedule if schedule is not None else Schedule.optimal(calibration, fraction)
+    plain = schedule if schedule is not None else optimal_schedule(calibration, fraction)
     candidates: dict[str, tuple[Schedule, GuidanceReuse | None]] = {"plain": (plain, None)}
     for d in raise_by:
-        base = Schedule.optimal(calibration, min(1.0, fraction + d))
+        base = optimal_schedule(calibration, min(1.0, fraction + d))
         try:
             plan = GuidanceReuse.for_compute_fraction(guidance, base, fraction, mode=mode)
         except ScheduleError:

@@ -27,11 +27,11 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from ._hub import HubValue
 from ._io import (
     SCHEDULE_FILE,
-    JsonValue,
     check_format_version,
     is_int,
     is_number,
@@ -42,9 +42,6 @@ from ._io import (
 from ._version import __version__
 from .discovery import COMPONENT_TYPES, Component
 from .errors import ScheduleError, StepCacheError
-
-if TYPE_CHECKING:
-    from .calibration import Calibration
 
 __all__ = [
     "BDF2",
@@ -131,7 +128,7 @@ SMOOTHCACHE_NAMES = {"attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
 
 
 @dataclass(frozen=True)
-class Schedule(JsonValue):
+class Schedule(HubValue):
     """Per-step compute/reuse plans keyed by selector (type, component name or glob pattern).
 
     Attributes:
@@ -186,66 +183,6 @@ class Schedule(JsonValue):
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "meta", dict(self.meta))
-
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_calibration(
-        cls, calibration: Calibration, alpha: float, *, granularity: str = "type", **memory: Any
-    ) -> Schedule:
-        """SmoothCache's schedule for threshold ``alpha``: :func:`stepcache.policies.smoothcache.from_calibration`
-        (``memory``: ``memory_budget``, ``sizes``, ``branches``)."""
-        from .policies.smoothcache import from_calibration
-
-        return from_calibration(calibration, alpha, granularity=granularity, **memory)
-
-    @classmethod
-    def for_compute_fraction(
-        cls, calibration: Calibration, fraction: float, *, granularity: str = "type", **memory: Any
-    ) -> Schedule:
-        """The SmoothCache schedule with the smallest alpha within a compute budget:
-        :func:`stepcache.policies.smoothcache.for_compute_fraction` (``memory``: ``memory_budget``,
-        ``sizes``, ``branches``)."""
-        from .policies.smoothcache import for_compute_fraction
-
-        return for_compute_fraction(calibration, fraction, granularity=granularity, **memory)
-
-    @classmethod
-    def optimal(
-        cls,
-        calibration: Calibration,
-        fraction: float,
-        *,
-        granularity: str = "type",
-        forecast: bool | None = None,
-        weighted: bool | None = None,
-        budget: str = "calls",
-        second_order: bool | None = None,
-        **memory: Any,
-    ) -> Schedule:
-        """The least summed calibrated error for a compute budget (exact DP + knapsack):
-        :func:`stepcache.policies.optimal.optimal_schedule` (``memory``: ``memory_budget``, ``sizes``,
-        ``branches``)."""
-        from .policies.optimal import optimal_schedule
-
-        return optimal_schedule(
-            calibration,
-            fraction,
-            granularity=granularity,
-            forecast=forecast,
-            weighted=weighted,
-            budget=budget,
-            second_order=second_order,
-            **memory,
-        )
-
-    @classmethod
-    def fora(
-        cls, num_steps: int, interval: int, *, types: Sequence[str] | None = None, forecast: bool = False
-    ) -> Schedule:
-        """FORA's uniform schedule, every ``interval``-th step: :func:`stepcache.policies.uniform.fora`."""
-        from .policies.uniform import fora
-
-        return fora(num_steps, interval, types=types, forecast=forecast)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -7,7 +7,7 @@ module closes the loop with a few perturbation runs on the calibration inputs: f
 layers (type x depth bucket) and each group of steps, it replays the generation reusing that group's
 previous output at every other step of the group (a real one-step cache error), measures the RMS change
 of the final sample, and divides by the calibrated error it injected. The result, one weight per
-(component, step), multiplies the error in the optimal policy's cost (:meth:`Schedule.optimal`).
+(component, step), multiplies the error in the optimal policy's cost (:func:`stepcache.optimal_schedule`).
 
 Cost: ``1 + step_groups * layer_groups`` runs of ``run`` (reported in ``meta["sensitivity"]``).
 """

@@ -47,7 +47,7 @@ from ..errors import ScheduleError
 from ..memory import holdings, parse_bytes, peak_profile
 from ..runtime.cache import liveness
 from ..schedule import COMPUTE, FORECAST, FORECASTS, REUSE, Schedule, reads
-from .optimal import plan_cost
+from ._cost import plan_cost
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
