@@ -279,7 +279,7 @@ def stubbed(places, monkeypatch):
     monkeypatch.setattr(cli, "load_target", lambda spec, **kw: FakePipe())
     monkeypatch.setattr(importlib.import_module("stepcache.calibration"), "calibrate", lambda *a, **k: cal)
     monkeypatch.setattr(
-        importlib.import_module("stepcache.sensitivity"), "sensitivity", lambda target, c, run, **k: c
+        importlib.import_module("stepcache.calibration"), "sensitivity", lambda target, c, run, **k: c
     )
     monkeypatch.setattr(importlib.import_module("stepcache.policies.tuned"), "tune", lambda *a, **k: sched)
 

@@ -18,7 +18,7 @@ docs/architecture.md.
 
 from ._logging import set_verbosity
 from ._version import __version__
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, GuidanceCalibration, calibrate, calibrate_guidance, sensitivity
 from .discovery import COMPONENT_TYPES, Component, discover, register_layout
 from .errors import (
     CalibrationError,
@@ -29,12 +29,12 @@ from .errors import (
     StepCacheError,
     StepCacheWarning,
 )
+from .guidance import GuidanceReuse
 from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
-from .policies import for_compute_fraction, fora, from_calibration, optimal_schedule, tune
+from .policies import for_compute_fraction, fora, from_calibration, optimal_schedule, tune, tune_guidance
 from .runtime import CacheHandle, CacheStats, TypeStats, cache, disable, summary
 from .schedule import PlanValue, Schedule
-from .sensitivity import sensitivity
 
 __all__ = [
     "COMPONENT_TYPES",
@@ -45,6 +45,8 @@ __all__ = [
     "CalibrationError",
     "Component",
     "DiscoveryError",
+    "GuidanceCalibration",
+    "GuidanceReuse",
     "PlanValue",
     "ReferenceWeightsError",
     "Schedule",
@@ -58,6 +60,7 @@ __all__ = [
     "apply_smoothcache",
     "cache",
     "calibrate",
+    "calibrate_guidance",
     "disable",
     "discover",
     "for_compute_fraction",
@@ -70,4 +73,5 @@ __all__ = [
     "set_verbosity",
     "summary",
     "tune",
+    "tune_guidance",
 ]

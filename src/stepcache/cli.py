@@ -527,8 +527,8 @@ def calibrate(
     Under ``torchrun --nproc_per_node N`` the N processes share the samples and every one gets the
     calibration of all of them; rank 0 alone writes the files and reports."""
     from .calibration import calibrate as run_calibration
+    from .calibration import sensitivity as measure_sensitivity
     from .distributed import is_main, launched
-    from .sensitivity import sensitivity as measure_sensitivity
 
     scheduler = _scheduler_for(model, scheduler, reference_model)
     if lookahead >= steps:

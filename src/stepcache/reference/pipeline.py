@@ -12,6 +12,16 @@ from pathlib import Path
 import torch
 
 from stepcache.calibration import Calibration, calibrate
+from stepcache.reference._model import (
+    DEFAULT_GUIDANCE_SCALE,
+    check_scheduler_fits,
+    default_scheduler,
+    load_model,
+    make_scheduler,
+    model_key,
+    model_of_scheduler,
+    sample,
+)
 
 __all__ = ["ReferencePipeline", "calibrate_reference", "shipped_calibration"]
 
@@ -25,15 +35,12 @@ class ReferencePipeline:
     ) -> None:
         """``model``: ``"ddpm"`` (default) or ``"flow"``; ``scheduler``: one that fits it (``None``: the
         model's default, ``ddim`` or ``flow-euler``); a mismatch raises :class:`StepCacheError`."""
-        from stepcache import reference
-        from stepcache.reference._model import check_scheduler_fits, model_key
-
         self.model_name = model_key(model)
-        scheduler = reference.default_scheduler(self.model_name) if scheduler is None else scheduler
+        scheduler = default_scheduler(self.model_name) if scheduler is None else scheduler
         self.scheduler_name = check_scheduler_fits(self.model_name, scheduler)
-        self.transformer = reference.load_model(model=self.model_name)
-        self.guidance_scale = reference.DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-        self.scheduler = reference.make_scheduler(self.scheduler_name, 50)
+        self.transformer = load_model(model=self.model_name)
+        self.guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        self.scheduler = make_scheduler(self.scheduler_name, 50)
 
     def __call__(
         self,
@@ -45,14 +52,12 @@ class ReferencePipeline:
         progress: bool = False,
         output_type: str = "pt",
     ) -> torch.Tensor:
-        from stepcache import reference
-
         if generator is not None:
             seed = int(generator.initial_seed())
         # A fresh scheduler per call (multistep solvers keep state), kept on self so a cache can
         # check the step count before the first step.
-        self.scheduler = reference.make_scheduler(self.scheduler_name, num_inference_steps)
-        return reference.sample(
+        self.scheduler = make_scheduler(self.scheduler_name, num_inference_steps)
+        return sample(
             self.transformer,
             torch.as_tensor(class_labels),
             scheduler=self.scheduler,
@@ -85,8 +90,6 @@ def calibrate_reference(
     """Calibrate a reference model: ``samples`` generations of one image per class each.
 
     ``model``: ``"ddpm"`` or ``"flow"``; ``None`` means the model the scheduler belongs to."""
-    from stepcache.reference._model import model_of_scheduler
-
     pipe = ReferencePipeline(scheduler, guidance_scale, model=model or model_of_scheduler(scheduler))
     inputs = [{"class_labels": list(range(10)), "seed": seed + i} for i in range(samples)]
     return calibrate(pipe, inputs=inputs, num_inference_steps=steps, progress=progress)

@@ -29,9 +29,6 @@ from .introspect import first_tensor_shape
 
 __all__ = ["Guide"]
 
-LAYOUTS = ("cond-first", "uncond-first", "split")
-MODES = ("difference", "reuse")
-
 
 def _batch(args: tuple, kwargs: dict) -> int | None:
     """The batch size of the call: the first dimension of its first tensor argument."""
