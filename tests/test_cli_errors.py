@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import stepcache
 import stepcache.cli as cli
 from stepcache import Calibration, Schedule
 
 runner = CliRunner()
-SHIPPED_FILE = Path(cli.__file__).parent / "reference" / "calibrations" / "dpm-20.json"
+SHIPPED_FILE = Path(stepcache.__file__).parent / "reference" / "calibrations" / "dpm-20.json"
 
 
 def run(args: list[str]):

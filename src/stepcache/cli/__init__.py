@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from ._io import check_output
-from .errors import StepCacheError
+from .._io import check_output
+from ..errors import StepCacheError
 
 if TYPE_CHECKING:
-    from .runtime.introspect import MacShares
+    from ..runtime.introspect import MacShares
 
 # The schedulers the built-in models (reference, tiny-dit) and the demo take. flow-euler fits only the
 # flow reference model (--model flow), ddim and dpm only the others: a mismatch is a one-line error.
@@ -118,11 +118,11 @@ ModelArg = Annotated[
 def load_target(spec: str, *, scheduler: str | None = None, reference_model: str = "ddpm") -> Any:
     """Resolve a MODEL argument to a pipeline or module (``reference_model``: which reference DiT)."""
     if spec == "reference":
-        from .reference import ReferencePipeline
+        from ..reference import ReferencePipeline
 
         return ReferencePipeline(scheduler, model=reference_model)
     if spec == "tiny-dit":
-        from .integrations.diffusers import tiny_dit_pipeline
+        from ..integrations.diffusers import tiny_dit_pipeline
 
         return tiny_dit_pipeline(scheduler=scheduler or "ddim")
     if ":" in spec and not Path(spec).exists():
@@ -140,7 +140,7 @@ def load_target(spec: str, *, scheduler: str | None = None, reference_model: str
             return factory()
         except Exception as e:  # the user's code: say where it failed
             raise StepCacheError(f"{spec}() raised {type(e).__name__}: {e}") from None
-    from .integrations.diffusers import load_pipeline
+    from ..integrations.diffusers import load_pipeline
 
     try:
         return load_pipeline(spec)
@@ -284,13 +284,13 @@ def _check_scheduler(value: str) -> None:
 
 
 def _check_fraction(value: float) -> None:
-    from .policies._plan import check_fraction
+    from ..policies._plan import check_fraction
 
     check_fraction(value)
 
 
 def _check_alpha(value: float) -> None:
-    from .policies._plan import check_alpha
+    from ..policies._plan import check_alpha
 
     check_alpha(value)
 
@@ -314,7 +314,7 @@ def _scheduler_for(model: str, scheduler: str | None, reference_model: str | Non
 
 def _reference_scheduler(reference_model: str, scheduler: str | None) -> str:
     """The reference model's scheduler: its default when not given, a one-line error when it does not fit."""
-    from .reference._model import check_scheduler_fits, default_scheduler
+    from ..reference._model import check_scheduler_fits, default_scheduler
 
     if scheduler is None:
         return default_scheduler(reference_model)
@@ -382,7 +382,7 @@ SeedOpt = Annotated[int, typer.Option(min=0, max=_MAX_SEED, help="Seed of the fi
 
 
 def _check_budget(value: str) -> None:
-    from .memory import parse_bytes
+    from ..memory import parse_bytes
 
     try:
         parse_bytes(value, what="--memory-budget")
@@ -442,7 +442,7 @@ def info(
     ] = True,
 ) -> None:
     """List the blocks and cacheable components stepcache finds in MODEL, and their share of MACs."""
-    from .discovery import COMPONENT_TYPES, denoiser_of, discover
+    from ..discovery import COMPONENT_TYPES, denoiser_of, discover
 
     wanted = [t.strip() for t in types.split(",") if t.strip()]
     if not wanted or any(t not in COMPONENT_TYPES for t in wanted):
@@ -476,7 +476,7 @@ def info(
 
 def _mac_shares(target: Any, denoiser: Any, comps: list) -> MacShares | None:
     """MACs of the denoiser and of each component over a 2-step generation (pipelines)."""
-    from .runtime.introspect import mac_shares
+    from ..runtime.introspect import mac_shares
 
     try:
         kwargs = _inputs_for(target, 1, ["a photo"], 0, None, strict=False)[0]
@@ -525,9 +525,9 @@ def calibrate(
 
     Under ``torchrun --nproc_per_node N`` the N processes share the samples and every one gets the
     calibration of all of them; rank 0 alone writes the files and reports."""
-    from .calibration import calibrate as run_calibration
-    from .distributed import is_main, launched
-    from .sensitivity import sensitivity as measure_sensitivity
+    from ..calibration import calibrate as run_calibration
+    from ..distributed import is_main, launched
+    from ..sensitivity import sensitivity as measure_sensitivity
 
     scheduler = _scheduler_for(model, scheduler, reference_model)
     if lookahead >= steps:
@@ -540,7 +540,7 @@ def calibrate(
         _fail(f"--sensitivity-samples {sensitivity_samples} exceeds --samples {samples}: it replays those.")
     _outputs((out, "calibration file (--out)"), (plot, "plot (--plot)"))
     if plot is not None:
-        from .plots import plot_format
+        from ..plots import plot_format
 
         try:
             plot_format(plot)
@@ -627,8 +627,8 @@ def schedule(
 ) -> None:
     """Turn a calibration into a schedule: --policy smoothcache (--alpha or --compute-fraction) or
     --policy optimal (--compute-fraction), optionally fitted to --memory-budget."""
-    from .calibration import Calibration
-    from .schedule import Schedule
+    from ..calibration import Calibration
+    from ..schedule import Schedule
 
     if policy == "optimal" and (alpha is not None or compute_fraction is None):
         _fail("--policy optimal takes --compute-fraction (not --alpha).")
@@ -676,7 +676,7 @@ def schedule(
 
 
 def _check_objective(value: str) -> None:
-    from .policies.tuned import objective_function
+    from ..policies.tuned import objective_function
 
     objective_function(value)
 
@@ -749,8 +749,8 @@ def tune(
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached
     (by --objective over the samples, chosen among the top candidates on held-out samples)."""
-    from .calibration import Calibration
-    from .policies.tuned import tune as run_tune
+    from ..calibration import Calibration
+    from ..policies.tuned import tune as run_tune
 
     scheduler = _scheduler_for(model, scheduler, reference_model)
     _outputs((out, "schedule file (--out)"), inputs=(calibration,))
@@ -766,7 +766,7 @@ def tune(
         if memory_budget is not None:
             if cal is None:
                 _fail("--memory-budget needs --calibration: its errors decide what the budget gives up.")
-            from .memory import output_bytes
+            from ..memory import output_bytes
 
             # The sizes of this run's outputs, measured on a 2-step replay of the same inputs.
             memory = {
@@ -830,9 +830,9 @@ def plan_memory(
 ) -> None:
     """Cache memory of large video/image DiTs, from their configs on meta tensors (no download):
     unplanned, with liveness, within a budget, with fp8 storage, on the device with offload."""
-    from .memory import parse_bytes
-    from .planner import PRESETS, render_plans
-    from .planner import plan_memory as plan_rows
+    from ..memory import parse_bytes
+    from ..planner import PRESETS, render_plans
+    from ..planner import plan_memory as plan_rows
 
     names = presets or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
@@ -907,7 +907,7 @@ def demo(
     ] = 8,
 ) -> None:
     """Uncached vs SmoothCache on the shipped reference model: images, curves, metrics. Offline."""
-    from .demo import DEFAULT_ALPHA, DemoConfig, format_report, run_demo
+    from ..demo import DEFAULT_ALPHA, DemoConfig, format_report, run_demo
 
     scheduler = _reference_scheduler(reference_model, scheduler)
     try:
@@ -919,8 +919,8 @@ def demo(
     try:
         check_output(out, "demo output folder (--out)", folder=True)
         if _given(ctx, "calibration_samples"):
-            from .reference import DEFAULT_GUIDANCE_SCALE
-            from .reference.pipeline import shipped_calibration
+            from ..reference import DEFAULT_GUIDANCE_SCALE
+            from ..reference.pipeline import shipped_calibration
 
             shipped = shipped_calibration(scheduler, steps)
             guidance = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
