@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from ..errors import StepCacheError
@@ -103,8 +104,6 @@ def inputs_for(
     """One call's kwargs per calibration sample, from what the pipeline's __call__ accepts.
 
     ``strict``: refuse prompts the pipeline would not take (the user gave them)."""
-    import torch
-
     if not callable(pipe) or isinstance(pipe, torch.nn.Module):
         raise StepCacheError(
             "this command runs a pipeline (a callable taking class_labels= or prompt=), but MODEL gave a "
@@ -144,8 +143,6 @@ def replay(target: Any, inputs: list[dict], seed: int, steps: int) -> Any:
     and returning the final samples as one tensor: what sensitivity() and tune() replay."""
 
     def run() -> Any:
-        import torch
-
         outs = []
         for i, kw in enumerate(inputs):
             kw = {**kw, "generator": torch.Generator().manual_seed(seed + i), "num_inference_steps": steps}
