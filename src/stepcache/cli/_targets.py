@@ -15,8 +15,7 @@ import typer
 
 from ..errors import StepCacheError
 from ..integrations.diffusers import load_pipeline, tiny_dit_pipeline
-from ..reference import ReferencePipeline
-from ..reference._model import check_scheduler_fits, default_scheduler
+from ..reference import ReferencePipeline, check_scheduler_fits, default_scheduler
 from ._common import check_finite, checked, choice, fail
 
 # The schedulers the built-in models (reference, tiny-dit) and the demo take. flow-euler fits only the

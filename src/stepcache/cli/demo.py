@@ -11,7 +11,7 @@ import typer
 from .._io import check_output
 from ..demo import DEFAULT_ALPHA, DemoConfig, format_report, run_demo
 from ..errors import StepCacheError
-from ..policies._plan import check_alpha, check_fraction
+from ..policies import check_alpha, check_fraction
 from ..reference import DEFAULT_GUIDANCE_SCALE, shipped_calibration
 from . import _targets
 from ._common import check_finite, checked, choice, fail, given

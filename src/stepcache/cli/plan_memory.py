@@ -13,7 +13,7 @@ from ..errors import StepCacheError
 from ..memory import parse_bytes
 from ..planner import PRESETS, render_plans
 from ..planner import plan_memory as plan_rows
-from ..policies._plan import check_fraction
+from ..policies import check_fraction
 from ._common import check_budget, check_outputs, checked, fail
 
 

@@ -11,8 +11,7 @@ import typer
 
 from ..calibration import Calibration
 from ..errors import StepCacheError
-from ..policies import for_compute_fraction, from_calibration, optimal_schedule
-from ..policies._plan import check_alpha, check_fraction
+from ..policies import check_alpha, check_fraction, for_compute_fraction, from_calibration, optimal_schedule
 from ._common import (
     MemoryBudgetOpt,
     check_outputs,

@@ -12,7 +12,7 @@ import typer
 from ..calibration import Calibration
 from ..errors import StepCacheError
 from ..memory import output_bytes
-from ..policies._plan import check_fraction
+from ..policies import check_fraction
 from ..policies.tuned import objective_function
 from ..policies.tuned import tune as run_tune
 from . import _targets

@@ -15,7 +15,7 @@ of a plan), :mod:`._budget` (fitting a schedule to a memory budget), :mod:`._rep
 """
 
 from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, PlanValue
-from ._plan import check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
+from ._plan import check_alpha, check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
 from .guidance import guidance_for_compute_fraction, guidance_from_calibration, tune_guidance
 from .optimal import optimal_schedule
 from .smoothcache import for_compute_fraction, from_calibration, smoothcache_rule
@@ -29,6 +29,7 @@ __all__ = [
     "FORECAST2",
     "REUSE",
     "PlanValue",
+    "check_alpha",
     "check_fraction",
     "for_compute_fraction",
     "fora",
