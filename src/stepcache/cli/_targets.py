@@ -15,12 +15,14 @@ import typer
 
 from ..errors import StepCacheError
 from ..integrations.diffusers import load_pipeline, tiny_dit_pipeline
-from ..reference import ReferencePipeline, check_scheduler_fits, default_scheduler
+from ..reference import SCHEDULER_NAMES, ReferencePipeline, check_scheduler_fits, default_scheduler
 from ._common import check_finite, checked, choice, fail
 
 # The schedulers the built-in models (reference, tiny-dit) and the demo take. flow-euler fits only the
-# flow reference model (--model flow), ddim and dpm only the others: a mismatch is a one-line error.
-SCHEDULERS = ("ddim", "dpm", "flow-euler")
+# flow reference model (--model flow), the others only the DDPM one; tiny-dit takes ddim and dpm. A
+# mismatch is a one-line error.
+SCHEDULERS = SCHEDULER_NAMES
+TINY_DIT_SCHEDULERS = ("ddim", "dpm")
 # The shipped reference models (MODEL=reference, --model).
 REFERENCE_MODELS = ("ddpm", "flow")
 MAX_SEED = 2**62
@@ -40,7 +42,8 @@ BatchOpt = Annotated[int, typer.Option(min=1, max=100_000, help="Class labels or
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(
-        help="reference and tiny-dit: ddim (default) or dpm; reference --model flow: flow-euler (its default).",
+        help="reference: ddim (default), dpm, unipc, deis, euler or euler-a; reference --model flow: "
+        "flow-euler (its default); tiny-dit: ddim (default) or dpm.",
         callback=checked(check_scheduler),
     ),
 ]
@@ -160,11 +163,11 @@ def scheduler_for(model: str, scheduler: str | None, reference_model: str | None
         fail(f"--scheduler applies to the built-in models (reference, tiny-dit); {model} brings its own.")
     if model == "reference":
         return reference_scheduler(reference_model or "ddpm", scheduler)
-    if model == "tiny-dit" and scheduler == "flow-euler":
-        fail(
-            "--scheduler flow-euler fits only the flow reference model (reference --model flow); "
-            "tiny-dit takes ddim or dpm."
+    if model == "tiny-dit" and scheduler is not None and scheduler not in TINY_DIT_SCHEDULERS:
+        where = (
+            "the flow reference model (reference --model flow)" if scheduler == "flow-euler" else "reference"
         )
+        fail(f"--scheduler {scheduler} fits only {where}; tiny-dit takes ddim or dpm.")
     return scheduler or "ddim"
 
 
