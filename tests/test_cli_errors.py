@@ -132,7 +132,7 @@ CASES = [
     ("demo --alpha -1", "--alpha"),
     ("demo --compute-fraction 2", "--compute-fraction"),
     ("demo --guidance-scale nan", "finite"),
-    ("demo --scheduler euler", "--scheduler"),
+    ("demo --scheduler heun", "--scheduler"),
     ("demo --seed 99999999999999999999", "--seed"),
     ("demo -o {t}/file", "is a file, not a folder"),
     ("demo --calibration-samples 3 -o {t}/demo", "--calibration-samples is unused"),
