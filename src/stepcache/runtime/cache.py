@@ -14,11 +14,9 @@ denoiser call, outside the hot path, by checking which stored outputs were repla
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import os
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -38,7 +36,7 @@ from .introspect import count_macs, fingerprint, first_tensor_shape, model_class
 from .offload import Offloader, OffloadStats, nbytes
 from .session import Installer, Session, active_session, hook_state
 from .stats import CacheStats, TypeStats
-from .steps import StepTracker
+from .steps import SchedulerWatch, StepTracker, pipeline_steps
 from .storage import pack, resolve_storage_dtype, unpack
 
 __all__ = ["CacheHandle", "cache", "disable", "summary"]
@@ -546,7 +544,7 @@ class CacheHandle:
         self._pipeline = None if isinstance(target, nn.Module) else target
         self._resample = on_length_mismatch == "resample"
         self.tracker = StepTracker(num_steps=schedule.num_steps)
-        self._boundary = _SchedulerWatch(self._pipeline, self._relocate)
+        self._boundary = SchedulerWatch(self._pipeline, self._relocate)
         self.tracker.boundary = self._boundary.new_generation
         self.tracker.position = self._boundary.position
         self._slots: dict[str, _Slot] = {}
@@ -708,7 +706,7 @@ class CacheHandle:
 
     def _on_generation(self) -> None:
         self._clear()
-        n = _pipeline_steps(self._pipeline)
+        n = pipeline_steps(self._pipeline)
         want = self.schedule.num_steps if n is None else n
         if want != self._running.num_steps:
             if want != self.schedule.num_steps and not self._resample:
@@ -750,96 +748,6 @@ class CacheHandle:
     def _clear(self) -> None:
         for slot in self._slots.values():
             slot.clear()
-
-
-class _SchedulerWatch:
-    """Generation boundaries from a pipeline: every diffusers pipeline calls its scheduler's
-    ``set_timesteps`` once at the start of a generation (and ReferencePipeline makes a new
-    scheduler). Seeing either means the next denoiser call starts a new generation, so nothing of
-    an interrupted one (an exception, Ctrl-C, a ``break``, diffusers' interrupt flag) can leak into
-    it, whatever its first timestep. The wrappers are instance attributes, removed exactly on close.
-
-    It also counts the generation's ``scheduler.step`` calls on the host (:meth:`position`): the
-    step tracker places a denoiser call whose timestep lives on the GPU by that count instead of
-    reading the tensor, which would wait for the GPU on every call.
-    """
-
-    def __init__(self, pipeline: Any, on_setup: Callable[[], None]) -> None:
-        self._pipeline = pipeline
-        self._on_setup = on_setup
-        self._scheduler: Any = None
-        self._saved: dict[str, Any] = {}
-        self._pending: int | None = None  # the thread that set up a scheduler since the last call
-        self._steps: int | None = None  # scheduler.step calls since set_timesteps (None: not set up)
-
-    def install(self) -> None:
-        scheduler = getattr(self._pipeline, "scheduler", None)
-        if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
-            return
-        self._scheduler = scheduler
-        self._saved = {name: scheduler.__dict__.get(name, _MISSING) for name in ("set_timesteps", "step")}
-        original = scheduler.set_timesteps
-
-        @functools.wraps(original)  # pipelines inspect its signature (Flux checks for `sigmas`)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            self._pending = threading.get_ident()
-            self._steps = 0
-            self._on_setup()
-            return original(*args, **kwargs)
-
-        scheduler.set_timesteps = set_timesteps
-        take_step = getattr(scheduler, "step", None)
-        if callable(take_step):
-
-            @functools.wraps(take_step)
-            def step(*args: Any, **kwargs: Any) -> Any:
-                out = take_step(*args, **kwargs)
-                if self._steps is not None:
-                    self._steps += 1
-                return out
-
-            scheduler.step = step
-
-    def remove(self) -> None:
-        scheduler, self._scheduler = self._scheduler, None
-        if scheduler is None:
-            return
-        for name, saved in self._saved.items():
-            if saved is _MISSING:
-                scheduler.__dict__.pop(name, None)
-            else:
-                setattr(scheduler, name, saved)
-        self._saved, self._pending, self._steps = {}, None, None
-
-    def position(self) -> int | None:
-        """Scheduler steps this generation has taken, or None when no pipeline set one up."""
-        return self._steps
-
-    def new_generation(self) -> bool:
-        """Asked at each denoiser call: did this thread's pipeline set up a generation since?"""
-        if self._pipeline is None:
-            return False
-        current = getattr(self._pipeline, "scheduler", None)
-        if current is not self._scheduler and self._scheduler is not None:
-            self.remove()  # the pipeline got a new scheduler: watch that one from now on
-            self.install()
-            self._steps = 0  # it was set up before it was watched: its generation starts now
-            return True
-        if self._pending is not None and self._pending == threading.get_ident():
-            self._pending = None
-            return True
-        return False
-
-
-_MISSING = object()
-
-
-def _pipeline_steps(pipeline: Any) -> int | None:
-    """Distinct timesteps the pipeline's scheduler is set up for (known once the generation starts)."""
-    timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
-    if timesteps is None or len(timesteps) == 0:
-        return None
-    return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
 
 
 def _warn_if_changed(schedule: Schedule, target: Any) -> None:
