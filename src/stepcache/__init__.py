@@ -18,6 +18,7 @@ docs/architecture.md.
 
 from ._logging import set_verbosity
 from ._version import __version__
+from .api import CacheConfig, cache
 from .calibration import Calibration, calibrate
 from .discovery import COMPONENT_TYPES, Component, discover, register_layout
 from .errors import (
@@ -32,13 +33,14 @@ from .errors import (
 from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
 from .policies.tuned import tune
-from .runtime import CacheHandle, CacheStats, TypeStats, cache, disable, summary
+from .runtime import CacheHandle, CacheStats, TypeStats, disable, summary
 from .schedule import PlanValue, Schedule
 from .sensitivity import sensitivity
 
 __all__ = [
     "COMPONENT_TYPES",
     "BlockLayout",
+    "CacheConfig",
     "CacheHandle",
     "CacheStats",
     "Calibration",
