@@ -93,7 +93,7 @@ class StepTracker:
     (for models that receive no timestep, or are called through a path the hooks cannot see).
 
     Generation boundaries: a timestep that goes up starts a new generation; so does ``boundary()``
-    returning True (a pipeline that set up its scheduler again: see the runtime cache), which makes
+    returning True (a pipeline that set up its scheduler again: see :class:`SchedulerWatch`), which makes
     an interrupted generation unable to leak into the next one whatever its first timestep.
 
     One generation at a time: a call from another thread while a generation is in progress is an
