@@ -17,8 +17,7 @@ from stepcache.memory import holdings, output_bytes, predict_peak
 from stepcache.policies import fora, optimal_schedule
 from stepcache.policies._budget import fit_memory
 from stepcache.policies.optimal import cost_curve, plan_cost
-from stepcache.runtime.cache import liveness
-from stepcache.schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, forecast_coefficients
+from stepcache.schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, forecast_coefficients, liveness
 
 N = 12
 PLAN = (1, 1, 0, 1, 3, 1, 4, 3, 1, 2, 3, 1)  # copies, first order, taylor2 and bdf2 in one plan

@@ -19,8 +19,8 @@ from stepcache.memory import (
 )
 from stepcache.policies import for_compute_fraction, from_calibration, optimal_schedule
 from stepcache.policies._budget import calibration_components
-from stepcache.runtime.cache import liveness
 from stepcache.runtime.offload import transfer_schedule
+from stepcache.schedule import liveness
 
 N = 10
 COPY = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)

@@ -18,6 +18,7 @@ docs/architecture.md.
 
 from ._logging import set_verbosity
 from ._version import __version__
+from .api import CacheConfig, cache
 from .calibration import Calibration, GuidanceCalibration, calibrate, calibrate_guidance, sensitivity
 from .discovery import COMPONENT_TYPES, Component, discover, register_layout
 from .errors import (
@@ -33,12 +34,13 @@ from .guidance import GuidanceReuse
 from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
 from .policies import for_compute_fraction, fora, from_calibration, optimal_schedule, tune, tune_guidance
-from .runtime import CacheHandle, CacheStats, TypeStats, cache, disable, summary
+from .runtime import CacheHandle, CacheStats, TypeStats, disable, summary
 from .schedule import PlanValue, Schedule
 
 __all__ = [
     "COMPONENT_TYPES",
     "BlockLayout",
+    "CacheConfig",
     "CacheHandle",
     "CacheStats",
     "Calibration",

@@ -54,6 +54,7 @@ __all__ = [
     "PlanValue",
     "Schedule",
     "forecast_coefficients",
+    "liveness",
     "reads",
 ]
 
@@ -81,6 +82,40 @@ def reads(value: int) -> int:
     """How many earlier computed outputs a step with plan value ``value`` reads beyond the last one
     (``-1`` for a compute, 0 for a copy, 1 for a first-order forecast, 2 for the second-order ones)."""
     return {COMPUTE: -1, REUSE: 0, FORECAST: 1, FORECAST2: 2, BDF2: 2}[value]
+
+
+def liveness(plan: tuple[int, ...]) -> tuple[list[int], int]:
+    """How many computed outputs a plan keeps, and when: ``(held, history)``.
+
+    ``held[s]`` (for a computing step ``s``): how many outputs the component's store holds after it,
+    0 to 3: the one just computed and the most recent earlier ones, as many as some later step
+    still reads. A copy (plan value 0) reads the last computed output, a first-order forecast (2)
+    the last two, a second-order one (3, 4) the last three; an output is kept from its computation
+    until the computation after the last interval that reads it. So an output nothing reads is never
+    stored, an all-compute step stores nothing, and a plan of copies keeps one output, of first-order
+    forecasts two, of second-order forecasts three. For a reusing step, ``held[s]`` is what a
+    computation there keeps when nothing is stored to reuse (1 if the next step reuses, else 0).
+
+    ``history``: the most earlier outputs any step of the plan reads (0 copies only, 1 first order,
+    2 second order): what a compiled graph keeps at every step. The runtime's slots,
+    :func:`stepcache.memory.predict_peak` and the offload schedule all follow this one rule.
+    """
+    n = len(plan)
+    history = max((reads(v) for v in plan if v != COMPUTE), default=0)
+    computes = [s for s, v in enumerate(plan) if v == COMPUTE]
+    deepest = []  # per compute: the most earlier outputs a step before the next compute reads (-1: none)
+    for i, a in enumerate(computes):
+        end = computes[i + 1] if i + 1 < len(computes) else n
+        deepest.append(max((reads(plan[u]) for u in range(a + 1, end)), default=-1))
+    # The last interval (indexed by the compute that opens it) that reads compute i's output.
+    last = [
+        max((j for j in range(i, min(i + 3, len(computes))) if deepest[j] >= j - i), default=-1)
+        for i in range(len(computes))
+    ]
+    held = [int(s + 1 < n and plan[s + 1] != COMPUTE) for s in range(n)]
+    for j, a in enumerate(computes):  # the outputs still read are the most recent ones
+        held[a] = sum(1 for i in range(max(0, j - 2), j + 1) if last[i] >= j)
+    return held, history
 
 
 def forecast_coefficients(

@@ -2,8 +2,10 @@
 
 The mechanics (finding a file in a file, a folder or a Hub repo; uploading one) live in
 :mod:`stepcache._hub`, below the values, which inherit them as ``from_pretrained`` /
-``save_pretrained`` / ``push_to_hub``. This module adds the loaders that name a value, and
-:func:`resolve_schedule`, what :func:`stepcache.cache` accepts as its schedule.
+``save_pretrained`` / ``push_to_hub``. This module adds the loaders that name a value, and what the
+front doors (:func:`stepcache.cache`, :class:`~stepcache.SmoothCacheConfig`) accept as a schedule
+(:func:`resolve_schedule`) or a guidance plan (:func:`resolve_guidance`), read into values before
+the runtime sees them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from .._hub import CALIBRATION_FILE, SCHEDULE_FILE, push_to_hub, resolve_file, save_pretrained
 from ..calibration import Calibration
 from ..errors import ScheduleError
+from ..guidance import GuidanceReuse
 from ..schedule import Schedule
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "load_schedule",
     "push_to_hub",
     "resolve_file",
+    "resolve_guidance",
     "resolve_schedule",
     "save_pretrained",
 ]
@@ -51,9 +55,18 @@ def resolve_schedule(spec: Schedule | str | os.PathLike[str]) -> Schedule:
         return spec
     if not isinstance(spec, (str, os.PathLike)):
         raise ScheduleError(
-            f"expected a Schedule, a schedule file, a folder or a Hub repo id, got {type(spec).__name__}."
+            f"schedule must be a stepcache.Schedule, a schedule file, a folder or a hub repository id; "
+            f"got {type(spec).__name__}."
         )
     path = Path(spec).expanduser()
     if path.is_file():
         return Schedule.load(path)
     return load_schedule(spec)
+
+
+def resolve_guidance(spec: Any) -> Any:
+    """A guidance plan read from its file; anything else as given (:class:`~stepcache.CacheConfig`
+    checks it). What ``stepcache.cache(..., guidance=spec)`` accepts."""
+    if isinstance(spec, (str, os.PathLike)):
+        return GuidanceReuse.load(os.fspath(spec))
+    return spec
