@@ -156,6 +156,8 @@ def run_config(spec: str, models: dict[str, torch.nn.Module], args: argparse.Nam
                 f,
                 calibration=cal,
                 guidance=gcal,
+                # The committed results started from the optimal schedule (then tune_guidance's default).
+                schedule=optimal_schedule(cal, f),
                 raise_by=args.raise_by,
                 progress=False,
             )

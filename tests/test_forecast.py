@@ -214,6 +214,17 @@ def test_schedule_files_text_and_resampling(tmp_path):
         fora(20, 4).with_forecast("third")
 
 
+def test_with_forecast_converts_a_forecasting_schedule():
+    """A schedule that already forecasts (a tuned one, mixed copies and forecasts) is converted, not
+    left as it was: every step that does not compute takes the method asked for."""
+    mixed = Schedule(8, {"attn": (1, 2, 0, 1, 3, 2, 0, 1), "ff": (1, 0, 0, 1, 0, 1, 2, 1)})
+    second = mixed.with_forecast("taylor2")
+    assert second.plans == {"attn": (1, 3, 3, 1, 3, 3, 3, 1), "ff": (1, 3, 3, 1, 3, 1, 3, 1)}
+    assert second.with_forecast("first-order").plans["attn"] == (1, 2, 2, 1, 2, 2, 2, 1)
+    assert second.with_forecast("copy").plans["ff"] == (1, 0, 0, 1, 0, 1, 0, 1)
+    assert second.compute_fraction == mixed.compute_fraction
+
+
 # ---------------------------------------------------------------------------------- calibration
 def test_calibration_records_second_order_errors(plain_dit, tmp_path):
     def run():

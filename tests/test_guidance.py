@@ -192,8 +192,16 @@ def test_tune_guidance_chooses_in_closed_loop(model):
     cal = stepcache.calibrate(model, lambda: batched(model, seed=11), progress=False)
     gcal = calibrate_guidance(model, lambda: batched(model, seed=11), progress=False)
     replay = lambda: batched(model, n=6, seed=5)  # noqa: E731
+    start = stepcache.optimal_schedule(cal, 0.5)
     sched, plan = tune_guidance(
-        model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(0.17, 0.34), progress=False
+        model,
+        replay,
+        0.5,
+        calibration=cal,
+        guidance=gcal,
+        schedule=start,
+        raise_by=(0.17, 0.34),
+        progress=False,
     )
     info = sched.meta["guidance_tuning"]
     assert set(info["scores"]) >= {"plain"} and len(info["scores"]) >= 2
@@ -205,7 +213,7 @@ def test_tune_guidance_chooses_in_closed_loop(model):
         batched(model)
     assert handle.stats.compute_fraction == pytest.approx(frac)
     plain, none = tune_guidance(
-        model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(), progress=False
+        model, replay, 0.5, calibration=cal, guidance=gcal, schedule=start, raise_by=(), progress=False
     )
     assert none is None and plain.meta["guidance_tuning"]["chosen"] == "plain"
 

@@ -231,17 +231,20 @@ class Schedule(HubValue):
         return executed / total
 
     def with_forecast(self, method: str = "first-order") -> Schedule:
-        """The same compute steps, with every reuse replaced by a forecast.
+        """The same compute steps, with every step that does not compute forecast by ``method``.
 
         ``method``: ``"first-order"`` (plan value 2, the default), ``"taylor2"`` (3: second-order
-        extrapolation from the last three computed outputs) or ``"bdf2"`` (4). Where fewer outputs
-        have been computed yet, the runtime falls back to a lower order (first order, then a copy).
-        Second-order methods keep three outputs per component instead of two (docs/memory.md).
+        extrapolation from the last three computed outputs), ``"bdf2"`` (4) or ``"copy"`` (0: reuse the
+        last output, no forecast). Steps that already forecast are converted too, so
+        ``tuned.with_forecast("taylor2")`` is the tuned placement with second-order forecasts
+        everywhere. Where fewer outputs have been computed yet, the runtime falls back to a lower
+        order (first order, then a copy). Second-order methods keep three outputs per component
+        instead of two (docs/memory.md).
         """
-        if method not in METHODS:
-            raise ScheduleError(f"method must be one of {list(METHODS)}, got {method!r}.")
-        fill = METHODS[method]
-        plans = {k: tuple(fill if v == REUSE else v for v in plan) for k, plan in self.plans.items()}
+        if method != "copy" and method not in METHODS:
+            raise ScheduleError(f"method must be one of {[*METHODS, 'copy']}, got {method!r}.")
+        fill = REUSE if method == "copy" else METHODS[method]
+        plans = {k: tuple(v if v == COMPUTE else fill for v in plan) for k, plan in self.plans.items()}
         return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": method})
 
     def resample(self, num_steps: int) -> Schedule:

@@ -103,7 +103,7 @@ def tune_guidance(
     *,
     calibration: Any,
     guidance: GuidanceCalibration,
-    schedule: Schedule | None = None,
+    schedule: Schedule,
     raise_by: Sequence[float] = (0.05, 0.1, 0.2),
     mode: str = "difference",
     objective: str = "worst-25%",
@@ -112,14 +112,17 @@ def tune_guidance(
 ) -> tuple[Schedule, GuidanceReuse | None]:
     """Closed loop: stand in for the unconditional branch only where it beats the plain schedule.
 
-    Candidates at ``fraction``: ``schedule`` alone (default ``optimal_schedule(calibration, fraction)``,
-    a tuned schedule is a better start), and for each ``d`` in ``raise_by`` the optimal schedule at
+    Candidates at ``fraction``: ``schedule`` alone, and for each ``d`` in ``raise_by`` the optimal schedule at
     ``fraction + d`` brought back to ``fraction`` by :func:`guidance_for_compute_fraction`. Each is
     replayed on ``run`` (fixed seeds, final samples along dimension 0, as :func:`stepcache.tune`) and
     scored per sample by ``objective`` against the uncached samples; the best two on the fit samples are
     decided on the held-out ones. Whether stand-ins pay depends on the guidance scale: the stand-in's
     error enters the guided prediction ``u + w (c - u)`` multiplied by ``w - 1``, while copying both
     branches keeps most of ``c - u`` (docs/guidance.md has the measurements).
+
+    ``schedule`` is required: it is the plain schedule to beat, so pass the best one you can afford at
+    ``fraction`` (:func:`stepcache.tune`'s, typically). A weak start (the open-loop optimal schedule)
+    makes stand-ins look better than they are and ends several dB below plain tuning.
 
     Returns:
         ``(schedule, plan)``: ``plan`` is None when the plain schedule won; pass both to
@@ -128,7 +131,12 @@ def tune_guidance(
     check_fraction(fraction)
     reduce = objective_function(objective)
     check_mode(mode)
-    plain = schedule if schedule is not None else optimal_schedule(calibration, fraction)
+    if not isinstance(schedule, Schedule):
+        raise ScheduleError(
+            f"schedule must be the plain Schedule to beat at this fraction (e.g. stepcache.tune's), "
+            f"got {type(schedule).__name__}."
+        )
+    plain = schedule
     candidates: dict[str, tuple[Schedule, GuidanceReuse | None]] = {"plain": (plain, None)}
     for d in raise_by:
         base = optimal_schedule(calibration, min(1.0, fraction + d))
