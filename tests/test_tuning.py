@@ -32,14 +32,15 @@ def computed(plan: tuple[int, ...]) -> set[int]:
 def test_family_holds_taylorseer_placements_and_forced_last_steps_within_budget(n, fraction):
     computes = int(fraction * n + 1e-9)
     plans = tuned.candidate_plans(n, computes, n // 2)
-    assert all(p.count(COMPUTE) <= computes for p in plans.values())
+    assert all(p.count(COMPUTE) == computes for p in plans.values())  # the budget is spent, exactly
     sets = [computed(p) for p in plans.values()]
     for warmup in (2, 3):
-        # The densest TaylorSeer interval within budget, first computation right after the warm-up (+1).
+        # The densest TaylorSeer interval within budget, first computation right after the warm-up (+1);
+        # computations its interval leaves unspent go to the last steps.
         interval = next(i for i in range(1, n) if len(taylorseer_steps(n, warmup, i)) <= computes)
-        assert taylorseer_steps(n, warmup, interval) in sets
+        assert any(taylorseer_steps(n, warmup, interval) <= s for s in sets)
     # The first computation *at* the end of warm-up (offset 0) is a candidate too.
-    assert computed(offset_plan(n, computes, 3, 0)) in sets
+    assert any(computed(offset_plan(n, computes, 3, 0)) <= s for s in sets)
     last_two = [label for label, p in plans.items() if p[-1] == p[-2] == COMPUTE]
     assert any("even" in label for label in last_two) and any("every i-th" in label for label in last_two)
     assert any("every i-th, last computed" in label and p[-1] == COMPUTE for label, p in plans.items())

@@ -301,7 +301,11 @@ class Schedule(HubValue):
         desc = ", ".join(
             f"{k}={v}" for k, v in self.meta.items() if k in ("rule", "alpha", "granularity", "interval")
         )
-        lines.append(f"compute fraction {self.compute_fraction:.3f}" + (f"  ({desc})" if desc else ""))
+        target = self.meta.get("target_compute_fraction")
+        spent = f"compute fraction {self.compute_fraction:.3f}"
+        if target is not None:  # what was asked; what is spent follows policies._plan.budget_calls
+            spent += f" (target {target:g})"
+        lines.append(spent + (f"  ({desc})" if desc else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..calibration import Calibration
 
 __all__ = [
+    "budget_calls",
     "check_alpha",
     "check_fraction",
     "error_tables",
@@ -26,6 +27,7 @@ __all__ = [
     "interval_plan",
     "offset_plan",
     "spaced_plan",
+    "split_computes",
     "uniform_plan",
     "warmup_plan",
 ]
@@ -48,6 +50,39 @@ def check_fraction(fraction: float) -> float:
     ):
         raise ScheduleError(f"compute fraction must be in (0, 1], got {fraction!r}.")
     return float(fraction)
+
+
+def budget_calls(fraction: float, total: int) -> int:
+    """The component calls a compute fraction buys, the one rounding rule of every policy: the whole
+    number nearest to ``fraction * total``, a tie going to the lower one (``ceil(f * total - 1/2)``).
+
+    ``total`` is the calls of an uncached run (steps x components). So 0.53 of 15 steps buys 8
+    computations of each component (7.95 rounds to 8: no need to write 8/15), 0.35 of 50 steps of two
+    component types buys 35 of 100 (18 + 17), and 0.25 of 25 steps of two types buys 12 of 50 (12.5
+    ties to 12): a policy never spends more than half a call above the fraction asked. A policy spends
+    exactly this many calls whenever its plans can (a type's plan costs its number of layers per
+    computation), else the most it can below; ``schedule.compute_fraction`` is what it spends.
+    """
+    return max(0, math.ceil(fraction * total - 0.5 - 1e-9))
+
+
+def split_computes(budget: int, num_steps: int, units: dict[str, int], *, first: int = 1) -> dict[str, int]:
+    """Computations per key (each at least ``first``, at most ``num_steps``) spending the most of
+    ``budget`` calls, where one computation of ``key`` costs ``units[key]`` calls; as even as the budget
+    allows: every key gets ``c`` or ``c + 1``, the remainder going to the keys in the order given.
+
+    This is how a budget that is not a whole number of computations per component (0.25 of 25 steps:
+    6.25 each) is met: some component types compute once more than others.
+    """
+    per_step = sum(units.values())
+    base = min(num_steps, max(first, budget // per_step if per_step else num_steps))
+    counts = dict.fromkeys(units, base)
+    left = budget - base * per_step
+    for key in units:  # the remainder: one more computation where it still fits
+        if counts[key] < num_steps and units[key] <= left:
+            counts[key] += 1
+            left -= units[key]
+    return counts
 
 
 def error_tables(calibration: Calibration, granularity: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:

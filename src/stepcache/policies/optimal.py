@@ -40,7 +40,7 @@ from ._cost import INF as _INF
 from ._cost import finite as _finite
 from ._cost import plan_cost
 from ._cost import second_order_tables as _second
-from ._plan import check_fraction, error_tables
+from ._plan import budget_calls, check_fraction, error_tables
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
@@ -388,7 +388,8 @@ def optimal_schedule(
     curves = {key: cost_curve(tables[key], fcs.get(key), ws.get(key), fc2s.get(key)) for key in tables}
     total = sum(units.values()) * calibration.num_steps
     try:
-        alloc = allocate(curves, units, fraction * total)
+        spend = budget_calls(fraction, round(total)) if budget == "calls" else fraction * total
+        alloc = allocate(curves, units, spend)
     except ScheduleError:
         least = sum(units[key] * int(curves[key].feasible[0]) for key in tables) / total
         raise ScheduleError(

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ScheduleError
 from ..schedule import COMPUTE, REUSE, Schedule
 from ._budget import fit_memory
-from ._plan import check_alpha, check_fraction, error_tables
+from ._plan import budget_calls, check_alpha, check_fraction, error_tables
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
@@ -93,7 +93,8 @@ def for_compute_fraction(
     sizes: Mapping[str, int] | None = None,
     branches: int = 1,
 ) -> Schedule:
-    """The SmoothCache schedule with the smallest alpha whose compute fraction is <= ``fraction``.
+    """The SmoothCache schedule with the smallest alpha within the calls ``fraction`` buys
+    (:func:`~stepcache.policies._plan.budget_calls`: the nearest whole number of calls, ties down).
 
     The compute fraction only changes where alpha crosses a calibrated error value, so the search
     bisects over those values; the schedule returned records the alpha it used.
@@ -122,8 +123,11 @@ def for_compute_fraction(
         }
         return Schedule(calibration.num_steps, plans, counts, meta)
 
+    # The one rounding rule of every policy (budget_calls): the calls the fraction buys.
+    total = sum(counts.values()) * calibration.num_steps
+    limit = budget_calls(fraction, total) / total
     best = make(float(values[-1]))
-    if best.compute_fraction > fraction + 1e-12:
+    if best.compute_fraction > limit + 1e-12:
         raise ScheduleError(
             f"compute fraction {fraction:g} is out of reach: with lookahead {calibration.lookahead} the "
             f"smallest this calibration allows is {best.compute_fraction:.3f} (first and last steps "
@@ -132,7 +136,7 @@ def for_compute_fraction(
     lo, hi = 0, len(values) - 1  # invariant: values[hi] meets the budget
     while lo < hi:
         mid = (lo + hi) // 2
-        if make(float(values[mid])).compute_fraction <= fraction + 1e-12:
+        if make(float(values[mid])).compute_fraction <= limit + 1e-12:
             hi = mid
         else:
             lo = mid + 1

@@ -20,8 +20,10 @@ step forecast from the last two computed outputs (first order):
   calibration is given; the best candidate with copying instead of forecasting.
 
 ``family="classic"`` keeps only the first two warm-up families (with the last step computed): what
-``tune`` tried before the TaylorSeer placements were added. Every candidate computes at most
-``floor(fraction * num_steps)`` steps for every component, so the budget is never exceeded.
+``tune`` tried before the TaylorSeer placements were added. Every candidate spends the calls
+``fraction`` buys under the one rounding rule of every policy (:func:`~stepcache.policies._plan.budget_calls`:
+the nearest whole number, ties down), split over the component types so that some compute once more
+than others when the calls do not divide evenly (0.25 of 25 steps with two types: 6 and 7 computations).
 
 **Objective.** Each candidate's samples are compared with the uncached samples of the same seeds,
 *per sample* (index 0 of what ``run`` returns): ``e = 10 log10(MSE)`` in dB, which is the sample's
@@ -60,7 +62,6 @@ The result is a plain, serialisable :class:`Schedule`.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -69,12 +70,21 @@ from typing import Any
 import torch
 
 from ..calibration import Calibration
-from ..errors import ScheduleError
+from ..discovery import discover
+from ..errors import ScheduleError, StepCacheError
 from ..runtime import cache
 from ..runtime.introspect import final_samples
 from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
 from ._budget import fit_memory
-from ._plan import check_fraction, interval_plan, offset_plan, spaced_plan, warmup_plan
+from ._plan import (
+    budget_calls,
+    check_fraction,
+    interval_plan,
+    offset_plan,
+    spaced_plan,
+    split_computes,
+    warmup_plan,
+)
 from ._replay import DEFAULT_OBJECTIVE, db, objective_function, rows, split
 from ._replay import held_out as held_out_count
 from .optimal import optimal_schedule
@@ -98,14 +108,28 @@ def _moves(plans: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, tuple[int
                     yield {**plans, key: tuple(moved)}
 
 
+def _spend(plan: tuple[int, ...], computes: int) -> tuple[int, ...]:
+    """``plan`` with its unspent computations (below ``computes``) moved onto its last reused steps."""
+    out = list(plan)
+    left = computes - out.count(COMPUTE)
+    for s in range(len(out) - 1, -1, -1):
+        if left <= 0:
+            break
+        if out[s] != COMPUTE:
+            out[s], left = COMPUTE, left - 1
+    return tuple(out)
+
+
 def _warmups(computes: int, top: int) -> list[int]:
     grid = [*range(1, 9), 10, 12, 15, 20, 25, 30, 40]
     return [w for w in grid if w <= min(top, computes - 2)]
 
 
 def candidate_plans(n: int, computes: int, top: int, family: str = "full") -> dict[str, tuple[int, ...]]:
-    """The family's plans (label -> plan of one component type), distinct, each computing at most
-    ``computes`` of ``n`` steps, with warm-ups up to ``top`` (see the module doc)."""
+    """The family's plans (label -> plan of one component type), distinct, each computing exactly
+    ``computes`` of ``n`` steps, with warm-ups up to ``top`` (see the module doc). A placement whose
+    interval leaves computations unspent computes its last steps with them: a budget is spent, not
+    left on the table."""
     if family not in FAMILIES:
         raise ScheduleError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {family!r}.")
     out: dict[str, tuple[int, ...]] = {}
@@ -113,8 +137,8 @@ def candidate_plans(n: int, computes: int, top: int, family: str = "full") -> di
 
     def offer(label: str, build: Callable[[], tuple[int, ...]]) -> None:
         with contextlib.suppress(ScheduleError):  # this variant does not fit the budget
-            plan = build()
-            if plan not in seen and plan.count(COMPUTE) <= computes:
+            plan = _spend(build(), computes)
+            if plan not in seen and plan.count(COMPUTE) == computes:
                 seen.add(plan)
                 out[label] = plan
 
@@ -213,18 +237,29 @@ def tune(
     if not isinstance(n, int) or n < 3:
         raise ScheduleError("tune needs num_steps >= 3 (or a calibration).")
     check_fraction(fraction)
-    computes = max(2, math.floor(fraction * n + 1e-9))  # never above the asked fraction
+    # The one rounding rule (budget_calls), met per component type: when the calls do not split into a
+    # whole number of computations per type, some types compute once more than others.
+    layers = _type_layers(target, calibration)
+    budget = budget_calls(fraction, n * sum(layers.values()))
+    per_type = split_computes(budget, n, layers, first=2)
+    computes = min(per_type.values())
     if computes >= n:
         return fit(
             Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
         )
     top = max_warmup if max_warmup is not None else max(2, n // 2)
-    candidates = {
-        label: Schedule(n, {"*": plan}) for label, plan in candidate_plans(n, computes, top, family).items()
-    }
+    families = {c: candidate_plans(n, c, top, family) for c in set(per_type.values())}
+    if len(families) == 1:  # one plan for every component (the common case)
+        candidates = {label: Schedule(n, {"*": plan}) for label, plan in families[computes].items()}
+    else:
+        candidates = {
+            label: Schedule(n, {t: families[c][label] for t, c in per_type.items()}, layers)
+            for label in families[computes]
+            if all(label in families[c] for c in per_type.values())
+        }
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
-            candidates["optimal (type)"] = optimal_schedule(calibration, computes / n)
+            candidates["optimal (type)"] = optimal_schedule(calibration, fraction)
     if not candidates:
         raise ScheduleError(f"no candidate schedule fits {computes} computations in {n} steps.")
     from tqdm.auto import tqdm
@@ -331,3 +366,16 @@ def tune(
 
 def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def _type_layers(target: Any, calibration: Calibration | None) -> dict[str, int]:
+    """Component type -> layers, in the order types are found (the calibration's, else the model's);
+    ``{"*": 1}`` when neither tells (then every component follows one plan)."""
+    if calibration is not None:
+        names = list(calibration.components.values())
+    else:
+        try:
+            names = [c.type for c in discover(target)]
+        except StepCacheError:
+            return {"*": 1}
+    return {t: names.count(t) for t in dict.fromkeys(names)} or {"*": 1}
