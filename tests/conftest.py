@@ -14,7 +14,7 @@ def tiny_pipe():
 
 @pytest.fixture
 def plain_dit():
-    from plain_models import PlainDiT
+    from tests._helpers.plain_models import PlainDiT
 
     torch.manual_seed(0)
     return PlainDiT().eval()

@@ -1,5 +1,5 @@
 """Calibration and caching across real processes: two ranks on the CPU (gloo), one spawn for every
-scenario (see distributed_workers.run), compared here with one process doing all the work."""
+scenario (see tests/_helpers/distributed_workers.run), compared here with one process doing all the work."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_workers import STEPS, PlainPipe, inputs, make_model, run, sample, schedule
 
 import stepcache
 from stepcache import Calibration, distributed
 from stepcache.errors import DistributedError
+from tests._helpers.distributed_workers import STEPS, PlainPipe, inputs, make_model, run, sample, schedule
 
 WORLD = 2
 
@@ -131,7 +131,7 @@ def test_diffusers_ulysses_context_parallelism_cached_and_calibrated(ranks):
     """diffusers' own ContextParallelConfig(ulysses_degree=2) on a tiny Flux transformer: cached
     output and calibration (with sequence_group) equal one process's; without sequence_group each
     rank measures only its slice and the ranks disagree."""
-    from distributed_workers import flux_runs, flux_sample, tiny_flux
+    from tests._helpers.distributed_workers import flux_runs, flux_sample, tiny_flux
 
     report = json.loads((ranks / "report_rank0.json").read_text())
     assert "diffusers_error" not in report, report["diffusers_error"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plain_models import sample
 
 import stepcache
 from stepcache import Schedule
@@ -20,6 +19,7 @@ from stepcache.memory import (
 from stepcache.policies._budget import calibration_components
 from stepcache.runtime.cache import liveness
 from stepcache.runtime.offload import transfer_schedule
+from tests._helpers.plain_models import sample
 
 N = 10
 COPY = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from plain_models import Attention, PlainDiT, sample, timesteps
 
 import stepcache
 from stepcache import Calibration, Schedule, distributed
 from stepcache.errors import CalibrationError, DistributedError, ScheduleMismatchError
+from tests._helpers.plain_models import Attention, PlainDiT, sample, timesteps
 
 TOKENS, CHANNELS = 16, 4
 STEPS = 8

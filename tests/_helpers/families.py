@@ -627,3 +627,39 @@ FAMILIES: tuple[Family, ...] = (
         null_cond=lambda c: {"y": torch.zeros_like(c["y"])},
     ),
 )
+
+
+def run(
+    fam: Family,
+    model: nn.Module,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    guidance: float | None = None,
+    before_call: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """A short sampling loop in the family's timestep convention (Euler-like update).
+
+    ``guidance`` runs classifier-free guidance as two calls per step, cond then uncond, each in
+    ``cache_context`` when the model has one (as Wan's pipeline does). ``before_call(step, branch)``
+    lets a reference cache know where the loop is.
+    """
+    x, cond = fam.inputs(batch, seed)
+    uncond = fam.null_cond(cond) if fam.null_cond else cond
+    branches = [("cond", cond)] if guidance is None else [("cond", cond), ("uncond", uncond)]
+    with torch.no_grad():
+        for step, tv in enumerate(fam.timesteps):
+            t = torch.tensor(tv)
+            preds = []
+            for branch, (label, c) in enumerate(branches):
+                if before_call:
+                    before_call(step, branch)
+                ctx = getattr(model, "cache_context", None)
+                if ctx is not None and guidance is not None:
+                    with ctx(label):
+                        preds.append(fam.call(model, x, t, c))
+                else:
+                    preds.append(fam.call(model, x, t, c))
+            pred = preds[0] if guidance is None else preds[1] + guidance * (preds[0] - preds[1])
+            x = x - 0.1 * pred
+    return x

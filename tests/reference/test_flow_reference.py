@@ -21,7 +21,7 @@ from stepcache.runtime.steps import StepTracker
 from stepcache.schedule import Schedule
 
 WEIGHTS = reference.DEFAULT_WEIGHTS_DIR
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_reference.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_reference.py"
 
 
 @pytest.fixture(scope="module")

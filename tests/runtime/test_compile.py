@@ -9,14 +9,13 @@ import random
 
 import pytest
 import torch
-from family_models import FAMILIES
-from model_state import model_state
-from plain_models import sample
-from test_families import run
 from torch._dynamo.utils import counters
 
 import stepcache
 from stepcache import Schedule, StepCacheWarning
+from tests._helpers.families import FAMILIES, run
+from tests._helpers.model_state import model_state
+from tests._helpers.plain_models import sample
 
 pytestmark = pytest.mark.slow  # compiles: seconds each
 
