@@ -22,8 +22,8 @@ WORLD = 2
 
 def two_processes(test):
     """A check of what the two processes of ``ranks`` wrote: slow (they start once per module, a few
-    seconds)."""
-    return pytest.mark.slow(test)
+    seconds), and kept on one pytest-xdist worker so that they start once."""
+    return pytest.mark.slow(pytest.mark.xdist_group("ranks")(test))
 
 
 def _free_port() -> int:

@@ -40,6 +40,8 @@ from tests._helpers.pipelines import (
 )
 
 torch.set_num_threads(1)
+# One pytest-xdist worker runs the module, so each pipeline is set up once.
+pytestmark = pytest.mark.xdist_group("pipelines")
 
 STEPS = 5
 PLAN = (1, 0, 1, 0, 1)  # compute, reuse, compute, reuse, compute
