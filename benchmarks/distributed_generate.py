@@ -55,7 +55,7 @@ def main() -> None:
         ]
         # Sharded over the ranks when a process group is initialised; every rank gets the union.
         cal = stepcache.calibrate(pipe, inputs=inputs, num_inference_steps=args.steps, lookahead=3)
-        schedule = stepcache.Schedule.optimal(cal, args.compute_fraction)
+        schedule = stepcache.optimal_schedule(cal, args.compute_fraction)
     if is_main():
         schedule.save(args.out / "schedule.json")
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from stepcache.policies import optimal_schedule
+
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,11 +76,11 @@ def schedules(cal: Calibration, steps: int, fraction: float) -> dict[str, Schedu
     for method in METHODS:
         out[f"even {method}"] = even if method == "copy" else even.with_forecast(method)
     only = {m: cal.replace(forecast2_errors={m: cal.forecast2_errors[m]}) for m in ("taylor2", "bdf2")}
-    out["optimal copy"] = Schedule.optimal(cal, fraction, forecast=False)
-    out["optimal first-order"] = Schedule.optimal(cal, fraction, second_order=False)
-    out["optimal taylor2"] = Schedule.optimal(only["taylor2"], fraction, second_order=True)
-    out["optimal bdf2"] = Schedule.optimal(only["bdf2"], fraction, second_order=True)
-    out["optimal all"] = Schedule.optimal(cal, fraction, second_order=True)
+    out["optimal copy"] = optimal_schedule(cal, fraction, forecast=False)
+    out["optimal first-order"] = optimal_schedule(cal, fraction, second_order=False)
+    out["optimal taylor2"] = optimal_schedule(only["taylor2"], fraction, second_order=True)
+    out["optimal bdf2"] = optimal_schedule(only["bdf2"], fraction, second_order=True)
+    out["optimal all"] = optimal_schedule(cal, fraction, second_order=True)
     return out
 
 

@@ -7,8 +7,8 @@ feed-forward computations that really ran, weighted by the batch rows they ran o
 of ``--samples`` evaluation images (seed 0, labels ``arange(n) % 10``) against the uncached image of the
 same seed, summarised as mean, 5th percentile and worst.
 
-Methods: stepcache's ``tune`` (on ``--tuning`` images of seed 20 000), ``Schedule.optimal`` (type and
-layer granularity), ``Schedule.for_compute_fraction`` (SmoothCache by fraction), FORA+forecast as a
+Methods: stepcache's ``tune`` (on ``--tuning`` images of seed 20 000), ``optimal_schedule`` (type and
+layer granularity), ``for_compute_fraction`` (SmoothCache by fraction), FORA+forecast as a
 non-peer baseline; the installed peers: diffusers (TaylorSeer orders 1 and 2, MagCache calibrated on a
 seed-10 000 run, FirstBlockCache, PAB, FasterCache), cache-dit (DBCache, DBCache+TaylorSeer,
 DBCache+FoCa, and FoCa on a static step mask) and dit-smoothcache (running our SmoothCache schedules).
@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from stepcache.policies import for_compute_fraction, fora, optimal_schedule
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -347,20 +349,20 @@ def run_config(
         add_schedule(
             f"{BASELINE}/FORA+forecast",
             f"interval={i}",
-            lambda i=i: Schedule.fora(steps, i, forecast=True),
+            lambda i=i: fora(steps, i, forecast=True),
         )
     for f in thin(list(OPTIMAL_FRACTIONS), 2) if quick else OPTIMAL_FRACTIONS:
         for gran in ("type", "layer"):
             add_schedule(
                 f"{STEPCACHE}/optimal ({gran})",
                 f"fraction={f:g}",
-                lambda f=f, gran=gran: Schedule.optimal(cal, f, granularity=gran),
+                lambda f=f, gran=gran: optimal_schedule(cal, f, granularity=gran),
             )
     for f in SMOOTH_FRACTIONS[1:3] if quick else SMOOTH_FRACTIONS:
         add_schedule(
             f"{STEPCACHE}/SmoothCache by fraction",
             f"fraction={f:g}",
-            lambda f=f: Schedule.for_compute_fraction(cal, f),
+            lambda f=f: for_compute_fraction(cal, f),
         )
     tuned_info: dict[str, dict[str, Any]] = {}
     for f in tuned_fractions:
@@ -381,7 +383,7 @@ def run_config(
     if peers.available_peers().get(peers.SMOOTHCACHE):
         for f in SMOOTHCACHE_PKG_FRACTIONS[:1] if quick else SMOOTHCACHE_PKG_FRACTIONS:
             with contextlib.suppress(ScheduleError):
-                sched = Schedule.for_compute_fraction(cal, f)
+                sched = for_compute_fraction(cal, f)
                 pm = peers.PeerMethod(
                     peers.SMOOTHCACHE,
                     "SmoothCacheHelper",

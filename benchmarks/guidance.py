@@ -5,11 +5,11 @@ compute on the shared schedule.
 Per configuration (sampler, steps, guidance scale) on the reference DiT of its objective:
 
 * a shared-schedule calibration (``calibrate_reference`` at that guidance, seeds 1000+) and a guidance
-  calibration (:func:`stepcache.guidance.calibrate_guidance`, the same seeds): the per-branch errors
+  calibration (:func:`stepcache.calibrate_guidance`, the same seeds): the per-branch errors
   (copying the conditional output, copying the unconditional output, the guidance-difference stand-in)
   averaged over components and steps at gap 1 are reported;
-* at each target compute fraction ``f``: ``Schedule.optimal(cal, f)`` alone, and ``optimal`` at a higher
-  fraction ``f + d`` brought down to ``f`` by ``GuidanceReuse.for_compute_fraction`` with either stand-in
+* at each target compute fraction ``f``: ``optimal_schedule(cal, f)`` alone, and ``optimal`` at a higher
+  fraction ``f + d`` brought down to ``f`` by ``guidance_for_compute_fraction`` with either stand-in
   (``reuse``: the unconditional output of the last full computation; ``difference``: the conditional
   output now plus the kept guidance difference);
 * ``tune_guidance`` (the plain schedule or one of the stand-in combinations, chosen on 12 replayed
@@ -36,14 +36,18 @@ from typing import Any
 
 import torch
 
+from stepcache.policies import optimal_schedule
+
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import peers
 from benchmarks.harness.perimage import generate, per_image_psnr
 from stepcache import Schedule, reference
+from stepcache.calibration import calibrate_guidance
 from stepcache.errors import ScheduleError
-from stepcache.guidance import KINDS, GuidanceReuse, calibrate_guidance, tune_guidance
+from stepcache.guidance import KINDS, GuidanceReuse
+from stepcache.policies import guidance_for_compute_fraction, tune_guidance
 from stepcache.reference import calibrate_reference
 from stepcache.runtime import cache
 
@@ -129,12 +133,12 @@ def run_config(spec: str, models: dict[str, torch.nn.Module], args: argparse.Nam
         print(spec, json.dumps(row), flush=True)
 
     for f in args.fractions:
-        run("optimal", f, Schedule.optimal(cal, f), None)
+        run("optimal", f, optimal_schedule(cal, f), None)
         for d in args.raise_by:
-            shared = Schedule.optimal(cal, min(1.0, f + d))
+            shared = optimal_schedule(cal, min(1.0, f + d))
             for mode in ("reuse", "difference"):
                 try:
-                    plan = GuidanceReuse.for_compute_fraction(gcal, shared, f, mode=mode)
+                    plan = guidance_for_compute_fraction(gcal, shared, f, mode=mode)
                 except ScheduleError as e:
                     print(spec, f, d, mode, "unreachable:", e, flush=True)
                     continue
@@ -152,6 +156,8 @@ def run_config(spec: str, models: dict[str, torch.nn.Module], args: argparse.Nam
                 f,
                 calibration=cal,
                 guidance=gcal,
+                # The committed results started from the optimal schedule (then tune_guidance's default).
+                schedule=optimal_schedule(cal, f),
                 raise_by=args.raise_by,
                 progress=False,
             )

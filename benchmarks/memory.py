@@ -38,7 +38,7 @@ import stepcache
 from stepcache import Schedule, reference
 from stepcache.calibration import calibrate
 from stepcache.memory import output_bytes, unplanned_peak
-from stepcache.policies import tune
+from stepcache.policies import for_compute_fraction, optimal_schedule, tune
 from stepcache.policies._budget import calibration_components, fit_memory
 from stepcache.runtime.offload import transfer_schedule
 
@@ -123,8 +123,8 @@ def budgets(
 
     for fraction in (0.35, 0.5):
         bases = {
-            "smoothcache": Schedule.for_compute_fraction(cal, fraction),
-            "optimal": Schedule.optimal(cal, fraction),
+            "smoothcache": for_compute_fraction(cal, fraction),
+            "optimal": optimal_schedule(cal, fraction),
         }
         for policy, base in bases.items():
             unplanned = unplanned_peak(base, sizes["fp32"], components=comps)
@@ -134,9 +134,9 @@ def budgets(
                     measure(policy, fraction, pct, storage, "attn+ff", fitted, unplanned)
             # Whole blocks: the same budget in bytes, one stored output per block.
             block_base = (
-                Schedule.for_compute_fraction(block_cal, fraction)
+                for_compute_fraction(block_cal, fraction)
                 if policy == "smoothcache"
-                else Schedule.optimal(block_cal, fraction)
+                else optimal_schedule(block_cal, fraction)
             )
             for pct in BUDGETS:
                 for storage in ("fp32", "fp8"):
@@ -171,8 +171,8 @@ def offload(model: torch.nn.Module, labels: torch.Tensor) -> list[dict]:
     comps = stepcache.discover(model)
     rows = []
     for name, sched in (
-        ("smoothcache 0.5", Schedule.for_compute_fraction(cal, 0.5)),
-        ("optimal 0.35", Schedule.optimal(cal, 0.35)),
+        ("smoothcache 0.5", for_compute_fraction(cal, 0.5)),
+        ("optimal 0.35", optimal_schedule(cal, 0.35)),
     ):
         with stepcache.cache(model, sched) as handle:
             exact = run(model, labels, 0)
@@ -272,7 +272,7 @@ def peers_part(model: torch.nn.Module, labels: torch.Tensor) -> list[dict]:
 
     cal = reference.shipped_calibration(SCHEDULER, STEPS)
     assert cal is not None
-    sched = Schedule.for_compute_fraction(cal, 0.5)
+    sched = for_compute_fraction(cal, 0.5)
     have = peers.available_peers()
     rows = []
 
@@ -290,7 +290,7 @@ def peers_part(model: torch.nn.Module, labels: torch.Tensor) -> list[dict]:
             run(model, labels, 0, callback=cb)
             walked = read()[0]
         record(name, handle.stats.peak_stored_bytes, walked, round(handle.stats.compute_fraction, 4))
-    opt = Schedule.optimal(cal, 0.35)
+    opt = optimal_schedule(cal, 0.35)
     with stepcache.cache(model, opt) as handle, probe(model, [handle]) as read:
         run(model, labels, 0, callback=read()[1])
         walked = read()[0]

@@ -3,6 +3,8 @@ one version, the stepcache logger namespace, summary()."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.metadata
 import inspect
 import logging
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import stepcache
-from stepcache import CacheHandle, Schedule, StepCacheError, errors
+from stepcache import CacheConfig, CacheHandle, Schedule, SmoothCacheConfig, StepCacheError, errors
 from tests._helpers.model_state import model_state
 from tests._helpers.plain_models import sample
 
@@ -41,8 +43,68 @@ def test_one_way_to_enable_with_typed_keyword_options():
     assert not hasattr(stepcache, "enable")
     params = inspect.signature(stepcache.cache).parameters
     assert all(p.kind is not p.VAR_KEYWORD for p in params.values())
-    assert list(params)[:2] == ["target", "schedule"]
-    assert all(p.kind is p.KEYWORD_ONLY for name, p in params.items() if name not in ("target", "schedule"))
+    assert list(params)[:3] == ["target", "schedule", "config"]
+    assert all(
+        p.kind is p.KEYWORD_ONLY for name, p in params.items() if name not in ("target", "schedule", "config")
+    )
+
+
+def test_every_option_is_reachable_from_both_doors():
+    """stepcache.cache's keywords, CacheConfig's fields and SmoothCacheConfig's (the same plus the
+    schedule) are one set of options: an option added to one door and not the other fails here."""
+    options = {f.name for f in dataclasses.fields(CacheConfig)}
+    keywords = {
+        name for name, p in inspect.signature(stepcache.cache).parameters.items() if p.kind is p.KEYWORD_ONLY
+    }
+    assert keywords == options
+    assert issubclass(SmoothCacheConfig, CacheConfig)
+    assert {f.name for f in dataclasses.fields(SmoothCacheConfig)} == options | {"schedule"}
+    # The runtime's own door and the handle take the config whole.
+    runtime_params = inspect.signature(stepcache.runtime.cache).parameters
+    assert list(runtime_params) == ["target", "schedule", "config", "options"]
+    assert list(inspect.signature(CacheHandle).parameters) == ["target", "schedule", "config", "installer"]
+
+
+def test_keyword_options_win_over_the_config(plain_dit):
+    base = CacheConfig(count_macs=True, on_length_mismatch="resample")
+    with stepcache.cache(plain_dit, sched(), base, on_length_mismatch="error") as handle:
+        assert handle.config == CacheConfig(count_macs=True)
+    with stepcache.cache(plain_dit, sched(), base) as handle:
+        assert handle.config is base
+    with stepcache.cache(plain_dit, sched(), strict=False) as handle:
+        assert handle.config == CacheConfig(strict=False)
+    with stepcache.cache(plain_dit, sched(), SmoothCacheConfig(sched(), count_macs=True)) as handle:
+        assert handle.config.count_macs
+    with pytest.raises(StepCacheError, match="offload_lead"):
+        stepcache.cache(plain_dit, sched(), CacheConfig(offload=True, offload_lead=2), offload=False)
+    with pytest.raises(StepCacheError, match="config must be a stepcache"):
+        stepcache.cache(plain_dit, sched(), {"strict": False})
+
+
+def test_options_are_checked_once_in_the_config(plain_dit, tmp_path):
+    for bad, match in (
+        ({"offload": 1}, "offload must be True or False"),
+        ({"offload_lead": 2}, "offload_lead is the prefetch distance"),
+        ({"offload": True, "offload_lead": 0}, "offload_lead must be a positive"),
+        ({"on_length_mismatch": "stretch"}, "on_length_mismatch must be"),
+        ({"types": "attn"}, "types must be a list"),
+        ({"storage_dtype": "int4"}, "storage_dtype must be"),
+        ({"guidance": 3}, "guidance must be a stepcache"),
+    ):
+        for make in (
+            CacheConfig,
+            functools.partial(SmoothCacheConfig, sched()),
+            functools.partial(stepcache.cache, plain_dit, sched()),
+        ):
+            with pytest.raises(StepCacheError, match=match):
+                make(**bad)
+    with pytest.raises(StepCacheError, match="CacheConfig takes the guidance plan itself"):
+        CacheConfig(guidance=str(tmp_path / "plan.json"))  # the doors read files, the config takes values
+    assert CacheConfig(types=["attn"]).types == ("attn",)
+    with pytest.raises(stepcache.ScheduleError, match="CacheHandle takes a stepcache"):
+        CacheHandle(plain_dit, str(tmp_path))
+    with pytest.raises(stepcache.ScheduleError, match="schedule must be a stepcache"):
+        stepcache.cache(plain_dit, 3)
 
 
 def test_every_error_is_a_stepcache_error():

@@ -214,7 +214,7 @@ def test_generation_recipe_under_torchrun_equals_one_process(tmp_path, launcher)
     inputs = [{"class_labels": [i], "generator": torch.Generator().manual_seed(1000 + i)} for i in range(2)]
     cal = stepcache.calibrate(pipe, inputs=inputs, num_inference_steps=6, lookahead=3, progress=False)
     schedule = stepcache.Schedule.load(tmp_path / "out" / "schedule.json")
-    assert schedule.plans == stepcache.Schedule.optimal(cal, 0.5).plans
+    assert schedule.plans == stepcache.optimal_schedule(cal, 0.5).plans
     with stepcache.cache(pipe, schedule):
         for i in range(3):
             image = pipe(class_labels=[i], num_inference_steps=6, seed=i)

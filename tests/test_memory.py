@@ -16,9 +16,10 @@ from stepcache.memory import (
     predict_peak,
     unplanned_peak,
 )
+from stepcache.policies import for_compute_fraction, from_calibration, optimal_schedule
 from stepcache.policies._budget import calibration_components
-from stepcache.runtime.cache import liveness
 from stepcache.runtime.offload import transfer_schedule
+from stepcache.schedule import liveness
 from tests._helpers.plain_models import sample
 
 N = 10
@@ -192,7 +193,7 @@ def _run_ref(model, labels, schedule, **options):
 def test_memory_budget_is_respected_and_measured_peak_equals_predicted(ref, policy):
     model, cal, labels, sizes = ref
     comps = calibration_components(cal, sizes)
-    make = Schedule.for_compute_fraction if policy == "smoothcache" else Schedule.optimal
+    make = for_compute_fraction if policy == "smoothcache" else optimal_schedule
     free = make(cal, 0.5)
     unplanned = unplanned_peak(free, sizes, components=comps)
     assert predict_peak(free, sizes, components=comps).peak_bytes == unplanned  # all reuse at some step
@@ -215,17 +216,17 @@ def test_memory_budget_is_respected_and_measured_peak_equals_predicted(ref, poli
 
 def test_memory_budget_as_a_string_and_missing_sizes(ref):
     _, cal, _, sizes = ref
-    fitted = Schedule.from_calibration(cal, 0.1, memory_budget="1MiB", sizes=sizes)
+    fitted = from_calibration(cal, 0.1, memory_budget="1MiB", sizes=sizes)
     assert fitted.meta["memory"]["budget"] == 2**20 and fitted.meta["memory"]["predicted_peak"] <= 2**20
     with pytest.raises(stepcache.ScheduleError, match="output size"):
-        Schedule.from_calibration(cal, 0.1, memory_budget="1MiB")
+        from_calibration(cal, 0.1, memory_budget="1MiB")
     with pytest.raises(stepcache.ScheduleError, match="no output size for 1"):
-        Schedule.optimal(cal, 0.5, memory_budget="1MiB", sizes=dict(list(sizes.items())[1:]))
+        optimal_schedule(cal, 0.5, memory_budget="1MiB", sizes=dict(list(sizes.items())[1:]))
     with pytest.raises(stepcache.ScheduleError, match="unknown unit"):
-        Schedule.optimal(cal, 0.5, memory_budget="1 MegaByte", sizes=sizes)
+        optimal_schedule(cal, 0.5, memory_budget="1 MegaByte", sizes=sizes)
     # The calibration may carry the sizes itself.
     carried = cal.replace(meta={**cal.meta, "output_bytes": sizes})
-    assert Schedule.optimal(carried, 0.5, memory_budget="1MiB").meta["memory"]["predicted_peak"] <= 2**20
+    assert optimal_schedule(carried, 0.5, memory_budget="1MiB").meta["memory"]["predicted_peak"] <= 2**20
 
 
 def test_peak_profile_equals_predict_peak():

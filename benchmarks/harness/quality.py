@@ -22,7 +22,7 @@ import torch
 
 from stepcache import Calibration, Schedule, metrics, reference
 from stepcache.errors import ScheduleError
-from stepcache.policies import tune
+from stepcache.policies import for_compute_fraction, fora, from_calibration, optimal_schedule, tune
 from stepcache.runtime import cache
 
 from . import peers
@@ -97,15 +97,15 @@ def stepcache_methods(
         out.append(Method(library, name, knob, lambda s=sched: cache(model, s), schedule=sched))
 
     for interval in (i for i in (2, 3, 4) if i < steps):
-        add(BASELINE, "FORA", f"interval={interval}", Schedule.fora(steps, interval))
-        add(BASELINE, "FORA+forecast", f"interval={interval}", Schedule.fora(steps, interval, forecast=True))
+        add(BASELINE, "FORA", f"interval={interval}", fora(steps, interval))
+        add(BASELINE, "FORA+forecast", f"interval={interval}", fora(steps, interval, forecast=True))
     for granularity in ("type", "layer"):
         for alpha in cfg.alphas if granularity == "type" else cfg.alphas[::2]:
             add(
                 STEPCACHE,
                 f"SmoothCache ({granularity})",
                 f"alpha={alpha:g}",
-                Schedule.from_calibration(cal, alpha, granularity=granularity),
+                from_calibration(cal, alpha, granularity=granularity),
             )
     for frac in cfg.fractions:
         sparse = frac in cfg.matched or frac in cfg.fractions[::2]  # fewer points for the secondary variants
@@ -116,7 +116,7 @@ def stepcache_methods(
                     STEPCACHE,
                     "SmoothCache by fraction",
                     f"fraction={frac:g}",
-                    Schedule.for_compute_fraction(cal, frac),
+                    for_compute_fraction(cal, frac),
                 )
         if tuning_run is not None:
             sched = tune(model, tuning_run, frac, calibration=cal, progress=False)
@@ -128,7 +128,7 @@ def stepcache_methods(
                     STEPCACHE,
                     f"optimal ({granularity})",
                     f"fraction={frac:g}",
-                    Schedule.optimal(cal, frac, granularity=granularity),
+                    optimal_schedule(cal, frac, granularity=granularity),
                 )
     return out
 
@@ -154,7 +154,7 @@ def peer_methods(
         )
     if have.get(peers.SMOOTHCACHE):
         for alpha in cfg.alphas:
-            sched = Schedule.from_calibration(cal, alpha, granularity="type")
+            sched = from_calibration(cal, alpha, granularity="type")
             pm = peers.PeerMethod(
                 peers.SMOOTHCACHE,
                 "SmoothCacheHelper",

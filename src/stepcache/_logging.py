@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from .distributed import rank
+from .errors import StepCacheError
+
 __all__ = ["get_logger", "set_verbosity"]
 
 ROOT = "stepcache"
@@ -29,8 +32,6 @@ def set_verbosity(level: int | str) -> None:
     if isinstance(level, str):
         value = logging.getLevelName(level.upper())
         if not isinstance(value, int):
-            from .errors import StepCacheError
-
             raise StepCacheError(f"unknown log level {level!r}; use debug, info, warning or error.")
         level = value
     logging.getLogger(ROOT).setLevel(level)
@@ -57,8 +58,6 @@ def follow_diffusers() -> None:
 def quiet_other_ranks() -> None:
     """On a rank other than 0 (of torch.distributed, or ``RANK`` set by a launcher), raise the
     stepcache loggers to warning level unless :func:`set_verbosity` chose a level."""
-    from .distributed import rank
-
     if _explicit or rank() == 0:
         return
     root = logging.getLogger(ROOT)

@@ -20,11 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import metrics, reference
 from ._io import atomic_write, check_output
 from ._version import __version__
-from .reference.pipeline import ReferencePipeline, calibrate_reference, shipped_calibration
+from .plots import pyplot, save_figure
+from .policies import for_compute_fraction, from_calibration
+from .reference import (
+    ReferencePipeline,
+    calibrate_reference,
+    check_scheduler_fits,
+    model_key,
+    shipped_calibration,
+)
 from .runtime import cache
-from .schedule import Schedule
 
 __all__ = ["DEFAULT_ALPHA", "DemoConfig", "run_demo"]
 
@@ -76,9 +84,7 @@ def _grid(
 def _plot_grid(
     path: Path, columns: list[tuple[str, torch.Tensor]], labels: torch.Tensor, classes: list[int]
 ) -> None:
-    from .plots import _pyplot, save_figure
-
-    plt = _pyplot()
+    plt = pyplot()
     per_row = 4
     # Images in [-1, 1] -> [0, 1]; differences amplified x10 and shown as |diff| on the same scale.
     shown = [
@@ -102,9 +108,6 @@ def _plot_grid(
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to ``cfg.out / "report.json"``)."""
-    from . import metrics, reference
-    from .reference._model import check_scheduler_fits, model_key
-
     check_output(cfg.out, "demo output folder", folder=True)
     model = model_key(cfg.model)
     scheduler = check_scheduler_fits(model, cfg.scheduler or reference.default_scheduler(model))
@@ -124,8 +127,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         )
         cal_source = f"calibrated now ({cfg.calibration_samples} samples)"
     schedules = {
-        f"alpha={cfg.alpha:g}": Schedule.from_calibration(cal, cfg.alpha),
-        f"fraction={cfg.compute_fraction:g}": Schedule.for_compute_fraction(cal, cfg.compute_fraction),
+        f"alpha={cfg.alpha:g}": from_calibration(cal, cfg.alpha),
+        f"fraction={cfg.compute_fraction:g}": for_compute_fraction(cal, cfg.compute_fraction),
     }
     cal.plot(cfg.out / "curves.png", schedule=schedules[f"alpha={cfg.alpha:g}"])
 

@@ -7,7 +7,7 @@ plans, the one before, or the two before for second-order forecasts) while a lat
   hooks; on a model built on ``torch.device("meta")`` with meta inputs it costs no memory and no
   compute, so a 14B model's outputs are measured from its config alone;
 * :func:`predict_peak` replays a schedule's steps with the runtime's own liveness rule
-  (:func:`stepcache.runtime.cache.liveness`) and returns the peak bytes held, total and per type, and
+  (:func:`stepcache.schedule.liveness`) and returns the peak bytes held, total and per type, and
   the step where it is reached. For an eager run it equals ``handle.stats.peak_stored_bytes``.
 """
 
@@ -23,9 +23,8 @@ import torch
 
 from .discovery import DEFAULT_TYPES, Component, discover
 from .errors import StepCacheError
-from .runtime.cache import liveness, nbytes
 from .runtime.storage import resolve_storage_dtype, stored_nbytes
-from .schedule import COMPUTE, Schedule
+from .schedule import COMPUTE, Schedule, liveness
 
 __all__ = [
     "MemoryPeak",
@@ -125,7 +124,7 @@ def output_bytes(
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
-            size = nbytes(output) if storage is None else stored_nbytes(output, storage)
+            size = stored_nbytes(output, storage)  # as computed when storage is None
             if size > sizes.get(name, -1):
                 sizes[name] = size
 

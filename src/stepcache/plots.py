@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 _COLORS = {"attn": "tab:blue", "cross_attn": "tab:green", "ff": "tab:orange", "block": "tab:purple"}
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -30,7 +30,7 @@ def _pyplot() -> Any:
 def plot_format(path: str | Path) -> str:
     """The image format ``path`` asks for (its suffix; none: PNG), checked against what matplotlib
     writes, so a bad plot path fails before any work is done."""
-    _pyplot()
+    pyplot()
     from matplotlib.backend_bases import FigureCanvasBase
 
     fmt = Path(path).suffix[1:].lower() or "png"
@@ -45,7 +45,7 @@ def plot_format(path: str | Path) -> str:
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
     """Write ``fig`` to ``path`` atomically (a failed write leaves an existing file as it was) and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         fmt = plot_format(path)
         return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), what="plot")
@@ -56,7 +56,7 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
 def plot_calibration(cal: Calibration, path: Path, *, schedule: Any = None) -> Path:
     """Per-type error curves (1-step change solid, longer distances fainter); with a schedule, its
     alpha as a dashed line and one compute/reuse strip per schedule entry underneath."""
-    plt = _pyplot()
+    plt = pyplot()
     plot_format(path)  # before drawing: a bad suffix is an error, not a wasted figure
     tables = cal.type_errors()
     strips = list(schedule.plans.items()) if schedule is not None else []

@@ -27,11 +27,11 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from ._hub import HubValue
 from ._io import (
     SCHEDULE_FILE,
-    JsonValue,
     check_format_version,
     is_int,
     is_number,
@@ -42,9 +42,6 @@ from ._io import (
 from ._version import __version__
 from .discovery import COMPONENT_TYPES, Component
 from .errors import ScheduleError, StepCacheError
-
-if TYPE_CHECKING:
-    from .calibration import Calibration
 
 __all__ = [
     "BDF2",
@@ -57,6 +54,7 @@ __all__ = [
     "PlanValue",
     "Schedule",
     "forecast_coefficients",
+    "liveness",
     "reads",
 ]
 
@@ -84,6 +82,40 @@ def reads(value: int) -> int:
     """How many earlier computed outputs a step with plan value ``value`` reads beyond the last one
     (``-1`` for a compute, 0 for a copy, 1 for a first-order forecast, 2 for the second-order ones)."""
     return {COMPUTE: -1, REUSE: 0, FORECAST: 1, FORECAST2: 2, BDF2: 2}[value]
+
+
+def liveness(plan: tuple[int, ...]) -> tuple[list[int], int]:
+    """How many computed outputs a plan keeps, and when: ``(held, history)``.
+
+    ``held[s]`` (for a computing step ``s``): how many outputs the component's store holds after it,
+    0 to 3: the one just computed and the most recent earlier ones, as many as some later step
+    still reads. A copy (plan value 0) reads the last computed output, a first-order forecast (2)
+    the last two, a second-order one (3, 4) the last three; an output is kept from its computation
+    until the computation after the last interval that reads it. So an output nothing reads is never
+    stored, an all-compute step stores nothing, and a plan of copies keeps one output, of first-order
+    forecasts two, of second-order forecasts three. For a reusing step, ``held[s]`` is what a
+    computation there keeps when nothing is stored to reuse (1 if the next step reuses, else 0).
+
+    ``history``: the most earlier outputs any step of the plan reads (0 copies only, 1 first order,
+    2 second order): what a compiled graph keeps at every step. The runtime's slots,
+    :func:`stepcache.memory.predict_peak` and the offload schedule all follow this one rule.
+    """
+    n = len(plan)
+    history = max((reads(v) for v in plan if v != COMPUTE), default=0)
+    computes = [s for s, v in enumerate(plan) if v == COMPUTE]
+    deepest = []  # per compute: the most earlier outputs a step before the next compute reads (-1: none)
+    for i, a in enumerate(computes):
+        end = computes[i + 1] if i + 1 < len(computes) else n
+        deepest.append(max((reads(plan[u]) for u in range(a + 1, end)), default=-1))
+    # The last interval (indexed by the compute that opens it) that reads compute i's output.
+    last = [
+        max((j for j in range(i, min(i + 3, len(computes))) if deepest[j] >= j - i), default=-1)
+        for i in range(len(computes))
+    ]
+    held = [int(s + 1 < n and plan[s + 1] != COMPUTE) for s in range(n)]
+    for j, a in enumerate(computes):  # the outputs still read are the most recent ones
+        held[a] = sum(1 for i in range(max(0, j - 2), j + 1) if last[i] >= j)
+    return held, history
 
 
 def forecast_coefficients(
@@ -131,7 +163,7 @@ SMOOTHCACHE_NAMES = {"attn": "attn1", "cross_attn": "attn2", "ff": "ff"}
 
 
 @dataclass(frozen=True)
-class Schedule(JsonValue):
+class Schedule(HubValue):
     """Per-step compute/reuse plans keyed by selector (type, component name or glob pattern).
 
     Attributes:
@@ -187,66 +219,6 @@ class Schedule(JsonValue):
         object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "meta", dict(self.meta))
 
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_calibration(
-        cls, calibration: Calibration, alpha: float, *, granularity: str = "type", **memory: Any
-    ) -> Schedule:
-        """SmoothCache's schedule for threshold ``alpha``: :func:`stepcache.policies.smoothcache.from_calibration`
-        (``memory``: ``memory_budget``, ``sizes``, ``branches``)."""
-        from .policies.smoothcache import from_calibration
-
-        return from_calibration(calibration, alpha, granularity=granularity, **memory)
-
-    @classmethod
-    def for_compute_fraction(
-        cls, calibration: Calibration, fraction: float, *, granularity: str = "type", **memory: Any
-    ) -> Schedule:
-        """The SmoothCache schedule with the smallest alpha within a compute budget:
-        :func:`stepcache.policies.smoothcache.for_compute_fraction` (``memory``: ``memory_budget``,
-        ``sizes``, ``branches``)."""
-        from .policies.smoothcache import for_compute_fraction
-
-        return for_compute_fraction(calibration, fraction, granularity=granularity, **memory)
-
-    @classmethod
-    def optimal(
-        cls,
-        calibration: Calibration,
-        fraction: float,
-        *,
-        granularity: str = "type",
-        forecast: bool | None = None,
-        weighted: bool | None = None,
-        budget: str = "calls",
-        second_order: bool | None = None,
-        **memory: Any,
-    ) -> Schedule:
-        """The least summed calibrated error for a compute budget (exact DP + knapsack):
-        :func:`stepcache.policies.optimal.optimal_schedule` (``memory``: ``memory_budget``, ``sizes``,
-        ``branches``)."""
-        from .policies.optimal import optimal_schedule
-
-        return optimal_schedule(
-            calibration,
-            fraction,
-            granularity=granularity,
-            forecast=forecast,
-            weighted=weighted,
-            budget=budget,
-            second_order=second_order,
-            **memory,
-        )
-
-    @classmethod
-    def fora(
-        cls, num_steps: int, interval: int, *, types: Sequence[str] | None = None, forecast: bool = False
-    ) -> Schedule:
-        """FORA's uniform schedule, every ``interval``-th step: :func:`stepcache.policies.uniform.fora`."""
-        from .policies.uniform import fora
-
-        return fora(num_steps, interval, types=types, forecast=forecast)
-
     # ---------------------------------------------------------------- properties
     @property
     def compute_fraction(self) -> float:
@@ -259,17 +231,20 @@ class Schedule(JsonValue):
         return executed / total
 
     def with_forecast(self, method: str = "first-order") -> Schedule:
-        """The same compute steps, with every reuse replaced by a forecast.
+        """The same compute steps, with every step that does not compute forecast by ``method``.
 
         ``method``: ``"first-order"`` (plan value 2, the default), ``"taylor2"`` (3: second-order
-        extrapolation from the last three computed outputs) or ``"bdf2"`` (4). Where fewer outputs
-        have been computed yet, the runtime falls back to a lower order (first order, then a copy).
-        Second-order methods keep three outputs per component instead of two (docs/memory.md).
+        extrapolation from the last three computed outputs), ``"bdf2"`` (4) or ``"copy"`` (0: reuse the
+        last output, no forecast). Steps that already forecast are converted too, so
+        ``tuned.with_forecast("taylor2")`` is the tuned placement with second-order forecasts
+        everywhere. Where fewer outputs have been computed yet, the runtime falls back to a lower
+        order (first order, then a copy). Second-order methods keep three outputs per component
+        instead of two (docs/memory.md).
         """
-        if method not in METHODS:
-            raise ScheduleError(f"method must be one of {list(METHODS)}, got {method!r}.")
-        fill = METHODS[method]
-        plans = {k: tuple(fill if v == REUSE else v for v in plan) for k, plan in self.plans.items()}
+        if method != "copy" and method not in METHODS:
+            raise ScheduleError(f"method must be one of {[*METHODS, 'copy']}, got {method!r}.")
+        fill = REUSE if method == "copy" else METHODS[method]
+        plans = {k: tuple(v if v == COMPUTE else fill for v in plan) for k, plan in self.plans.items()}
         return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": method})
 
     def resample(self, num_steps: int) -> Schedule:

@@ -74,12 +74,12 @@ def test_save_load_round_trip(plain_dit, tmp_path):
     assert back.num_samples == 2 and back.meta == cal.meta
     for name in cal.components:
         np.testing.assert_array_equal(back.errors[name], cal.errors[name])  # exact
-    assert stepcache.Schedule.from_calibration(back, 0.2) == stepcache.Schedule.from_calibration(cal, 0.2)
+    assert stepcache.from_calibration(back, 0.2) == stepcache.from_calibration(cal, 0.2)
 
 
 def test_plot_writes_png(plain_dit, tmp_path):
     cal = stepcache.calibrate(plain_dit, run_for(plain_dit, [0]), progress=False)
-    path = cal.plot(tmp_path / "c.png", schedule=stepcache.Schedule.from_calibration(cal, 0.3))
+    path = cal.plot(tmp_path / "c.png", schedule=stepcache.from_calibration(cal, 0.3))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

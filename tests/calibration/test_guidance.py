@@ -10,8 +10,10 @@ import torch
 
 import stepcache
 from stepcache import Schedule, reference
+from stepcache.calibration import GuidanceCalibration, calibrate_guidance
 from stepcache.errors import CalibrationError, ScheduleError, StepCacheError
-from stepcache.guidance import KINDS, GuidanceCalibration, GuidanceReuse, calibrate_guidance, tune_guidance
+from stepcache.guidance import KINDS, GuidanceReuse
+from stepcache.policies import guidance_for_compute_fraction, guidance_from_calibration, tune_guidance
 from tests._helpers.model_state import model_state as snapshot
 
 STEPS, GUIDANCE, N = 6, 3.0, 4
@@ -133,7 +135,7 @@ def test_calibrate_guidance_measures_each_branch(model, tmp_path):
 def test_plan_from_calibration_and_for_compute_fraction(model):
     gcal = calibrate_guidance(model, lambda: batched(model, seed=7), progress=False)
     sched = Schedule(STEPS, {"attn": (1, 1, 0, 1, 1, 1), "ff": (1, 1, 1, 1, 0, 1)})
-    everywhere = GuidanceReuse.from_calibration(gcal, sched, np.inf)
+    everywhere = guidance_from_calibration(gcal, sched, np.inf)
     ff = everywhere.plans["transformer_blocks.0.ff"]
     # stand in while the last full computation is within the lookahead (2 steps): s 1 and 2 (from 0), 5 (from 3)
     assert ff == (False, True, True, False, False, True)
@@ -142,16 +144,16 @@ def test_plan_from_calibration_and_for_compute_fraction(model):
         for s, v in zip(everywhere.plans["transformer_blocks.0.attn1"], (1, 1, 0, 1, 1, 1), strict=True)
         if not v
     )
-    assert not any(any(p) for p in GuidanceReuse.from_calibration(gcal, sched, 0.0).plans.values())
+    assert not any(any(p) for p in guidance_from_calibration(gcal, sched, 0.0).plans.values())
     comps = stepcache.discover(model)
     target = 0.8
-    plan = GuidanceReuse.for_compute_fraction(gcal, sched, target)
+    plan = guidance_for_compute_fraction(gcal, sched, target)
     assert plan.compute_fraction(sched, comps) <= target
     with stepcache.cache(model, sched, guidance=plan) as handle:
         batched(model)
     assert handle.stats.compute_fraction == pytest.approx(plan.compute_fraction(sched, comps))
     with pytest.raises(ScheduleError, match="lower fraction"):
-        GuidanceReuse.for_compute_fraction(gcal, sched, 0.3)
+        guidance_for_compute_fraction(gcal, sched, 0.3)
 
 
 def test_bad_input_gets_clear_errors_and_leaves_the_model_alone(model, tmp_path):
@@ -190,8 +192,16 @@ def test_tune_guidance_chooses_in_closed_loop(model):
     cal = stepcache.calibrate(model, lambda: batched(model, seed=11), progress=False)
     gcal = calibrate_guidance(model, lambda: batched(model, seed=11), progress=False)
     replay = lambda: batched(model, n=6, seed=5)  # noqa: E731
+    start = stepcache.optimal_schedule(cal, 0.5)
     sched, plan = tune_guidance(
-        model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(0.17, 0.34), progress=False
+        model,
+        replay,
+        0.5,
+        calibration=cal,
+        guidance=gcal,
+        schedule=start,
+        raise_by=(0.17, 0.34),
+        progress=False,
     )
     info = sched.meta["guidance_tuning"]
     assert set(info["scores"]) >= {"plain"} and len(info["scores"]) >= 2
@@ -203,7 +213,7 @@ def test_tune_guidance_chooses_in_closed_loop(model):
         batched(model)
     assert handle.stats.compute_fraction == pytest.approx(frac)
     plain, none = tune_guidance(
-        model, replay, 0.5, calibration=cal, guidance=gcal, raise_by=(), progress=False
+        model, replay, 0.5, calibration=cal, guidance=gcal, schedule=start, raise_by=(), progress=False
     )
     assert none is None and plain.meta["guidance_tuning"]["chosen"] == "plain"
 
@@ -225,7 +235,7 @@ def test_diffusers_pipelines_batched_and_split(case, layout):
     gcal = calibrate_guidance(pipe, inputs=inputs, num_inference_steps=steps, layout=layout, progress=False)
     assert gcal.layout == layout and np.isfinite(gcal.errors[next(iter(gcal.errors))][2:]).all()
     sched = Schedule(steps, {"*": (1,) * steps})
-    plan = GuidanceReuse.from_calibration(gcal, sched, np.inf)
+    plan = guidance_from_calibration(gcal, sched, np.inf)
     before = snapshot(pipe.transformer)
     base = pipe(**spec.inputs("a blue dog on grass", seed=3), num_inference_steps=steps)[0]
     with stepcache.cache(pipe, sched, guidance=plan) as handle:
@@ -240,7 +250,7 @@ def test_diffusers_pipelines_batched_and_split(case, layout):
     else:
         assert stats.halved > 0 and stats.reused == 0
     # no stand-in anywhere: exactly the uncached run
-    with stepcache.cache(pipe, sched, guidance=GuidanceReuse.from_calibration(gcal, sched, 0.0)):
+    with stepcache.cache(pipe, sched, guidance=guidance_from_calibration(gcal, sched, 0.0)):
         again = pipe(**spec.inputs("a blue dog on grass", seed=3), num_inference_steps=steps)[0]
     torch.testing.assert_close(again, base, rtol=0, atol=0)
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import stepcache
 import stepcache.cli as cli
 from stepcache import Calibration, Schedule
+from stepcache.cli import _targets as targets
 
 runner = CliRunner()
-SHIPPED_FILE = Path(cli.__file__).parent / "reference" / "calibrations" / "dpm-20.json"
+SHIPPED_FILE = Path(stepcache.__file__).parent / "reference" / "calibrations" / "dpm-20.json"
 
 
 def run(args: list[str]):
@@ -57,8 +59,8 @@ def files(tmp_path, monkeypatch, shipped):
     def no_work(*args, **kw):
         raise AssertionError(f"work started although the arguments were bad: {args}")
 
-    monkeypatch.setattr(cli, "load_target", no_work)
-    monkeypatch.setattr(importlib.import_module("stepcache.demo"), "run_demo", no_work)
+    monkeypatch.setattr(targets, "load_target", no_work)
+    monkeypatch.setattr(importlib.import_module("stepcache.cli.demo"), "run_demo", no_work)
     return tmp_path
 
 
@@ -130,7 +132,7 @@ CASES = [
     ("demo --alpha -1", "--alpha"),
     ("demo --compute-fraction 2", "--compute-fraction"),
     ("demo --guidance-scale nan", "finite"),
-    ("demo --scheduler euler", "--scheduler"),
+    ("demo --scheduler heun", "--scheduler"),
     ("demo --seed 99999999999999999999", "--seed"),
     ("demo -o {t}/file", "is a file, not a folder"),
     ("demo --calibration-samples 3 -o {t}/demo", "--calibration-samples is unused"),
@@ -168,7 +170,7 @@ def test_module_factories_that_are_not_factories(model, expect):
 def test_a_factory_returning_a_module_is_refused_where_a_pipeline_is_needed(tmp_path, monkeypatch):
     import torch
 
-    monkeypatch.setattr(cli, "load_target", lambda spec, **kw: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(targets, "load_target", lambda spec, **kw: torch.nn.Linear(2, 2))
     assert_one_line_error(
         run(["calibrate", "m:f", "-o", str(tmp_path / "c.json")]), "make module:factory return a pipeline"
     )
@@ -179,7 +181,7 @@ def test_unwritable_output_folder(tmp_path, monkeypatch, shipped):
     locked.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
-    monkeypatch.setattr(cli, "load_target", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: pytest.fail("model loaded"))
     assert_one_line_error(run(["calibrate", "tiny-dit", "-o", str(locked / "c.json")]), "no permission")
     assert_one_line_error(
         run(["schedule", shipped, "--alpha", "0.1", "-o", str(locked / "s.json")]), "no permission"

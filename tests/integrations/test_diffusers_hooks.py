@@ -115,3 +115,21 @@ def test_config_and_arguments_are_checked(tiny_pipe, tmp_path):
         apply_smoothcache(tiny_pipe.transformer, SmoothCacheConfig(schedule()))
     remove_smoothcache(tiny_pipe.transformer)
     assert model_state(tiny_pipe.transformer) == before
+
+
+def test_a_guidance_plan_file_through_either_door(plain_dit, tmp_path):
+    """SmoothCacheConfig has every option of stepcache.cache: here a guidance plan, read from its file."""
+    from stepcache.guidance import GuidanceReuse
+
+    plan = GuidanceReuse(N, {"ff": tuple(s % 3 == 2 for s in range(N))}, layout="cond-first")
+    path = plan.save(tmp_path / "guidance.json")
+    full = Schedule(N, {"attn": (1,) * N, "ff": (1,) * N})
+    y = torch.tensor([0, 3])
+    with stepcache.cache(plain_dit, full, guidance=str(path)) as via_cache:
+        expected = sample(plain_dit, y, N, guidance=2.0)
+    config = SmoothCacheConfig(full, guidance=path, allow_other_caches=True)
+    assert config.guidance == plan
+    handle = apply_smoothcache(plain_dit, config)
+    assert torch.equal(sample(plain_dit, y, N, guidance=2.0), expected)
+    assert handle.stats.halved == via_cache.stats.halved > 0
+    remove_smoothcache(plain_dit)

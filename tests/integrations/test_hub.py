@@ -19,6 +19,7 @@ import pytest
 import stepcache
 from stepcache import Calibration, CalibrationError, Schedule, ScheduleError
 from stepcache.integrations import hub
+from stepcache.policies import fora
 
 hf = pytest.importorskip("huggingface_hub")
 from huggingface_hub import errors as hf_errors  # noqa: E402
@@ -35,7 +36,7 @@ CAL_DICT = {
 
 
 def small_schedule() -> Schedule:
-    return Schedule.fora(10, 2)
+    return fora(10, 2)
 
 
 def small_calibration() -> Calibration:
@@ -64,7 +65,7 @@ def hf_cache(tmp_path):
     repo = cache / "models--org--name"
     snap = repo / "snapshots" / COMMIT
     small_schedule().save(snap / hub.SCHEDULE_FILE)
-    Schedule.fora(10, 5).save(snap / "transformer" / hub.SCHEDULE_FILE)
+    fora(10, 5).save(snap / "transformer" / hub.SCHEDULE_FILE)
     small_calibration().save(snap / hub.CALIBRATION_FILE)
     (snap / "broken").mkdir()
     (snap / "broken" / hub.SCHEDULE_FILE).write_text('{"format": "stepcache.schedule", "num_st')
@@ -156,7 +157,7 @@ def test_repo_id_from_the_cache_offline(hf_cache, offline):
     assert same(Schedule.from_pretrained("org/name", cache_dir=hf_cache), small_schedule())
     assert same(Schedule.from_pretrained("org/name", cache_dir=hf_cache, revision=COMMIT), small_schedule())
     sub = Schedule.from_pretrained("org/name", subfolder="transformer", cache_dir=hf_cache, revision="main")
-    assert same(sub, Schedule.fora(10, 5))
+    assert same(sub, fora(10, 5))
     assert same(Calibration.from_pretrained("org/name", cache_dir=hf_cache), small_calibration())
     path = hub.resolve_file("org/name", hub.SCHEDULE_FILE, cache_dir=hf_cache)
     assert path == hf_cache / "models--org--name" / "snapshots" / COMMIT / hub.SCHEDULE_FILE

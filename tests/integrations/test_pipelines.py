@@ -29,6 +29,7 @@ from torch import nn
 
 import stepcache
 from stepcache import Schedule, ScheduleLengthError
+from stepcache.policies import from_calibration
 from tests._helpers.model_state import model_state
 from tests._helpers.pipelines import (
     CASES,
@@ -140,7 +141,7 @@ def test_calibrate_pipeline(setup: Setup) -> None:
 # ---------------------------------------------------------------- exactness
 def test_all_compute_schedule_is_exact(setup: Setup) -> None:
     case, pipe = setup.case, setup.pipe
-    schedule = Schedule.from_calibration(setup.cal, alpha=0.0)
+    schedule = from_calibration(setup.cal, alpha=0.0)
     assert schedule.compute_fraction == 1.0
     with stepcache.cache(pipe, schedule) as handle:
         out = generate(case, pipe)
@@ -249,7 +250,7 @@ def test_wan22_two_stage_calibration_round_trip() -> None:
     cal = stepcache.calibrate(
         pipe, inputs=[WAN.inputs(PROMPTS[0], 0)], num_inference_steps=STEPS, progress=False
     )
-    with stepcache.cache(pipe, Schedule.from_calibration(cal, alpha=0.0)):
+    with stepcache.cache(pipe, from_calibration(cal, alpha=0.0)):
         out = generate(WAN, pipe)
     assert torch.equal(out, reference)
     assert cal.num_steps == STEPS

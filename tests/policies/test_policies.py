@@ -11,7 +11,7 @@ import torch
 
 import stepcache
 from stepcache import Calibration, Schedule, ScheduleError
-from stepcache.policies import COMPUTE, FORECAST, REUSE
+from stepcache.policies import COMPUTE, FORECAST, REUSE, optimal_schedule
 from stepcache.policies.optimal import allocate, cost_curve, plan_cost
 from tests._helpers.plain_models import sample
 
@@ -122,14 +122,14 @@ def test_calibration_without_forecast_has_none_and_optimal_says_so(plain_dit):
     cal = stepcache.calibrate(plain_dit, run_for(plain_dit, [0]), forecast=False, progress=False)
     assert not cal.forecast_errors
     with pytest.raises(ScheduleError, match="no forecast errors"):
-        Schedule.optimal(cal, 0.5, forecast=True)
-    assert FORECAST not in Schedule.optimal(cal, 0.5).plans["attn"]
+        optimal_schedule(cal, 0.5, forecast=True)
+    assert FORECAST not in optimal_schedule(cal, 0.5).plans["attn"]
 
 
 @pytest.mark.parametrize("granularity", ["type", "layer"])
 def test_optimal_meets_the_budget_exactly_and_runs(plain_dit, calibration, granularity):
     for fraction in (0.5, 0.625, 0.75):
-        sched = Schedule.optimal(calibration, fraction, granularity=granularity)
+        sched = optimal_schedule(calibration, fraction, granularity=granularity)
         layers = len(calibration.components) // 2 if granularity == "type" else 1
         unit = layers / (len(calibration.components) * N)
         assert fraction - unit < sched.compute_fraction <= fraction + 1e-12
@@ -137,12 +137,12 @@ def test_optimal_meets_the_budget_exactly_and_runs(plain_dit, calibration, granu
             sample(plain_dit, torch.tensor([1, 2]), N)
         assert handle.stats.compute_fraction == pytest.approx(sched.compute_fraction)
     with pytest.raises(ScheduleError, match="out of reach"):
-        Schedule.optimal(calibration, 0.1)
+        optimal_schedule(calibration, 0.1)
 
 
 def test_optimal_is_deterministic_and_serialisable(calibration, tmp_path):
-    a = Schedule.optimal(calibration, 0.5, granularity="layer")
-    b = Schedule.optimal(calibration, 0.5, granularity="layer")
+    a = optimal_schedule(calibration, 0.5, granularity="layer")
+    b = optimal_schedule(calibration, 0.5, granularity="layer")
     assert a == b and a.meta["rule"] == "optimal"
     assert Schedule.load(a.save(tmp_path / "s.json")) == a
 
@@ -181,10 +181,10 @@ def test_sensitivity_weights_are_deterministic_and_saved(plain_dit, calibration,
     np.testing.assert_allclose(
         loaded.forecast_errors["blocks.0.attn"], calibration.forecast_errors["blocks.0.attn"], equal_nan=True
     )
-    unweighted = Schedule.optimal(weighted, 0.5, weighted=False)
-    assert unweighted.meta["weighted"] is False and Schedule.optimal(weighted, 0.5).meta["weighted"] is True
+    unweighted = optimal_schedule(weighted, 0.5, weighted=False)
+    assert unweighted.meta["weighted"] is False and optimal_schedule(weighted, 0.5).meta["weighted"] is True
     with pytest.raises(ScheduleError, match="no sensitivity weights"):
-        Schedule.optimal(calibration, 0.5, weighted=True)
+        optimal_schedule(calibration, 0.5, weighted=True)
 
 
 def test_sensitivity_needs_tensor_samples(plain_dit, calibration):

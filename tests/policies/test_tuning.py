@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import stepcache
 from stepcache import Schedule, ScheduleError
-from stepcache.policies import COMPUTE, FORECAST, REUSE, tuned
+from stepcache.policies import COMPUTE, FORECAST, REUSE, _replay, tuned
 from stepcache.policies._plan import offset_plan, spaced_plan
 
 SAMPLES = 8
@@ -124,7 +124,7 @@ def test_objective_decides_between_a_good_mean_and_a_good_worst_sample(monkeypat
 
 
 def test_validation_chooses_among_the_top_k_and_records_both_splits(monkeypatch):
-    fit_rows, val_rows = tuned._split(SAMPLES, None)
+    fit_rows, val_rows = _replay.split(SAMPLES, None)
     plans = family()
     lucky, steady = plans[0], plans[1]  # lucky: best on the fit samples only
 
@@ -154,7 +154,7 @@ def test_validation_chooses_among_the_top_k_and_records_both_splits(monkeypatch)
 
 
 def test_refinement_is_kept_only_when_it_also_improves_validation(monkeypatch):
-    fit_rows, _ = tuned._split(SAMPLES, None)
+    fit_rows, _ = _replay.split(SAMPLES, None)
     plans = family()
     best = plans[0]
     members = set(plans)

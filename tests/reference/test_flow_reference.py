@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from stepcache import cache, reference
 from stepcache.cli import app
 from stepcache.errors import StepCacheError
+from stepcache.policies import from_calibration
 from stepcache.reference._model import FLOW_MODEL_CONFIG_FILE, FLOW_MODEL_WEIGHTS_FILE, MODEL_FILES
 from stepcache.reference._weights import file_sha256
 from stepcache.runtime.steps import StepTracker
-from stepcache.schedule import Schedule
 
 WEIGHTS = reference.DEFAULT_WEIGHTS_DIR
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_reference.py"
@@ -190,7 +190,7 @@ def test_shipped_flow_calibration_caches_a_flow_run():
     cal = reference.shipped_calibration("flow-euler", 20)
     assert cal is not None and cal.num_steps == 20
     assert cal.meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
-    schedule = Schedule.from_calibration(cal, 0.1)
+    schedule = from_calibration(cal, 0.1)
     pipe = reference.ReferencePipeline(model="flow")
     assert pipe.scheduler_name == "flow-euler"
     base = pipe([2, 8], num_inference_steps=20, seed=1)

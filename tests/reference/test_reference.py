@@ -15,6 +15,7 @@ from stepcache.reference import (
     IMAGE_SIZE,
     NULL_CLASS,
     NUM_CLASSES,
+    ReferencePipeline,
     ReferenceWeightsError,
     load_classifier,
     load_digits,
@@ -107,7 +108,29 @@ def test_make_scheduler():
     assert ddim.config.beta_schedule == meta["scheduler"]["beta_schedule"]
     assert int(ddim.timesteps[0]) == 999
     with pytest.raises(ValueError, match="unknown scheduler"):
-        make_scheduler("euler", 10)
+        make_scheduler("heun", 10)
+
+
+def test_diffusers_schedulers_by_name_or_object():
+    """The samplers users have (UniPC, DEIS, Euler, Euler ancestral) by name, and any scheduler object."""
+    from diffusers import UniPCMultistepScheduler
+
+    names = reference.MODEL_SCHEDULERS["ddpm"]
+    assert {"unipc", "deis", "euler", "euler-a"} <= set(names)
+    by_name = ReferencePipeline("unipc")
+    assert isinstance(by_name.scheduler, UniPCMultistepScheduler)
+    by_object = ReferencePipeline(make_scheduler("unipc", 10))
+    labels = [0, 3]
+    assert torch.equal(
+        by_name(labels, num_inference_steps=3, seed=5), by_object(labels, num_inference_steps=3, seed=5)
+    )
+    ancestral = ReferencePipeline("euler-a")  # stochastic: its noise comes from the seed too
+    first, again = (ancestral(labels, num_inference_steps=4, seed=5) for _ in range(2))
+    assert torch.isfinite(first).all() and torch.equal(first, again)
+    with pytest.raises(StepCacheError, match="does not fit the flow reference model"):
+        ReferencePipeline(make_scheduler("unipc", 10), model="flow")
+    with pytest.raises(StepCacheError, match="scheduler must be a name"):
+        ReferencePipeline(42)
 
 
 @pytest.mark.parametrize("sched", ["ddim", "dpm"])

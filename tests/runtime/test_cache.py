@@ -7,6 +7,7 @@ import torch
 
 import stepcache
 from stepcache import Schedule, ScheduleError, ScheduleLengthError, StepCacheError
+from stepcache.policies import fora, from_calibration
 from tests._helpers.dit_runs import generate as gen_pipe
 from tests._helpers.model_state import model_state
 from tests._helpers.plain_models import reference_forward, sample
@@ -25,7 +26,7 @@ def test_alpha_zero_is_bit_identical_on_dit_pipeline(tiny_pipe):
     cal = stepcache.calibrate(
         tiny_pipe, inputs=[{"class_labels": [3]}], num_inference_steps=N, progress=False
     )
-    schedule = Schedule.from_calibration(cal, alpha=0.0)
+    schedule = from_calibration(cal, alpha=0.0)
     assert schedule.compute_fraction == 1.0
     with stepcache.cache(tiny_pipe, schedule) as handle:
         out = gen_pipe(tiny_pipe)
@@ -39,7 +40,7 @@ def test_alpha_zero_is_bit_identical_on_plain_dit(plain_dit):
     y = torch.tensor([0, 3])
     ref = sample(plain_dit, y, N, guidance=2.0)
     cal = stepcache.calibrate(plain_dit, lambda: sample(plain_dit, y, N, guidance=2.0), progress=False)
-    with stepcache.cache(plain_dit, Schedule.from_calibration(cal, 0.0)):
+    with stepcache.cache(plain_dit, from_calibration(cal, 0.0)):
         out = sample(plain_dit, y, N, guidance=2.0)
     assert torch.equal(out, ref)
 
@@ -249,7 +250,7 @@ def test_schedule_from_another_model_is_refused(plain_dit, tiny_pipe):
     cal = stepcache.calibrate(
         tiny_pipe, inputs=[{"class_labels": [3]}], num_inference_steps=N, progress=False
     )
-    sched = Schedule.from_calibration(cal, 0.1)
+    sched = from_calibration(cal, 0.1)
     with pytest.raises(ScheduleError, match="calibrated on DiTTransformer2DModel"):
         stepcache.cache(plain_dit, sched)
     stepcache.cache(plain_dit, sched, strict=False).close()
@@ -319,6 +320,6 @@ def test_fora_schedule_fits_any_model(plain_dit, tiny_pipe):
         (plain_dit, lambda: sample(plain_dit, torch.tensor([0]), N)),
         (tiny_pipe, lambda: gen_pipe(tiny_pipe)),
     ):
-        with stepcache.cache(target, Schedule.fora(N, 2)) as handle:
+        with stepcache.cache(target, fora(N, 2)) as handle:
             run()
-        assert handle.stats.compute_fraction == Schedule.fora(N, 2).compute_fraction == 0.6
+        assert handle.stats.compute_fraction == fora(N, 2).compute_fraction == 0.6

@@ -10,6 +10,7 @@ import torch
 
 import stepcache
 from stepcache import Schedule, StepCacheError, StepCacheWarning
+from stepcache.policies import from_calibration
 
 N = 6
 PLAN = (1, 0, 1, 0, 1, 1)
@@ -53,7 +54,7 @@ def test_changed_weights_or_dtype_since_calibration_warn(tiny_pipe):
         tiny_pipe, inputs=[{"class_labels": [1]}], num_inference_steps=N, progress=False
     )
     assert cal.meta["dtype"] == "float32" and cal.meta["weights_digest"]
-    schedule = Schedule.from_calibration(cal, 0.2)
+    schedule = from_calibration(cal, 0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # unchanged model: not a word
         stepcache.cache(tiny_pipe, schedule).close()

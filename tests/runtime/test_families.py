@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 import stepcache
 from stepcache import DiscoveryError, Schedule
+from stepcache.policies import for_compute_fraction
 from tests._helpers.families import FAMILIES, Family, run
 from tests._helpers.model_state import model_state
 
@@ -383,7 +384,7 @@ def test_calibrate_schedule_by_budget_and_apply(fam: Family) -> None:
     assert cal.num_samples == 2 and cal.num_steps == len(fam.timesteps)
     for name, errors in cal.errors.items():
         assert np.isfinite(errors[1:, 0]).all(), name  # an output was recorded at every step
-    schedule = Schedule.for_compute_fraction(cal, 0.75)
+    schedule = for_compute_fraction(cal, 0.75)
     with stepcache.cache(model, schedule) as handle:
         run(fam, model)
     assert handle.stats.compute_fraction == pytest.approx(schedule.compute_fraction)

@@ -10,6 +10,7 @@ import torch
 
 import stepcache
 from stepcache import Schedule
+from stepcache.policies import from_calibration
 from stepcache.runtime import session as session_module
 from stepcache.runtime import steps as steps_module
 from tests._helpers.dit_runs import generate
@@ -96,7 +97,7 @@ def test_reference_pipeline_new_scheduler_per_call(as_if_on_gpu):
     from stepcache.reference import ReferencePipeline, shipped_calibration
 
     pipe = ReferencePipeline("dpm", guidance_scale=2.0)
-    schedule = Schedule.from_calibration(shipped_calibration("dpm", 20), alpha=0.1)
+    schedule = from_calibration(shipped_calibration("dpm", 20), alpha=0.1)
     kwargs = {"class_labels": [3, 7], "num_inference_steps": 20, "seed": 0}
     with stepcache.cache(pipe, schedule) as read:
         expected = [pipe(**kwargs), pipe(**kwargs)]

@@ -13,10 +13,10 @@ import torch
 import stepcache
 from stepcache import Calibration, Schedule, StepCacheError
 from stepcache.memory import holdings, output_bytes, predict_peak
+from stepcache.policies import fora, optimal_schedule
 from stepcache.policies._budget import fit_memory
 from stepcache.policies.optimal import cost_curve, plan_cost
-from stepcache.runtime.cache import liveness
-from stepcache.schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, forecast_coefficients
+from stepcache.schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, forecast_coefficients, liveness
 from tests._helpers.plain_models import PlainDiT, modulate, sample, timesteps
 
 N = 12
@@ -144,7 +144,7 @@ def test_liveness_counts_the_outputs_later_steps_read():
     # a copy run between two forecasts still keeps the output the later forecast reads
     assert liveness((1, 1, 0, 2, 1))[0][:2] == [1, 2]
     assert liveness((1, 0, 1, 1)) == ([1, 0, 0, 0], 0)
-    assert holdings(Schedule.fora(10, 3).with_forecast("taylor2").plans["*"]) == [
+    assert holdings(fora(10, 3).with_forecast("taylor2").plans["*"]) == [
         1,
         1,
         1,
@@ -168,7 +168,7 @@ def test_predicted_peak_equals_measured(plain_dit, split, per_layer):
         plans = {c.name: (1, *(rng.choice((0, 1, 1, 2, 3, 4)) for _ in range(N - 2)), 1) for c in comps}
         schedule = Schedule(N, plans)
     else:
-        schedule = Schedule(N, {"attn": PLAN, "ff": Schedule.fora(N, 3).with_forecast("bdf2").plans["*"]})
+        schedule = Schedule(N, {"attn": PLAN, "ff": fora(N, 3).with_forecast("bdf2").plans["*"]})
     batch = 2 if split else 4  # one call's batch: batched guidance doubles it
     with torch.no_grad():
         sizes = output_bytes(
@@ -188,35 +188,41 @@ def test_predicted_peak_equals_measured(plain_dit, split, per_layer):
 def test_fora_with_second_order_keeps_three_outputs(plain_dit):
     comps = stepcache.discover(plain_dit)
     sizes = dict.fromkeys((c.name for c in comps), 100)
-    fora = Schedule.fora(N, 3)
+    uniform = fora(N, 3)
     peaks = [
         predict_peak(s, sizes, components=comps).peak_bytes
-        for s in (fora, fora.with_forecast(), fora.with_forecast("taylor2"))
+        for s in (uniform, uniform.with_forecast(), uniform.with_forecast("taylor2"))
     ]
     assert peaks == [600, 1200, 1800]
 
 
 # ---------------------------------------------------------------------------------- files
 def test_schedule_files_text_and_resampling(tmp_path):
-    schedule = Schedule(N, {"attn": PLAN, "ff": Schedule.fora(N, 3).plans["*"]})
+    schedule = Schedule(N, {"attn": PLAN, "ff": fora(N, 3).plans["*"]})
     path = schedule.save(tmp_path / "s.json")
     data = json.loads(path.read_text())
     assert data["format_version"] == 2 and data["plans"]["attn"] == list(PLAN)
     assert Schedule.load(path) == schedule
-    assert (
-        json.loads(Schedule.fora(N, 3).with_forecast().save(tmp_path / "f.json").read_text())[
-            "format_version"
-        ]
-        == 1
-    )
+    assert json.loads(fora(N, 3).with_forecast().save(tmp_path / "f.json").read_text())["format_version"] == 1
     assert "##.#^#b^#~^#" in schedule.render()
     with pytest.warns(UserWarning, match="no forecasting"):
         assert schedule.to_smoothcache()["attn1"] == [int(v == COMPUTE) for v in PLAN]
-    taylor = Schedule.fora(20, 4).with_forecast("taylor2")
+    taylor = fora(20, 4).with_forecast("taylor2")
     assert taylor.meta["forecast"] == "taylor2" and set(taylor.plans["*"]) == {COMPUTE, FORECAST2}
     assert set(taylor.resample(31).plans["*"]) == {COMPUTE, FORECAST2}
     with pytest.raises(stepcache.ScheduleError, match="method"):
-        Schedule.fora(20, 4).with_forecast("third")
+        fora(20, 4).with_forecast("third")
+
+
+def test_with_forecast_converts_a_forecasting_schedule():
+    """A schedule that already forecasts (a tuned one, mixed copies and forecasts) is converted, not
+    left as it was: every step that does not compute takes the method asked for."""
+    mixed = Schedule(8, {"attn": (1, 2, 0, 1, 3, 2, 0, 1), "ff": (1, 0, 0, 1, 0, 1, 2, 1)})
+    second = mixed.with_forecast("taylor2")
+    assert second.plans == {"attn": (1, 3, 3, 1, 3, 3, 3, 1), "ff": (1, 3, 3, 1, 3, 1, 3, 1)}
+    assert second.with_forecast("first-order").plans["attn"] == (1, 2, 2, 1, 2, 2, 2, 1)
+    assert second.with_forecast("copy").plans["ff"] == (1, 0, 0, 1, 0, 1, 0, 1)
+    assert second.compute_fraction == mixed.compute_fraction
 
 
 # ---------------------------------------------------------------------------------- calibration
@@ -283,7 +289,7 @@ def test_shipped_calibrations_still_load():
 
     cal = shipped_calibration("ddim", 50)
     assert cal is not None and cal.forecast2_errors == {}
-    assert FORECAST2 not in Schedule.optimal(cal, 0.35).plans["attn"]
+    assert FORECAST2 not in optimal_schedule(cal, 0.35).plans["attn"]
 
 
 # ---------------------------------------------------------------------------------- the policy
@@ -308,15 +314,15 @@ def synthetic(n: int = 16, k: int = 3, better: str = "taylor2", seed: int = 0) -
 @pytest.mark.parametrize(("better", "value"), [("taylor2", FORECAST2), ("bdf2", BDF2)])
 def test_optimal_picks_the_method_that_calibrated_best(better, value):
     cal = synthetic(better=better)
-    plan = Schedule.optimal(cal, 0.4).plans["attn"]
+    plan = optimal_schedule(cal, 0.4).plans["attn"]
     assert value in plan and FORECAST2 + BDF2 - value not in plan
     # where there is no history for second order yet it falls back to first order
     first = [s for s, v in enumerate(plan) if v != COMPUTE]
     assert plan[first[0]] in (REUSE, FORECAST)
-    off = Schedule.optimal(cal, 0.4, second_order=False).plans["attn"]
+    off = optimal_schedule(cal, 0.4, second_order=False).plans["attn"]
     assert FORECAST2 not in off and BDF2 not in off and FORECAST in off
     with pytest.raises(stepcache.ScheduleError, match="second_order"):
-        Schedule.optimal(synthetic().replace(forecast2_errors={}), 0.4, second_order=True)
+        optimal_schedule(synthetic().replace(forecast2_errors={}), 0.4, second_order=True)
 
 
 def test_second_order_dp_is_exact_against_brute_force():
@@ -348,7 +354,7 @@ def test_second_order_dp_is_exact_against_brute_force():
 def test_memory_budget_counts_three_outputs():
     cal = synthetic()
     sizes = dict.fromkeys(cal.components, 1000)
-    schedule = Schedule.optimal(cal, 0.4, granularity="layer")
+    schedule = optimal_schedule(cal, 0.4, granularity="layer")
     assert max(max(liveness(p)[0]) for p in schedule.plans.values()) == 3
     comps = [
         stepcache.discovery.Component(n, "attn", n.rpartition(".")[0], "blocks", i, torch.nn.Identity())
@@ -390,7 +396,7 @@ def test_compiled_second_order_equals_eager_bit_for_bit(plain_dit, per_layer):
             N, {c.name: (1, *(rng.choice((0, 1, 2, 3, 4)) for _ in range(N - 2)), 1) for c in comps}
         )
     else:
-        schedule = Schedule(N, {"attn": PLAN, "ff": Schedule.fora(N, 3).with_forecast("bdf2").plans["*"]})
+        schedule = Schedule(N, {"attn": PLAN, "ff": fora(N, 3).with_forecast("bdf2").plans["*"]})
     with torch.no_grad():
         with stepcache.cache(plain_dit, schedule):
             eager = sample(plain_dit, y, N, guidance=2.0)

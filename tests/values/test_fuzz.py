@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import stepcache.cli as cli
 from stepcache import Calibration, Schedule, StepCacheError
+from stepcache.cli import _targets as targets
 
 
 @pytest.fixture(autouse=True)
@@ -276,19 +277,21 @@ def stubbed(places, monkeypatch):
     sched = Schedule(
         5, {"attn": (1, 0, 1, 0, 1)}, meta={"rule": "tuned", "candidate": "c", "tuning": {"runs": 1}}
     )
-    monkeypatch.setattr(cli, "load_target", lambda spec, **kw: FakePipe())
-    monkeypatch.setattr(importlib.import_module("stepcache.calibration"), "calibrate", lambda *a, **k: cal)
-    monkeypatch.setattr(
-        importlib.import_module("stepcache.sensitivity"), "sensitivity", lambda target, c, run, **k: c
+    # Stubbed where the commands look them up: their own modules (the model loader: cli._targets).
+    calibrate_cmd, tune_cmd, demo_cmd = (
+        importlib.import_module(f"stepcache.cli.{name}") for name in ("calibrate", "tune", "demo")
     )
-    monkeypatch.setattr(importlib.import_module("stepcache.policies.tuned"), "tune", lambda *a, **k: sched)
+    monkeypatch.setattr(targets, "load_target", lambda spec, **kw: FakePipe())
+    monkeypatch.setattr(calibrate_cmd, "run_calibration", lambda *a, **k: cal)
+    monkeypatch.setattr(calibrate_cmd, "measure_sensitivity", lambda target, c, run, **k: c)
+    monkeypatch.setattr(tune_cmd, "run_tune", lambda *a, **k: sched)
 
     def fake_demo(cfg):
         (cfg.out).mkdir(parents=True, exist_ok=True)
         return {"variants": {}}
 
-    monkeypatch.setattr(importlib.import_module("stepcache.demo"), "run_demo", fake_demo)
-    monkeypatch.setattr(importlib.import_module("stepcache.demo"), "format_report", lambda report: "report")
+    monkeypatch.setattr(demo_cmd, "run_demo", fake_demo)
+    monkeypatch.setattr(demo_cmd, "format_report", lambda report: "report")
 
     return places
 

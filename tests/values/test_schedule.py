@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepcache import Calibration, Schedule, ScheduleError
-from stepcache.policies import smoothcache_rule
+from stepcache.policies import for_compute_fraction, fora, from_calibration, smoothcache_rule
 
 
 def make_cal(tables: dict[str, np.ndarray], types: dict[str, str] | None = None) -> Calibration:
@@ -82,9 +82,9 @@ def test_type_granularity_averages_layers_and_layer_keeps_them():
         {"blocks.0.attn": a, "blocks.1.attn": b, "blocks.0.mlp": a},
         {"blocks.0.attn": "attn", "blocks.1.attn": "attn", "blocks.0.mlp": "ff"},
     )
-    by_type = Schedule.from_calibration(cal, 0.1)
+    by_type = from_calibration(cal, 0.1)
     assert set(by_type.plans) == {"attn", "ff"} and by_type.counts == {"attn": 2, "ff": 1}
-    by_layer = Schedule.from_calibration(cal, 0.1, granularity="layer")
+    by_layer = from_calibration(cal, 0.1, granularity="layer")
     assert set(by_layer.plans) == {"blocks.0.attn", "blocks.1.attn", "blocks.0.mlp"}
     assert sum(by_layer.plans["blocks.1.attn"]) == 12 and sum(by_layer.plans["blocks.0.attn"]) < 12
 
@@ -93,19 +93,19 @@ def test_for_compute_fraction_meets_the_budget_with_the_smallest_alpha():
     rng = np.random.default_rng(0)
     cal = make_cal({f"b.{i}.attn": distance_table(list(rng.uniform(0.01, 0.2, 30)), 3) for i in range(4)})
     for f in (0.9, 0.7, 0.5, 0.4):
-        s = Schedule.for_compute_fraction(cal, f, granularity="layer")
+        s = for_compute_fraction(cal, f, granularity="layer")
         assert s.compute_fraction <= f + 1e-9
-        tighter = Schedule.from_calibration(cal, np.nextafter(s.meta["alpha"], 0), granularity="layer")
+        tighter = from_calibration(cal, np.nextafter(s.meta["alpha"], 0), granularity="layer")
         assert tighter.compute_fraction > f
     with pytest.raises(ScheduleError, match="out of reach"):
-        Schedule.for_compute_fraction(cal, 0.1)
+        for_compute_fraction(cal, 0.1)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, math.nan, "0.1", None])
 def test_bad_alpha_is_refused(alpha):
     cal = make_cal({"b.0.attn": distance_table([0.1] * 5, 2)})
     with pytest.raises(ScheduleError, match="alpha"):
-        Schedule.from_calibration(cal, alpha)
+        from_calibration(cal, alpha)
 
 
 def test_compute_fraction_and_render():
@@ -195,10 +195,10 @@ def test_original_format_keys_resolve_against_a_model(tiny_pipe):
 
 
 def test_forecast_schedules():
-    fora = Schedule.fora(10, 3, forecast=True, types=("attn", "ff"))
-    assert fora.plans["attn"] == (1, 2, 2, 1, 2, 2, 1, 2, 2, 1)
-    assert fora.compute_fraction == Schedule.fora(10, 3).compute_fraction == 0.4
-    assert "#~~#" in fora.render()
-    assert fora.to_smoothcache()["attn1"] == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
-    assert set(fora.resample(20).plans["attn"]) == {1, 2}
-    assert set(Schedule.fora(10, 2).plans) == {"*"}  # by default: every component of any model
+    plan = fora(10, 3, forecast=True, types=("attn", "ff"))
+    assert plan.plans["attn"] == (1, 2, 2, 1, 2, 2, 1, 2, 2, 1)
+    assert plan.compute_fraction == fora(10, 3).compute_fraction == 0.4
+    assert "#~~#" in plan.render()
+    assert plan.to_smoothcache()["attn1"] == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert set(plan.resample(20).plans["attn"]) == {1, 2}
+    assert set(fora(10, 2).plans) == {"*"}  # by default: every component of any model

@@ -7,8 +7,9 @@ On a diffusers model the hooks go into the model's ``HookRegistry`` under the na
 ``stepcache_cache`` (each cached component), so they list, order and reset like diffusers' hooks.
 On any other ``nn.Module`` the plain-PyTorch path of :func:`stepcache.cache` is used.
 
-The caching itself is the same runtime as :func:`stepcache.cache` (same slots, same step tracking),
-so both give bit-identical outputs for the same schedule. :func:`remove_smoothcache` removes the
+The caching itself is the same runtime as :func:`stepcache.cache` (same slots, same step tracking)
+with the same options (a :class:`SmoothCacheConfig` is a :class:`~stepcache.CacheConfig` plus the
+schedule), so both give bit-identical outputs for the same schedule. :func:`remove_smoothcache` removes the
 hooks and leaves the model exactly as before (no instance ``forward``, no ``_diffusers_hook``
 attribute that was not there before).
 """
@@ -16,7 +17,7 @@ attribute that was not there before).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,11 @@ from torch import nn
 
 from ..discovery import Component
 from ..errors import StepCacheError
-from ..runtime.cache import CacheHandle
+from ..runtime.config import CacheConfig
+from ..runtime.handle import CacheHandle
 from ..runtime.session import Interceptor, PostCall, PreCall, Undo, active_session
 from ..schedule import Schedule
+from .hub import resolve_guidance, resolve_schedule
 
 __all__ = [
     "CACHE_HOOK",
@@ -43,53 +46,26 @@ _MISSING = object()
 
 
 @dataclass(frozen=True)
-class SmoothCacheConfig:
-    """What :func:`apply_smoothcache` caches, and how.
+class SmoothCacheConfig(CacheConfig):
+    """What :func:`apply_smoothcache` caches, and how: a :class:`~stepcache.CacheConfig` (every option
+    of :func:`stepcache.cache`, checked the same way) plus the schedule.
 
     Attributes:
         schedule: a :class:`~stepcache.Schedule`, a schedule file, a folder holding
             ``stepcache_schedule.json`` or a hub repository id (read when the config is made).
-        blocks, components, types: discovery overrides (see :func:`stepcache.discover`).
-        on_length_mismatch: ``"error"`` or ``"resample"`` when a run makes another number of steps.
-        timestep_arg: the denoiser's timestep parameter, when it is not one of the usual names.
-        strict: refuse a schedule calibrated on a different model.
-        count_macs: measure each component's MACs once (for ``stats.macs_saved``).
-        storage_dtype: keep outputs as ``"bf16"``, ``"fp16"`` or ``"fp8"`` (e4m3, per-tensor scale);
-            None keeps them as computed (eager calls only).
-        offload: keep outputs in host memory between reads, on the plan's transfer schedule.
-        offload_lead: component calls between a fetch and its read (default: one step).
+        guidance: as in :class:`~stepcache.CacheConfig`; a guidance plan file is read when the config
+            is made.
+
+    The other options are :class:`~stepcache.CacheConfig`'s, given as keywords.
     """
 
     schedule: Schedule | str | os.PathLike[str]
-    blocks: Any = None
-    components: Any = None
-    types: Sequence[str] | None = None
-    on_length_mismatch: str = "error"
-    timestep_arg: str | None = None
-    strict: bool = True
-    count_macs: bool = False
-    storage_dtype: Any = None
-    offload: bool = False
-    offload_lead: int | None = None
 
     def __post_init__(self) -> None:
-        from ..runtime.cache import _resolve_schedule
-        from ..runtime.storage import resolve_storage_dtype
-
-        object.__setattr__(self, "schedule", _resolve_schedule(self.schedule))
-        resolve_storage_dtype(self.storage_dtype)  # refuse a bad name here, not when applied
-        if not isinstance(self.offload, bool):
-            raise StepCacheError(f"offload must be True or False, got {self.offload!r}.")
-        if self.on_length_mismatch not in ("error", "resample"):
-            raise StepCacheError(
-                f"on_length_mismatch must be 'error' or 'resample', got {self.on_length_mismatch!r}."
-            )
-        if self.types is not None:
-            if isinstance(self.types, str):
-                raise StepCacheError(
-                    f"types must be a list of component types, got the string {self.types!r}."
-                )
-            object.__setattr__(self, "types", tuple(self.types))
+        object.__setattr__(self, "schedule", resolve_schedule(self.schedule))
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", resolve_guidance(self.guidance))
+        super().__post_init__()
 
 
 def _hook_classes() -> tuple[type, type]:
@@ -208,21 +184,9 @@ def apply_smoothcache(module: nn.Module, config: SmoothCacheConfig) -> CacheHand
             handle.reset()
 
     installer = DiffusersInstaller(reset) if _is_diffusers_model(module) else None
-    handle = CacheHandle(
-        module,
-        config.schedule,
-        blocks=config.blocks,
-        components=config.components,
-        types=config.types,
-        on_length_mismatch=config.on_length_mismatch,
-        timestep_arg=config.timestep_arg,
-        strict=config.strict,
-        count_macs=config.count_macs,
-        installer=installer,
-        storage_dtype=config.storage_dtype,
-        offload=config.offload,
-        offload_lead=config.offload_lead,
-    )
+    schedule = config.schedule
+    assert isinstance(schedule, Schedule)  # read when the config was made
+    handle = CacheHandle(module, schedule, config, installer=installer)
     return handle.open()
 
 

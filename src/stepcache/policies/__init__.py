@@ -6,11 +6,17 @@ One module per policy, all returning a plain Schedule and sharing the plan build
 * :mod:`.smoothcache`: SmoothCache's threshold rule (by alpha, or by compute fraction);
 * :mod:`.uniform`: calibration-free FORA and evenly spaced schedules;
 * :mod:`.optimal`: the exact least-error schedule for a budget (dynamic programming + knapsack);
-* :mod:`.tuned`: closed loop, the candidate whose final samples stay closest to uncached.
+* :mod:`.tuned`: closed loop, the candidate whose final samples stay closest to uncached;
+* :mod:`.guidance`: where to stand in for the unconditional guidance branch (threshold, fraction,
+  or closed loop).
+
+Shared parts: :mod:`._plan` (plan builders, checks, error tables), :mod:`._cost` (the calibrated cost
+of a plan), :mod:`._budget` (fitting a schedule to a memory budget), :mod:`._replay` (scoring replays).
 """
 
 from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, PlanValue
-from ._plan import check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
+from ._plan import check_alpha, check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
+from .guidance import guidance_for_compute_fraction, guidance_from_calibration, tune_guidance
 from .optimal import optimal_schedule
 from .smoothcache import for_compute_fraction, from_calibration, smoothcache_rule
 from .tuned import tune
@@ -23,15 +29,19 @@ __all__ = [
     "FORECAST2",
     "REUSE",
     "PlanValue",
+    "check_alpha",
     "check_fraction",
     "for_compute_fraction",
     "fora",
     "fora_plan",
     "from_calibration",
+    "guidance_for_compute_fraction",
+    "guidance_from_calibration",
     "interval_plan",
     "optimal_schedule",
     "smoothcache_rule",
     "tune",
+    "tune_guidance",
     "uniform_plan",
     "uniform_schedule",
     "warmup_plan",

@@ -45,9 +45,8 @@ from torch import nn
 from ..discovery import Component
 from ..errors import ScheduleError
 from ..memory import holdings, parse_bytes, peak_profile
-from ..runtime.cache import liveness
-from ..schedule import COMPUTE, FORECAST, FORECASTS, REUSE, Schedule, reads
-from .optimal import plan_cost
+from ..schedule import COMPUTE, FORECAST, FORECASTS, REUSE, Schedule, liveness, reads
+from ._cost import plan_cost
 
 if TYPE_CHECKING:
     from ..calibration import Calibration

@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ScheduleError
-from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, METHODS, REUSE, Schedule
+from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
+from ._budget import fit_memory
+from ._cost import INF as _INF
+from ._cost import finite as _finite
+from ._cost import plan_cost
+from ._cost import second_order_tables as _second
 from ._plan import check_fraction, error_tables
 
 if TYPE_CHECKING:
@@ -42,14 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CostCurve", "allocate", "cost_curve", "optimal_schedule", "plan_cost"]
 
-_INF = math.inf
 # Cells of the knapsack table (budget units x components): 4e6 cells are ~100 MB with their back-pointers.
 _MAX_KNAPSACK_CELLS = 4_000_000
-
-
-def _finite(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=float)
-    return np.where(np.isfinite(a), a, _INF)
 
 
 def _step_cost(
@@ -75,25 +74,6 @@ def _step_cost(
             if f < best:
                 best, value = f, v
     return best, value
-
-
-def _second(forecast2: Mapping[str, np.ndarray] | None, n: int, k: int) -> dict[int, np.ndarray] | None:
-    """Second-order tables by method name -> by plan value, checked (None: none)."""
-    if not forecast2:
-        return None
-    out = {}
-    for method, table in forecast2.items():
-        if METHODS.get(method) not in (FORECAST2, BDF2):
-            raise ScheduleError(
-                f"second-order forecast errors are keyed 'taylor2' or 'bdf2', got {method!r}."
-            )
-        t = _finite(table)
-        if t.shape != (n, k, k + 1, k + 1):
-            raise ScheduleError(
-                f"{method} forecast errors have shape {t.shape}, expected {(n, k, k + 1, k + 1)}."
-            )
-        out[METHODS[method]] = t
-    return out
 
 
 @dataclass(frozen=True)
@@ -207,40 +187,6 @@ def _plan_from_computes(
         for s in range(a + 1, nxt):
             plan[s] = _step_cost(copy, fc, s, s - a, m, fc2, p)[1]
     return tuple(plan)
-
-
-def plan_cost(
-    plan: tuple[int, ...],
-    errors: np.ndarray,
-    forecast_errors: np.ndarray | None = None,
-    weights: np.ndarray | None = None,
-    forecast2_errors: Mapping[str, np.ndarray] | None = None,
-) -> float:
-    """The cost model's value of a given plan (what :func:`cost_curve` minimises); inf if a run is
-    longer than the calibration's lookahead or a forecast has no calibrated error.
-
-    Each step is priced as the runtime runs it: a forecast with too little history at the cost of
-    the lower order it falls back to. A second-order forecast without ``forecast2_errors`` is priced
-    at the first-order error (an approximation: the calibration did not measure it)."""
-    copy = _finite(errors)
-    fc = None if forecast_errors is None else _finite(forecast_errors)
-    n, k = copy.shape
-    fc2 = _second(forecast2_errors, n, k) or {}
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
-    total, a, b, c = 0.0, None, None, None
-    for s, v in enumerate(plan):
-        if v == COMPUTE:
-            a, b, c = s, a, b
-            continue
-        if a is None or s - a > k:
-            return _INF
-        if v in fc2 and c is not None and b is not None:
-            total += w[s] * fc2[v][s, s - a - 1, a - b - 1, b - c - 1]
-        elif v != REUSE and fc is not None and b is not None:
-            total += w[s] * fc[s, s - a - 1, a - b - 1]
-        else:
-            total += w[s] * copy[s, s - a - 1]
-    return float(total)
 
 
 def allocate(curves: Mapping[str, CostCurve], units: Mapping[str, float], budget: float) -> dict[str, int]:
@@ -469,6 +415,4 @@ def optimal_schedule(
     schedule = Schedule(calibration.num_steps, plans, counts, meta)
     if memory_budget is None:
         return schedule
-    from ._budget import fit_memory
-
     return fit_memory(schedule, calibration, memory_budget, sizes, branches=branches, weighted=bool(weighted))

@@ -25,10 +25,12 @@ from stepcache.reference._model import (
     MODEL_SCHEDULERS,
     NULL_CLASS,
     SCHEDULER_NAMES,
+    check_scheduler_fits,
     default_scheduler,
     load_model,
     load_model_metadata,
     make_scheduler,
+    model_key,
     sample,
 )
 from stepcache.reference._weights import DEFAULT_WEIGHTS_DIR, ReferenceWeightsError
@@ -47,12 +49,14 @@ __all__ = [
     "ReferencePipeline",
     "ReferenceWeightsError",
     "calibrate_reference",
+    "check_scheduler_fits",
     "default_scheduler",
     "load_classifier",
     "load_digits",
     "load_model",
     "load_model_metadata",
     "make_scheduler",
+    "model_key",
     "sample",
     "shipped_calibration",
 ]

@@ -19,18 +19,36 @@ so a plan can never make an output up from nothing. Eager calls only.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree
 
+from ..discovery import Component
+from ..errors import ScheduleError
 from .introspect import first_tensor_shape
 
-__all__ = ["Guide"]
+__all__ = ["Guide", "guided_steps"]
 
-LAYOUTS = ("cond-first", "uncond-first", "split")
-MODES = ("difference", "reuse")
+
+def guided_steps(
+    guidance: Any, num_steps: int, components: Sequence[Component]
+) -> dict[str, tuple[bool, ...]]:
+    """Component name -> the steps at which a :class:`~stepcache.guidance.GuidanceReuse` plan has it
+    stand in for the unconditional branch (components it never does are left out; none without a plan).
+
+    Raises:
+        ScheduleError: the plan has another step count than the schedule (``num_steps``).
+    """
+    if guidance is None:
+        return {}
+    if guidance.num_steps != num_steps:
+        raise ScheduleError(
+            f"the guidance plan has {guidance.num_steps} steps, the schedule {num_steps}: build both "
+            "for the same step count."
+        )
+    return {name: plan for name, plan in guidance.resolve(components).items() if any(plan)}
 
 
 def _batch(args: tuple, kwargs: dict) -> int | None:

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from ..errors import StepCacheError
-from ..schedule import COMPUTE, FORECAST
+from ..schedule import COMPUTE, FORECAST, liveness
 from .storage import Packed
 
-__all__ = ["Offloader", "TransferSchedule", "transfer_schedule"]
+__all__ = ["OffloadStats", "Offloader", "TransferSchedule", "nbytes", "transfer_schedule"]
 
 LAST, PREV = 1, 2  # which output of a component's store: the last computed, or the one before
 
@@ -51,8 +51,6 @@ class _Item:
 
 def _items(plan: Sequence[int]) -> list[_Item]:
     """The kept outputs of one plan, replaying the runtime's slot (see ``liveness``)."""
-    from .cache import liveness
-
     keep, history = liveness(tuple(plan))
     if history > 1:
         raise StepCacheError(
@@ -240,6 +238,16 @@ class _Host:
         self.event: Any = None
 
 
+def nbytes(value: Any) -> int:
+    """Bytes of a stored value: a tensor's, a packed one's (:class:`~.storage.Packed`) or an offloaded
+    one's ``nbytes``, summed through tuples (0 for anything else)."""
+    if isinstance(value, (torch.Tensor, Packed, _Host)):
+        return value.nbytes
+    if isinstance(value, tuple):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
 def _map(value: Any, fn: Any) -> Any:
     """``fn`` on every tensor of a stored value (tuples, fp8-packed tensors)."""
     if isinstance(value, torch.Tensor):
@@ -393,8 +401,6 @@ class Offloader:
                 if kind == "discard":
                     part.host = None
             else:
-                from .cache import nbytes
-
                 size = nbytes(part)
                 if kind == "evict":
                     moved = _Host(self._to_host(part), size, _first_device(part))

@@ -9,6 +9,7 @@ denoising step, never by forward call, and every generation starts afresh.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -22,7 +23,15 @@ from torch import nn
 from ..discovery import unwrap
 from ..errors import ScheduleLengthError, StepCacheError, StepCacheWarning
 
-__all__ = ["TIMESTEP_NAMES", "StepTracker", "on_device", "read_timestep", "timestep_slot"]
+__all__ = [
+    "TIMESTEP_NAMES",
+    "SchedulerWatch",
+    "StepTracker",
+    "on_device",
+    "pipeline_steps",
+    "read_timestep",
+    "timestep_slot",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +93,7 @@ class StepTracker:
     (for models that receive no timestep, or are called through a path the hooks cannot see).
 
     Generation boundaries: a timestep that goes up starts a new generation; so does ``boundary()``
-    returning True (a pipeline that set up its scheduler again: see the runtime cache), which makes
+    returning True (a pipeline that set up its scheduler again: see :class:`SchedulerWatch`), which makes
     an interrupted generation unable to leak into the next one whatever its first timestep.
 
     One generation at a time: a call from another thread while a generation is in progress is an
@@ -252,3 +261,93 @@ class StepTracker:
 def _alive(ident: int) -> bool:
     """Whether the thread ``ident`` still runs (a dead thread's generation holds nothing up)."""
     return any(t.ident == ident for t in threading.enumerate())
+
+
+class SchedulerWatch:
+    """Generation boundaries from a pipeline: every diffusers pipeline calls its scheduler's
+    ``set_timesteps`` once at the start of a generation (and ReferencePipeline makes a new
+    scheduler). Seeing either means the next denoiser call starts a new generation, so nothing of
+    an interrupted one (an exception, Ctrl-C, a ``break``, diffusers' interrupt flag) can leak into
+    it, whatever its first timestep. The wrappers are instance attributes, removed exactly on close.
+
+    It also counts the generation's ``scheduler.step`` calls on the host (:meth:`position`): the
+    step tracker places a denoiser call whose timestep lives on the GPU by that count instead of
+    reading the tensor, which would wait for the GPU on every call.
+    """
+
+    def __init__(self, pipeline: Any, on_setup: Callable[[], None]) -> None:
+        self._pipeline = pipeline
+        self._on_setup = on_setup
+        self._scheduler: Any = None
+        self._saved: dict[str, Any] = {}
+        self._pending: int | None = None  # the thread that set up a scheduler since the last call
+        self._steps: int | None = None  # scheduler.step calls since set_timesteps (None: not set up)
+
+    def install(self) -> None:
+        scheduler = getattr(self._pipeline, "scheduler", None)
+        if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+            return
+        self._scheduler = scheduler
+        self._saved = {name: scheduler.__dict__.get(name, _MISSING) for name in ("set_timesteps", "step")}
+        original = scheduler.set_timesteps
+
+        @functools.wraps(original)  # pipelines inspect its signature (Flux checks for `sigmas`)
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            self._pending = threading.get_ident()
+            self._steps = 0
+            self._on_setup()
+            return original(*args, **kwargs)
+
+        scheduler.set_timesteps = set_timesteps
+        take_step = getattr(scheduler, "step", None)
+        if callable(take_step):
+
+            @functools.wraps(take_step)
+            def step(*args: Any, **kwargs: Any) -> Any:
+                out = take_step(*args, **kwargs)
+                if self._steps is not None:
+                    self._steps += 1
+                return out
+
+            scheduler.step = step
+
+    def remove(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is None:
+            return
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                scheduler.__dict__.pop(name, None)
+            else:
+                setattr(scheduler, name, saved)
+        self._saved, self._pending, self._steps = {}, None, None
+
+    def position(self) -> int | None:
+        """Scheduler steps this generation has taken, or None when no pipeline set one up."""
+        return self._steps
+
+    def new_generation(self) -> bool:
+        """Asked at each denoiser call: did this thread's pipeline set up a generation since?"""
+        if self._pipeline is None:
+            return False
+        current = getattr(self._pipeline, "scheduler", None)
+        if current is not self._scheduler and self._scheduler is not None:
+            self.remove()  # the pipeline got a new scheduler: watch that one from now on
+            self.install()
+            self._steps = 0  # it was set up before it was watched: its generation starts now
+            return True
+        if self._pending is not None and self._pending == threading.get_ident():
+            self._pending = None
+            return True
+        return False
+
+
+_MISSING = object()
+
+
+def pipeline_steps(pipeline: Any) -> int | None:
+    """Distinct timesteps the pipeline's scheduler is set up for (known once the generation starts)."""
+    timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+    if timesteps is None or len(timesteps) == 0:
+        return None
+    return 1 + int((timesteps[1:] != timesteps[:-1]).sum())

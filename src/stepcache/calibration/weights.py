@@ -7,7 +7,7 @@ module closes the loop with a few perturbation runs on the calibration inputs: f
 layers (type x depth bucket) and each group of steps, it replays the generation reusing that group's
 previous output at every other step of the group (a real one-step cache error), measures the RMS change
 of the final sample, and divides by the calibrated error it injected. The result, one weight per
-(component, step), multiplies the error in the optimal policy's cost (:meth:`Schedule.optimal`).
+(component, step), multiplies the error in the optimal policy's cost (:func:`stepcache.optimal_schedule`).
 
 Cost: ``1 + step_groups * layer_groups`` runs of ``run`` (reported in ``meta["sensitivity"]``).
 """
@@ -21,14 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
-from .calibration import Calibration
-from .discovery import Component, denoisers_of, discover
-from .errors import CalibrationError
-from .runtime.introspect import final_samples
-from .runtime.session import Session
-from .runtime.steps import StepTracker
+from ..discovery import Component, discover
+from ..errors import CalibrationError
+from ..runtime.introspect import final_samples
+from ..runtime.steps import StepTracker
+from .harness import intercepted
+from .harness import progress as progress_bar
+from .value import Calibration
 
 __all__ = ["sensitivity"]
 
@@ -101,22 +101,19 @@ def sensitivity(
         for part in np.array_split(np.array(names, dtype=object), min(depth_groups, len(names))):
             layer_sets.append([str(x) for x in part])
 
-    models = [m for _, m in denoisers_of(target)]
     tracker = StepTracker()
     perturber = _Perturber(tracker)
     tracker.on_generation.append(perturber.clear)
     tracker.on_reset.append(perturber.clear)
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     weights = {name: np.zeros(n) for name in calibration.components}
     runs = 0
-    with Session(models, comps, perturber.intercept, tracker), torch.no_grad():
+    with intercepted(target, comps, perturber.intercept, tracker):
         reference = final_samples(run(), CalibrationError)
         runs += 1
         scale = float(reference.pow(2).mean().sqrt()) or 1.0
         jobs = [(names, steps) for names in layer_sets for steps in step_sets]
-        for names, steps in tqdm(jobs, desc="sensitivity", disable=not progress, leave=False):
+        for names, steps in progress_bar(progress, len(jobs), "sensitivity", "run", jobs):
             # Every other step of the group reuses the previous step's output: one-step errors only.
             perturbed = [s for s in steps if (s - steps[0]) % 2 == 0]
             perturber.names, perturber.steps = set(names), set(perturbed)
