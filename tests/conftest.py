@@ -7,7 +7,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny_pipe():
-    from stepcache.integrations.diffusers import tiny_dit_pipeline
+    from stepcache.integrations.models import tiny_dit_pipeline
 
     return tiny_dit_pipeline(num_layers=3)
 
