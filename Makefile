@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepcache-setup
 
-.PHONY: setup demo calibrations bench test test-fast lint typecheck format
+.PHONY: setup demo calibrations bench test test-fast test-all lint typecheck format
 
 $(STAMP): pyproject.toml scripts/setup.sh benchmarks/requirements.txt
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
@@ -38,9 +38,16 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
-# Everything: lint, types, every test (what CI runs). `make test-fast` skips the tests marked slow.
+# The suite on every core (pytest-xdist; tests sharing a module-scoped fixture stay on one worker).
+PYTEST := $(BIN)/python -m pytest -n auto --dist loadgroup
+
+# Lint, types and the test suite (what CI runs): every behaviour, the nightly tests left out (pyproject's
+# addopts). `make test-fast` also skips the tests marked slow; `make test-all` runs every test.
 test: lint typecheck
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow and not nightly"
+
+test-all: lint typecheck
+	$(PYTEST) -m ""

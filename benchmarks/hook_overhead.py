@@ -29,51 +29,21 @@ import torch
 
 import stepcache
 from stepcache import Schedule
+from stepcache.integrations.models import transformer
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def tiny_models() -> dict[str, tuple[torch.nn.Module, Callable[[torch.nn.Module, torch.Tensor], Any]]]:
     """name -> (model, one denoiser call at timestep t), random weights (speed does not depend on them)."""
-    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    dit = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=4,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_num_groups=4,
-    ).eval()
+    torch.manual_seed(0)  # the models and inputs below draw from one stream, in this order
+    dit = transformer("dit")
     x_dit, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
-    pixart = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=4,
-        sample_size=8,
-        patch_size=2,
-        cross_attention_dim=32,
-        caption_channels=16,
-        norm_num_groups=4,
-    ).eval()
+    pixart = transformer(
+        "pixart", attention_head_dim=16, num_layers=4, cross_attention_dim=32, caption_channels=16
+    )
     text = torch.randn(2, 6, 16)
-    flux = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    flux = transformer("flux")
     x_flux, txt = torch.randn(1, 16, 16), torch.randn(1, 6, 16)
     img_ids, txt_ids = torch.zeros(16, 3), torch.zeros(6, 3)
     pooled = torch.randn(1, 16)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
 
 import stepcache
 from stepcache import Schedule
+from stepcache.integrations.models import transformer
 from stepcache.policies import uniform_plan
 from stepcache.runtime import mac_shares
 
@@ -55,9 +55,7 @@ def main() -> None:
     else:  # DiT-B/2 at 256x256: latent 32x32, patch 2 -> 256 tokens
         config = dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, sample_size=32)
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **config
-    ).eval()
+    model = transformer("dit", **config)
     n = args.steps
 
     # Total MACs of one denoiser call, and of one call of each cached component.

@@ -7,14 +7,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny_pipe():
-    from stepcache.integrations.diffusers import tiny_dit_pipeline
+    from stepcache.integrations.models import tiny_dit_pipeline
 
     return tiny_dit_pipeline(num_layers=3)
 
 
 @pytest.fixture
 def plain_dit():
-    from plain_models import PlainDiT
+    from tests._helpers.plain_models import PlainDiT
 
     torch.manual_seed(0)
     return PlainDiT().eval()

@@ -11,11 +11,11 @@ import logging
 
 import pytest
 import torch
-from model_state import model_state
-from plain_models import sample
 
 import stepcache
 from stepcache import CacheConfig, CacheHandle, Schedule, SmoothCacheConfig, StepCacheError, errors
+from tests._helpers.model_state import model_state
+from tests._helpers.plain_models import sample
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)

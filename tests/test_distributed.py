@@ -1,5 +1,5 @@
 """Calibration and caching across real processes: two ranks on the CPU (gloo), one spawn for every
-scenario (see distributed_workers.run), compared here with one process doing all the work."""
+scenario (see tests/_helpers/distributed_workers.run), compared here with one process doing all the work."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_workers import STEPS, PlainPipe, inputs, make_model, run, sample, schedule
 
 import stepcache
 from stepcache import Calibration, distributed
 from stepcache.errors import DistributedError
+from tests._helpers.distributed_workers import STEPS, PlainPipe, inputs, make_model, run, sample, schedule
 
 WORLD = 2
+
+
+def two_processes(test):
+    """A check of what the two processes of ``ranks`` wrote: slow (they start once per module, a few
+    seconds), and kept on one pytest-xdist worker so that they start once."""
+    return pytest.mark.slow(pytest.mark.xdist_group("ranks")(test))
 
 
 def _free_port() -> int:
@@ -58,6 +64,7 @@ def whole():
     )
 
 
+@two_processes
 def test_sharded_calibration_equals_one_process(ranks, whole):
     per_rank = [Calibration.load(ranks / f"sharded_rank{r}.json") for r in range(WORLD)]
     for cal in per_rank:
@@ -66,6 +73,7 @@ def test_sharded_calibration_equals_one_process(ranks, whole):
     assert np.nanmax(whole.spread[next(iter(whole.spread))]) > 0  # spread really pooled
 
 
+@two_processes
 def test_merge_of_per_rank_files_equals_one_process(ranks, whole):
     files = [ranks / f"alone_rank{r}.json" for r in range(WORLD)]
     parts = [Calibration.load(f) for f in files]
@@ -75,12 +83,14 @@ def test_merge_of_per_rank_files_equals_one_process(ranks, whole):
     assert merged.meta["merged_from"] == WORLD
 
 
+@two_processes
 def test_a_failing_generation_fails_every_rank(ranks):
     reports = [json.loads((ranks / f"report_rank{r}.json").read_text()) for r in range(WORLD)]
     assert "rank 1 of the calibration's process group failed" in reports[0]["failure"]
     assert reports[1]["failure"] == "RuntimeError: this rank's generation failed"
 
 
+@two_processes
 def test_schedule_mismatch_fails_fast_on_every_rank(ranks):
     for r in range(WORLD):
         report = json.loads((ranks / f"report_rank{r}.json").read_text())
@@ -89,12 +99,14 @@ def test_schedule_mismatch_fails_fast_on_every_rank(ranks):
         assert report["mismatch_seconds"] < 10
 
 
+@two_processes
 def test_a_rank_missing_the_check_times_out_instead_of_hanging(ranks):
     report = json.loads((ranks / "report_rank0.json").read_text())
     assert "schedule check: not every rank of the process group took part within 3 s" in report["timeout"]
     assert 2.5 < report["timeout_seconds"] < 20
 
 
+@two_processes
 def test_context_parallel_generation_cached_and_not_equals_one_process(ranks):
     model = make_model()
     y = torch.tensor([1, 3])
@@ -111,6 +123,7 @@ def test_context_parallel_generation_cached_and_not_equals_one_process(ranks):
         torch.testing.assert_close(torch.load(ranks / f"sp_cached2_rank{r}.pt"), cached2)
 
 
+@two_processes
 def test_calibration_under_context_parallelism_measures_the_whole_sequence(ranks):
     model = make_model()
 
@@ -127,11 +140,12 @@ def test_calibration_under_context_parallelism_measures_the_whole_sequence(ranks
             assert got.macs[name] == pytest.approx(macs, rel=0.05)
 
 
+@two_processes
 def test_diffusers_ulysses_context_parallelism_cached_and_calibrated(ranks):
     """diffusers' own ContextParallelConfig(ulysses_degree=2) on a tiny Flux transformer: cached
     output and calibration (with sequence_group) equal one process's; without sequence_group each
     rank measures only its slice and the ranks disagree."""
-    from distributed_workers import flux_runs, flux_sample, tiny_flux
+    from tests._helpers.distributed_workers import flux_runs, flux_sample, tiny_flux
 
     report = json.loads((ranks / "report_rank0.json").read_text())
     assert "diffusers_error" not in report, report["diffusers_error"]
@@ -183,7 +197,14 @@ def _torchrun(args: list[str], cwd, timeout: float = 180, launcher: str = "torch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "torchrun",
+        # accelerate launch sets the same RANK, WORLD_SIZE and rendezvous variables, all the script reads
+        pytest.param("accelerate", marks=pytest.mark.nightly),
+    ],
+)
 def test_generation_recipe_under_torchrun_equals_one_process(tmp_path, launcher):
     """benchmarks/distributed_generate.py (the recipe of docs/distributed.md) on two processes: the
     schedule from the sharded calibration is one process's, and each image is what one process

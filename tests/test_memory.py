@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plain_models import sample
 
 import stepcache
 from stepcache import Schedule
@@ -21,6 +20,7 @@ from stepcache.policies import for_compute_fraction, from_calibration, optimal_s
 from stepcache.policies._budget import calibration_components
 from stepcache.runtime.offload import transfer_schedule
 from stepcache.schedule import liveness
+from tests._helpers.plain_models import sample
 
 N = 10
 COPY = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
@@ -109,25 +109,14 @@ def test_missing_sizes_and_bad_branches_are_refused(plain_dit):
 
 
 def test_output_bytes_of_a_meta_model_costs_nothing_and_matches_the_real_one():
-    from diffusers import DiTTransformer2DModel
+    from stepcache.integrations.models import transformer
 
-    config = dict(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_num_groups=4,
-    )
+    meta = transformer("dit", num_layers=2, device="meta")
     with torch.device("meta"):
-        meta = DiTTransformer2DModel(**config)
         x, t, y = torch.empty(3, 4, 8, 8), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
     assert all(p.is_meta for p in meta.parameters())
     predicted = output_bytes(meta, lambda: meta(x, timestep=t, class_labels=y))
-    real = DiTTransformer2DModel(**config).eval()
+    real = transformer("dit", num_layers=2)
     measured = output_bytes(
         real,
         lambda: real(

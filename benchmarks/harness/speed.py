@@ -27,6 +27,7 @@ import torch
 
 from stepcache import Schedule
 from stepcache.discovery import discover
+from stepcache.integrations.models import transformer
 from stepcache.policies import uniform_plan
 from stepcache.runtime import cache, mac_shares
 
@@ -51,12 +52,8 @@ class SpeedConfig:
 
 
 def build(shape: str) -> torch.nn.Module:
-    from diffusers import DiTTransformer2DModel
-
     torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **SHAPES[shape]
-    ).eval()
+    return transformer("dit", **SHAPES[shape])
 
 
 def generate(model: torch.nn.Module, steps: int, batch: int, seed: int = 0) -> torch.Tensor:

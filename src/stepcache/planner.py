@@ -1,7 +1,8 @@
 """Cache memory at video scale, planned before any weight exists: ``stepcache plan-memory``.
 
-Each preset builds a published model's transformer from its config on ``torch.device("meta")`` (no
-download, no memory, a second or two) and measures every cached component's output with
+Each preset builds a published model's transformer from its config
+(:data:`stepcache.integrations.models.PUBLISHED`) on ``torch.device("meta")`` (no download, no
+memory, a second or two) and measures every cached component's output with
 :func:`stepcache.memory.output_bytes` at the preset's shape. A SmoothCache-style schedule at a
 compute fraction (one computation every ``k`` steps, copy reuse, the first and last steps computed)
 with the blocks' phases staggered (the ``b``-th block computes where ``(s + b) % k == 0``, so every
@@ -34,6 +35,7 @@ import torch
 
 from .discovery import discover
 from .errors import StepCacheError
+from .integrations.models import transformer
 from .memory import output_bytes, predict_peak, stored_sizes, unplanned_peak
 from .runtime.offload import transfer_schedule
 from .schedule import Schedule
@@ -57,25 +59,10 @@ class Preset:
     build: Callable[[], tuple[torch.nn.Module, Callable[[], Any]]]
 
 
-def _wan(num_layers: int, heads: int, ffn: int, frames: int, height: int, width: int) -> Any:
+def _wan(config: str, frames: int, height: int, width: int) -> Any:
     def build() -> tuple[torch.nn.Module, Callable[[], Any]]:
-        from diffusers import WanTransformer3DModel
-
+        model = transformer(config, device="meta", dtype=torch.bfloat16)
         with torch.device("meta"):
-            model = WanTransformer3DModel(
-                patch_size=(1, 2, 2),
-                num_attention_heads=heads,
-                attention_head_dim=128,
-                in_channels=16,
-                out_channels=16,
-                text_dim=4096,
-                freq_dim=256,
-                ffn_dim=ffn,
-                num_layers=num_layers,
-                cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads",
-                eps=1e-6,
-            ).to(torch.bfloat16)
             latent = torch.empty(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=torch.bfloat16)
             text = torch.empty(1, 512, 4096, dtype=torch.bfloat16)
             t = torch.zeros(1, dtype=torch.long)
@@ -85,27 +72,8 @@ def _wan(num_layers: int, heads: int, ffn: int, frames: int, height: int, width:
 
 
 def _hunyuan() -> tuple[torch.nn.Module, Callable[[], Any]]:
-    from diffusers import HunyuanVideoTransformer3DModel
-
+    model = transformer("hunyuanvideo", device="meta", dtype=torch.bfloat16)
     with torch.device("meta"):
-        model = HunyuanVideoTransformer3DModel(
-            in_channels=16,
-            out_channels=16,
-            num_attention_heads=24,
-            attention_head_dim=128,
-            num_layers=20,
-            num_single_layers=40,
-            num_refiner_layers=2,
-            mlp_ratio=4.0,
-            patch_size=2,
-            patch_size_t=1,
-            qk_norm="rms_norm",
-            guidance_embeds=True,
-            text_embed_dim=4096,
-            pooled_projection_dim=768,
-            rope_theta=256.0,
-            rope_axes_dim=(16, 56, 56),
-        ).to(torch.bfloat16)
         latent = torch.empty(1, 16, 33, 90, 160, dtype=torch.bfloat16)  # 129 frames at 720x1280
         text = torch.empty(1, 256, 4096, dtype=torch.bfloat16)
         mask = torch.ones(1, 256, dtype=torch.bool)
@@ -116,21 +84,8 @@ def _hunyuan() -> tuple[torch.nn.Module, Callable[[], Any]]:
 
 
 def _flux() -> tuple[torch.nn.Module, Callable[[], Any]]:
-    from diffusers import FluxTransformer2DModel
-
+    model = transformer("flux.1-dev", device="meta", dtype=torch.bfloat16)
     with torch.device("meta"):
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        ).to(torch.bfloat16)
         latent = torch.empty(1, 4096, 64, dtype=torch.bfloat16)  # 1024x1024: 64x64 latent, 2x2 packed
         text = torch.empty(1, 512, 4096, dtype=torch.bfloat16)
         pooled = torch.empty(1, 768, dtype=torch.bfloat16)
@@ -151,7 +106,7 @@ PRESETS: dict[str, Preset] = {
             2,
             50,
             40,
-            _wan(40, 40, 13_824, 81, 720, 1280),
+            _wan("wan2.1-t2v-14b", 81, 720, 1280),
         ),
         Preset(
             "wan2.1-14b-480p",
@@ -161,7 +116,7 @@ PRESETS: dict[str, Preset] = {
             2,
             50,
             40,
-            _wan(40, 40, 13_824, 81, 480, 832),
+            _wan("wan2.1-t2v-14b", 81, 480, 832),
         ),
         Preset(
             "wan2.1-1.3b-480p",
@@ -171,7 +126,7 @@ PRESETS: dict[str, Preset] = {
             2,
             50,
             30,
-            _wan(30, 12, 8_960, 81, 480, 832),
+            _wan("wan2.1-t2v-1.3b", 81, 480, 832),
         ),
         Preset(
             "hunyuanvideo-720p",

@@ -7,10 +7,10 @@ from importlib.resources import files
 import numpy as np
 import pytest
 import torch
-from plain_models import sample
 
 import stepcache
 from stepcache import Calibration, CalibrationError
+from tests._helpers.plain_models import sample
 
 N = 8
 

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_state import model_state
 
 import stepcache
 from benchmarks import bench
 from benchmarks.harness import peers, validate
 from stepcache import Schedule, StepCacheError
+from tests._helpers.model_state import model_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+# One pytest-xdist worker runs the module, so the quick benchmark (quick_report) runs once.
+pytestmark = pytest.mark.xdist_group("bench")
 
 
 def run_bench(*argv: str) -> int:

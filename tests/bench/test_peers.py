@@ -7,10 +7,10 @@ import io
 
 import pytest
 import torch
-from dit_runs import generate
 
 import stepcache
 from stepcache import Schedule
+from tests._helpers.dit_runs import generate
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_runs import generate
-from pipeline_models import CASES
 
 import stepcache
 from stepcache import Schedule
 from stepcache.policies import from_calibration
 from stepcache.runtime import session as session_module
 from stepcache.runtime import steps as steps_module
+from tests._helpers.dit_runs import generate
+from tests._helpers.pipelines import CASES
 
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
 
@@ -111,7 +111,7 @@ def test_reference_pipeline_new_scheduler_per_call(as_if_on_gpu):
 
 def test_a_plain_loop_with_device_timesteps_still_reads_them(plain_dit, monkeypatch):
     """No pipeline, no count: the tracker falls back to reading the tensor (documented)."""
-    from plain_models import sample
+    from tests._helpers.plain_models import sample
 
     schedule = Schedule(len(PLAN), {"attn": PLAN, "ff": PLAN})
     y = torch.tensor([1, 2])

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from stepcache.cli import app
 
-pytestmark = pytest.mark.slow  # compiles / generates: seconds each
+# compiles / generates: seconds each; one pytest-xdist worker runs the module, so demo_run runs once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 # 5 steps, 2 classes: nothing is shipped for 5 steps, so the demo also calibrates.
 TINY = ["--steps", "5", "--classes", "3,7", "--per-class", "4", "--calibration-samples", "2"]

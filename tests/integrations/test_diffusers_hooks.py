@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_state import model_state
-from plain_models import sample
 
 import stepcache
 from stepcache import Schedule, SmoothCacheConfig, StepCacheError, apply_smoothcache, remove_smoothcache
+from tests._helpers.model_state import model_state
+from tests._helpers.plain_models import sample
 
 pytest.importorskip("diffusers")
 from diffusers.hooks import HookRegistry
-from dit_runs import generate
+
+from tests._helpers.dit_runs import generate
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)

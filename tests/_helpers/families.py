@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stepcache.integrations.models import transformer
+
 Tensor = torch.Tensor
 # (model, latent, timestep, conditioning) -> a prediction with the latent's shape
 Call = Callable[[nn.Module, Tensor, Tensor, dict[str, Any]], Tensor]
@@ -85,19 +87,7 @@ def _expand(t: Tensor, batch: int) -> Tensor:
 
 # ---------------------------------------------------------------- DiT (diffusers)
 def _dit() -> nn.Module:
-    from diffusers import DiTTransformer2DModel
-
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_num_groups=4,
-    )
+    return transformer("dit", attention_head_dim=8, num_layers=2, num_embeds_ada_norm=10)
 
 
 def _dit_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -110,20 +100,7 @@ def _dit_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Tensor:
 
 # ---------------------------------------------------------------- PixArt
 def _pixart() -> nn.Module:
-    from diffusers import PixArtTransformer2DModel
-
-    return PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=16,
-        sample_size=8,  # not 128: that switches on the resolution / aspect-ratio conditioning
-        patch_size=2,
-        caption_channels=12,
-        norm_num_groups=4,
-    )
+    return transformer("pixart")
 
 
 def _pixart_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -142,23 +119,8 @@ def _pixart_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Tenso
 
 # ---------------------------------------------------------------- SD3 / SD3.5
 def _sd3() -> nn.Module:
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=3,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        caption_projection_dim=16,
-        pooled_projection_dim=10,
-        out_channels=4,
-        pos_embed_max_size=8,
-        dual_attention_layers=(0,),  # SD3.5: block 0's attn2 is a second self-attention
-        qk_norm="rms_norm",
-    )
+    # SD3.5: block 0's attn2 is a second self-attention
+    return transformer("sd3", num_layers=3, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
 def _sd3_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -174,19 +136,13 @@ def _sd3_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Tensor:
 
 # ---------------------------------------------------------------- Flux
 def _flux() -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(
-        patch_size=1,
+    return transformer(
+        "flux",
         in_channels=8,
-        num_layers=2,
         num_single_layers=3,
-        attention_head_dim=8,
-        num_attention_heads=2,
         joint_attention_dim=12,
         pooled_projection_dim=10,
         guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),  # must sum to the head dim
     )
 
 
@@ -210,21 +166,7 @@ def _flux_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Tensor:
 
 # ---------------------------------------------------------------- Stable Audio Open
 def _stable_audio() -> nn.Module:
-    from diffusers import StableAudioDiTModel
-
-    return StableAudioDiTModel(
-        sample_size=16,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        num_key_value_attention_heads=1,
-        out_channels=4,
-        cross_attention_dim=16,
-        time_proj_dim=8,
-        global_states_input_dim=12,
-        cross_attention_input_dim=12,
-    )
+    return transformer("stable_audio")
 
 
 def _stable_audio_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -246,23 +188,7 @@ _STABLE_AUDIO_T = (1.55, 0.9, 0.2, -0.3)
 
 # ---------------------------------------------------------------- CogVideoX
 def _cogvideox() -> nn.Module:
-    from diffusers import CogVideoXTransformer3DModel
-
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=8,
-        text_embed_dim=12,
-        num_layers=2,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=5,  # (frames - 1) * 4 + 1 latent frames = 2
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=5,  # the text length must equal it
-    )
+    return transformer("cogvideox")
 
 
 def _cogvideox_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -275,20 +201,7 @@ def _cogvideox_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Te
 
 # ---------------------------------------------------------------- Wan 2.1
 def _wan() -> nn.Module:
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=12,
-        freq_dim=8,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
+    return transformer("wan")
 
 
 def _wan_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -305,23 +218,7 @@ def _zeros_like_text(c: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- HunyuanVideo
 def _hunyuan() -> nn.Module:
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=2,  # as the real model: a list of >= 2 blocks discovery must not take
-        patch_size=2,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=12,
-        pooled_projection_dim=10,
-        rope_axes_dim=(2, 2, 4),
-    )
+    return transformer("hunyuan_video")
 
 
 def _hunyuan_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -339,17 +236,7 @@ def _hunyuan_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Tens
 
 # ---------------------------------------------------------------- LTX-Video
 def _ltx() -> nn.Module:
-    from diffusers import LTXVideoTransformer3DModel
-
-    return LTXVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
-        num_layers=2,
-        caption_channels=12,
-    )
+    return transformer("ltx_video")
 
 
 _LTX_SIZE = {"num_frames": 2, "height": 4, "width": 4}
@@ -370,21 +257,7 @@ def _ltx_call(m: nn.Module, x: Tensor, t: Tensor, c: dict[str, Any]) -> Tensor:
 
 # ---------------------------------------------------------------- Sana
 def _sana() -> nn.Module:
-    from diffusers import SanaTransformer2DModel
-
-    return SanaTransformer2DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=8,
-        cross_attention_dim=16,  # Sana needs cross-attention: norm2 exists only with it
-        caption_channels=12,
-        sample_size=8,
-        patch_size=1,
-    )
+    return transformer("sana")
 
 
 def _sana_inputs(batch: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
@@ -627,3 +500,39 @@ FAMILIES: tuple[Family, ...] = (
         null_cond=lambda c: {"y": torch.zeros_like(c["y"])},
     ),
 )
+
+
+def run(
+    fam: Family,
+    model: nn.Module,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    guidance: float | None = None,
+    before_call: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """A short sampling loop in the family's timestep convention (Euler-like update).
+
+    ``guidance`` runs classifier-free guidance as two calls per step, cond then uncond, each in
+    ``cache_context`` when the model has one (as Wan's pipeline does). ``before_call(step, branch)``
+    lets a reference cache know where the loop is.
+    """
+    x, cond = fam.inputs(batch, seed)
+    uncond = fam.null_cond(cond) if fam.null_cond else cond
+    branches = [("cond", cond)] if guidance is None else [("cond", cond), ("uncond", uncond)]
+    with torch.no_grad():
+        for step, tv in enumerate(fam.timesteps):
+            t = torch.tensor(tv)
+            preds = []
+            for branch, (label, c) in enumerate(branches):
+                if before_call:
+                    before_call(step, branch)
+                ctx = getattr(model, "cache_context", None)
+                if ctx is not None and guidance is not None:
+                    with ctx(label):
+                        preds.append(fam.call(model, x, t, c))
+                else:
+                    preds.append(fam.call(model, x, t, c))
+            pred = preds[0] if guidance is None else preds[1] + guidance * (preds[0] - preds[1])
+            x = x - 0.1 * pred
+    return x

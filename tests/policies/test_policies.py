@@ -8,12 +8,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from plain_models import sample
 
 import stepcache
 from stepcache import Calibration, Schedule, ScheduleError
 from stepcache.policies import COMPUTE, FORECAST, REUSE, optimal_schedule
 from stepcache.policies.optimal import allocate, cost_curve, plan_cost
+from tests._helpers.plain_models import sample
 
 N = 8
 
@@ -207,7 +207,7 @@ def test_candidate_plans_spend_the_budget_exactly(n):
 
 
 def test_tune_picks_the_closest_candidate_and_leaves_the_model_alone(plain_dit, calibration, tmp_path):
-    from model_state import model_state
+    from tests._helpers.model_state import model_state
 
     def run():
         return torch.cat(run_for(plain_dit, [5])())

@@ -213,7 +213,7 @@ def test_bad_values_are_clear_errors(monkeypatch, kw, match):
 
 
 def test_default_tune_on_a_real_model_records_the_split(plain_dit):
-    from plain_models import sample
+    from tests._helpers.plain_models import sample
 
     def run():
         return torch.cat([sample(plain_dit, torch.tensor([1, 2, 3, 4]), 8, seed=s) for s in (5, 6)])

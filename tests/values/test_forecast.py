@@ -9,7 +9,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from plain_models import PlainDiT, modulate, sample, timesteps
 
 import stepcache
 from stepcache import Calibration, Schedule, StepCacheError
@@ -18,6 +17,7 @@ from stepcache.policies import fora, optimal_schedule
 from stepcache.policies._budget import fit_memory
 from stepcache.policies.optimal import cost_curve, plan_cost
 from stepcache.schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, forecast_coefficients, liveness
+from tests._helpers.plain_models import PlainDiT, modulate, sample, timesteps
 
 N = 12
 PLAN = (1, 1, 0, 1, 3, 1, 4, 3, 1, 2, 3, 1)  # copies, first order, taylor2 and bdf2 in one plan

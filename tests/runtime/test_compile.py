@@ -9,20 +9,50 @@ import random
 
 import pytest
 import torch
-from family_models import FAMILIES
-from model_state import model_state
-from plain_models import sample
-from test_families import run
 from torch._dynamo.utils import counters
 
 import stepcache
 from stepcache import Schedule, StepCacheWarning
+from tests._helpers.families import FAMILIES, run
+from tests._helpers.model_state import model_state
+from tests._helpers.plain_models import sample
 
 pytestmark = pytest.mark.slow  # compiles: seconds each
 
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)
 FAMILY_PLAN = (1, 0, 1, 0)
 COMPILED = {f.name: f for f in FAMILIES if f.name in ("dit", "pixart", "flux", "sd3", "wan")}
+PATTERNS = ("regional", "in_place", "wrapper")
+GRANULARITIES = ("type", "layer")
+# The default run compiles every family with every pattern and every granularity at least once, and
+# every (pattern, granularity) pair on two or more families; the rest of the grid (the same pattern
+# and granularity again on another family) is nightly (`make test-all`).
+EVERY_PATTERN_AND_GRANULARITY = {
+    "dit": {("regional", "type"), ("in_place", "layer"), ("wrapper", "type")},
+    "pixart": {("regional", "layer"), ("in_place", "type"), ("wrapper", "layer")},
+    "flux": {("regional", "type"), ("in_place", "layer"), ("wrapper", "layer")},
+    "sd3": {("regional", "layer"), ("in_place", "type"), ("wrapper", "layer")},
+    "wan": {("regional", "layer"), ("in_place", "type"), ("wrapper", "type")},
+}
+
+
+def family_grid() -> list:
+    """Every family x granularity x pattern, ids ``family-granularity-pattern``; nightly where the
+    default run already has that family's pattern and granularity."""
+    return [
+        pytest.param(
+            name,
+            granularity,
+            pattern,
+            id=f"{name}-{granularity}-{pattern}",
+            marks=()
+            if (pattern, granularity) in EVERY_PATTERN_AND_GRANULARITY[name]
+            else pytest.mark.nightly,
+        )
+        for name in sorted(COMPILED)
+        for granularity in GRANULARITIES
+        for pattern in PATTERNS
+    ]
 
 
 def schedule_for(model, granularity: str, n: int, forecast: bool = False) -> Schedule:
@@ -98,9 +128,7 @@ def graphs() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("pattern", ["regional", "in_place", "wrapper"])
-@pytest.mark.parametrize("granularity", ["type", "layer"])
-@pytest.mark.parametrize("name", sorted(COMPILED))
+@pytest.mark.parametrize(("name", "granularity", "pattern"), family_grid())
 def test_family_compiles_without_breaks_and_bounded_graphs(name, granularity, pattern):
     fam = COMPILED[name]
     model = fam.build()
@@ -124,8 +152,16 @@ def test_family_compiles_without_breaks_and_bounded_graphs(name, granularity, pa
     assert model_state(model) == before
 
 
-@pytest.mark.parametrize("pattern", ["wrapper", "in_place"])
-@pytest.mark.parametrize("granularity", ["type", "layer"])
+@pytest.mark.parametrize(
+    ("granularity", "pattern"),
+    [
+        pytest.param("type", "wrapper", id="type-wrapper"),
+        pytest.param("layer", "in_place", id="layer-in_place"),
+        # Granularity is covered by the family grid; here each pattern once is the behaviour.
+        pytest.param("layer", "wrapper", id="layer-wrapper", marks=pytest.mark.nightly),
+        pytest.param("type", "in_place", id="type-in_place", marks=pytest.mark.nightly),
+    ],
+)
 def test_pipeline_compiled_after_the_cache_was_enabled(tiny_pipe, pattern, granularity):
     """``stepcache.cache(pipe, ...)`` first, then ``pipe.transformer = torch.compile(...)`` or
     ``pipe.transformer.compile()``: the step hooks move outside the compiled call when the pipeline
@@ -202,9 +238,15 @@ def test_plain_model_compiled_after_enabling_warns_with_the_fix(plain_dit):
     assert torch.equal(got, eager)
 
 
-INDUCTOR_CASES = [(name, "regional", "type") for name in sorted(COMPILED)] + [
-    ("dit", "wrapper", "layer"),
-    ("flux", "in_place", "layer"),
+# Inductor on two families in the default run: Flux regional (forecasting components, so the
+# forecast arithmetic is inductor's too) and DiT through the wrapper with a plan per layer; the
+# other families and Flux in place are nightly (regional inductor on a split-guidance model is
+# test_inductor_regional_plain_model_matches_eager).
+INDUCTOR_DEFAULT = {("flux", "regional", "type"), ("dit", "wrapper", "layer")}
+INDUCTOR_CASES = [
+    pytest.param(*case, id="-".join(case), marks=() if case in INDUCTOR_DEFAULT else pytest.mark.nightly)
+    for case in [(name, "regional", "type") for name in sorted(COMPILED)]
+    + [("dit", "wrapper", "layer"), ("flux", "in_place", "layer")]
 ]
 
 

@@ -9,12 +9,12 @@ import weakref
 
 import pytest
 import torch
-from model_state import model_state
-from plain_models import PlainDiT, sample
 
 import stepcache
 from stepcache import Schedule, StepCacheError, StepCacheWarning
 from stepcache.runtime import session as session_module
+from tests._helpers.model_state import model_state
+from tests._helpers.plain_models import PlainDiT, sample
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)

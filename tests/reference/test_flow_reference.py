@@ -21,7 +21,7 @@ from stepcache.reference._weights import file_sha256
 from stepcache.runtime.steps import StepTracker
 
 WEIGHTS = reference.DEFAULT_WEIGHTS_DIR
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_reference.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_reference.py"
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +72,18 @@ def test_flow_timesteps_in_unit_interval(train_script, sampling):
 
 
 def test_flow_objective_trains_a_tiny_dit(train_script):
-    from diffusers import DiTTransformer2DModel
+    from stepcache.integrations.models import transformer
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        sample_size=8,
+    model = transformer(
+        "dit",
         in_channels=1,
         out_channels=1,
-        patch_size=2,
         num_layers=1,
-        num_attention_heads=2,
         attention_head_dim=8,
         num_embeds_ada_norm=10,
         norm_type="ada_norm_zero",
-    )
+    ).train()
     train_script._disable_builtin_label_dropout(model)
     x0 = torch.rand(16, 1, 8, 8) * 2 - 1
     y = torch.arange(16) % 10

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_runs import generate as gen_pipe
-from model_state import model_state
-from plain_models import reference_forward, sample
 
 import stepcache
 from stepcache import Schedule, ScheduleError, ScheduleLengthError, StepCacheError
 from stepcache.policies import fora, from_calibration
+from tests._helpers.dit_runs import generate as gen_pipe
+from tests._helpers.model_state import model_state
+from tests._helpers.plain_models import reference_forward, sample
 
 N = 10
 PLAN = (1, 0, 0, 1, 0, 1, 1, 0, 0, 1)  # reuse runs of 2 and 2, and 1

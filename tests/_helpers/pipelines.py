@@ -3,9 +3,10 @@
 Each builder returns a genuine diffusers pipeline class (``PixArtAlphaPipeline``,
 ``StableDiffusion3Pipeline``, ``WanPipeline``, ``FluxPipeline``; Wan 2.2's two-expert
 ``WanPipeline`` and ``WanImageToVideoPipeline`` with ``expand_timesteps``) whose every component
-is built here from a config with random weights: a transformer two blocks deep and a few channels
-wide, a one-level VAE, the pipeline's own scheduler class, tiny text encoders (T5 / CLIP / UMT5
-from ``transformers`` configs) and a word-level tokenizer made with ``tokenizers`` and wrapped in
+is built from a config with random weights: a transformer two blocks deep and a few channels wide
+and a one-level VAE (both from :mod:`stepcache.integrations.models`, the one module of tiny models),
+the pipeline's own scheduler class, tiny text encoders (T5 / CLIP / UMT5 from ``transformers``
+configs) and a word-level tokenizer made with ``tokenizers`` and wrapped in
 ``PreTrainedTokenizerFast`` (no vocabulary file, no hub). Random weights make the outputs
 meaningless but the mechanics real: the pipelines tokenize, encode, batch or split
 classifier-free guidance and step their schedulers exactly as they do for the released
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from stepcache.integrations.models import tiny_vae, transformer
 
 PROMPTS = ("a red cat", "a blue dog on grass", "two small birds", "an old house at night")
 # Every word the prompts use; anything else maps to <unk>.
@@ -74,27 +77,12 @@ def _seeded(seed: int) -> Callable[[Callable[[], Any]], Any]:
     return run
 
 
-def _tiny_vae(latent_channels: int) -> Any:
-    """A one-level ``AutoencoderKL`` (scale factor 1): only its config is read with latent output."""
-    from diffusers import AutoencoderKL
+def _t5_encoder(d_model: int, *, umt5: bool = False) -> Any:
+    """A one-layer T5 encoder (UMT5 for Wan)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=8,
-    )
-
-
-def _t5_encoder(d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
         vocab_size=vocab_size(),
         d_model=d_model,
         d_kv=4,
@@ -106,7 +94,7 @@ def _t5_encoder(d_model: int) -> Any:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5EncoderModel(config)
+    return model_cls(config)
 
 
 def _finish(pipe: Any) -> Any:
@@ -120,26 +108,15 @@ def _finish(pipe: Any) -> Any:
 # ---------------------------------------------------------------- PixArt-alpha
 def pixart_pipeline(seed: int = 0) -> Any:
     """``PixArtAlphaPipeline``: T5 text encoder, batched guidance (uncond and cond in one call)."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
     def make() -> Any:
-        transformer = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,  # learned sigma: the pipeline keeps the first half
-            num_layers=2,
-            cross_attention_dim=16,
-            sample_size=8,  # not 128: that switches on resolution / aspect-ratio conditioning
-            patch_size=2,
-            caption_channels=12,
-            norm_num_groups=4,
-        )
+        dit = transformer("pixart")
         return PixArtAlphaPipeline(
             tokenizer=tiny_tokenizer(),
             text_encoder=_t5_encoder(12),
-            vae=_tiny_vae(4),
-            transformer=transformer,
+            vae=tiny_vae(4),
+            transformer=dit,
             scheduler=DPMSolverMultistepScheduler(),
         )
 
@@ -147,22 +124,23 @@ def pixart_pipeline(seed: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------- Stable Diffusion 3
-def _clip_encoder(hidden: int, projection: int) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_encoder(hidden: int, projection: int | None = None, *, layers: int = 2) -> Any:
+    """A CLIP text encoder; with ``projection``, the one with a text projection (SD3's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size(),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        projection_dim=projection,
-        num_hidden_layers=2,
+        **({"projection_dim": projection} if projection else {}),
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=16,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=3,
     )
-    return CLIPTextModelWithProjection(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def sd3_pipeline(seed: int = 0) -> Any:
@@ -172,26 +150,13 @@ def sd3_pipeline(seed: int = 0) -> Any:
     The transformer's text width takes both CLIP widths side by side (8 + 4 <= 12) and its pooled
     width their two projections (6 + 4).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     def make() -> Any:
-        transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            caption_projection_dim=16,
-            pooled_projection_dim=10,
-            out_channels=4,
-            pos_embed_max_size=8,
-        )
         return StableDiffusion3Pipeline(
-            transformer=transformer,
+            transformer=transformer("sd3"),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_tiny_vae(4),
+            vae=tiny_vae(4),
             text_encoder=_clip_encoder(8, 6),
             tokenizer=tiny_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>"),
             text_encoder_2=_clip_encoder(4, 4),
@@ -206,27 +171,10 @@ def sd3_pipeline(seed: int = 0) -> Any:
 # ---------------------------------------------------------------- Wan 2.1
 def wan_pipeline(seed: int = 0) -> Any:
     """``WanPipeline``: UMT5 text encoder, ``AutoencoderKLWan``, split guidance (two calls a step)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     def make() -> Any:
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            text_dim=12,
-            freq_dim=8,
-            ffn_dim=32,
-            num_layers=2,
-            rope_max_seq_len=32,
-        )
+        dit = transformer("wan")
         vae = AutoencoderKLWan(
             base_dim=4,
             z_dim=4,
@@ -238,25 +186,12 @@ def wan_pipeline(seed: int = 0) -> Any:
             scale_factor_temporal=2,
             scale_factor_spatial=2,
         )
-        encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=vocab_size(),
-                d_model=12,
-                d_kv=4,
-                d_ff=16,
-                num_layers=1,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        encoder = _t5_encoder(12, umt5=True)
         return WanPipeline(
             tokenizer=tiny_tokenizer(),
             text_encoder=encoder,
             vae=vae,
-            transformer=transformer,
+            transformer=dit,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         )
 
@@ -270,43 +205,19 @@ def flux_pipeline(seed: int = 0) -> Any:
     With ``true_cfg_scale > 1`` and a negative prompt the pipeline runs true classifier-free guidance
     as two calls per step inside ``cache_context("cond" / "uncond")``, like Wan.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     def make() -> Any:
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,  # 4 latent channels packed 2 x 2
-            num_layers=2,  # a one-block list is not taken for a block stack by discovery
-            num_single_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            pooled_projection_dim=8,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),  # must sum to the head dim
-        )
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size(),
-                hidden_size=8,
-                intermediate_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=16,
-                pad_token_id=0,
-                eos_token_id=1,
-                bos_token_id=3,
-            )
-        )
+        dit = transformer("flux", joint_attention_dim=12, pooled_projection_dim=8, guidance_embeds=True)
+        clip = _clip_encoder(8, layers=1)
         return FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_tiny_vae(4),
+            vae=tiny_vae(4),
             text_encoder=clip,
             tokenizer=tiny_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>"),
             text_encoder_2=_t5_encoder(12),
             tokenizer_2=tiny_tokenizer(),
-            transformer=transformer,
+            transformer=dit,
         )
 
     return _finish(_seeded(seed)(make))

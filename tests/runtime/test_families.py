@@ -1,6 +1,6 @@
 """Every DiT family: discovery, exactness, skipped calls, two-stream outputs, split guidance.
 
-Each family is a tiny random-weight model (tests/family_models.py) driven over a short loop of
+Each family is a tiny random-weight model (tests/_helpers/families.py) driven over a short loop of
 decreasing timesteps in its own convention, called the way its pipeline calls it. What a cache
 must do is checked against things written out here, never against the cache itself:
 
@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from family_models import FAMILIES, Family
-from model_state import model_state
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import stepcache
 from stepcache import DiscoveryError, Schedule
 from stepcache.policies import for_compute_fraction
+from tests._helpers.families import FAMILIES, Family, run
+from tests._helpers.model_state import model_state
 
 REUSE_PLAN = (1, 0, 1, 0)  # compute, reuse, compute, reuse: every kind of transition in 4 steps
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -52,42 +52,6 @@ def params(families: list[Family] | tuple[Family, ...]) -> list[Any]:
 def uniform(num_steps: int, types: set[str], plan: tuple[int, ...] | None = None) -> Schedule:
     """One plan for every type found; all-compute (alpha = 0) by default."""
     return Schedule(num_steps, dict.fromkeys(sorted(types), plan or (1,) * num_steps))
-
-
-def run(
-    fam: Family,
-    model: nn.Module,
-    *,
-    batch: int = 2,
-    seed: int = 0,
-    guidance: float | None = None,
-    before_call: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """A short sampling loop in the family's timestep convention (Euler-like update).
-
-    ``guidance`` runs classifier-free guidance as two calls per step, cond then uncond, each in
-    ``cache_context`` when the model has one (as Wan's pipeline does). ``before_call(step, branch)``
-    lets a reference cache know where the loop is.
-    """
-    x, cond = fam.inputs(batch, seed)
-    uncond = fam.null_cond(cond) if fam.null_cond else cond
-    branches = [("cond", cond)] if guidance is None else [("cond", cond), ("uncond", uncond)]
-    with torch.no_grad():
-        for step, tv in enumerate(fam.timesteps):
-            t = torch.tensor(tv)
-            preds = []
-            for branch, (label, c) in enumerate(branches):
-                if before_call:
-                    before_call(step, branch)
-                ctx = getattr(model, "cache_context", None)
-                if ctx is not None and guidance is not None:
-                    with ctx(label):
-                        preds.append(fam.call(model, x, t, c))
-                else:
-                    preds.append(fam.call(model, x, t, c))
-            pred = preds[0] if guidance is None else preds[1] + guidance * (preds[0] - preds[1])
-            x = x - 0.1 * pred
-    return x
 
 
 class ReferenceCache:
@@ -431,7 +395,7 @@ def test_calibrate_schedule_by_budget_and_apply(fam: Family) -> None:
 def test_family_docs_examples_parse_and_use_the_real_api() -> None:
     """The examples need GPUs and checkpoints, so CI does not run them; it does check that they
     are Python and that every ``stepcache.<name>`` they use exists."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= len(FAMILIES)
     for code in blocks:

@@ -1,4 +1,4 @@
-"""Calibration and caching through real diffusers pipelines (tests/pipeline_models.py).
+"""Calibration and caching through real diffusers pipelines (tests/_helpers/pipelines.py).
 
 The family tests drive bare transformers with a hand-written loop; here the pipelines themselves
 run: tokenizer, text encoders, guidance (batched in one call for PixArt and SD3, split into two
@@ -25,8 +25,13 @@ from typing import Any
 
 import pytest
 import torch
-from model_state import model_state
-from pipeline_models import (
+from torch import nn
+
+import stepcache
+from stepcache import Schedule, ScheduleLengthError
+from stepcache.policies import from_calibration
+from tests._helpers.model_state import model_state
+from tests._helpers.pipelines import (
     CASES,
     PROMPTS,
     PipelineCase,
@@ -34,13 +39,10 @@ from pipeline_models import (
     wan22_ti2v_pipeline,
     wan22_two_stage_pipeline,
 )
-from torch import nn
-
-import stepcache
-from stepcache import Schedule, ScheduleLengthError
-from stepcache.policies import from_calibration
 
 torch.set_num_threads(1)
+# One pytest-xdist worker runs the module, so each pipeline is set up once.
+pytestmark = pytest.mark.xdist_group("pipelines")
 
 STEPS = 5
 PLAN = (1, 0, 1, 0, 1)  # compute, reuse, compute, reuse, compute

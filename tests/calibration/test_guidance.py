@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_state import model_state as snapshot
 
 import stepcache
 from stepcache import Schedule, reference
@@ -15,6 +14,7 @@ from stepcache.calibration import GuidanceCalibration, calibrate_guidance
 from stepcache.errors import CalibrationError, ScheduleError, StepCacheError
 from stepcache.guidance import KINDS, GuidanceReuse
 from stepcache.policies import guidance_for_compute_fraction, guidance_from_calibration, tune_guidance
+from tests._helpers.model_state import model_state as snapshot
 
 STEPS, GUIDANCE, N = 6, 3.0, 4
 SKIP = (False, False, True, False, True, True)  # steps 4 and 5: the second stands in at gap 2
@@ -226,7 +226,7 @@ def test_diffusers_pipelines_batched_and_split(case, layout):
     """Real pipelines: PixArt and SD3 stack [uncond; cond] in one call (cross-attention and joint
     attention take batched text states, SD3's attention returns a pair), Wan and Flux true CFG make
     two calls per step (conditional first)."""
-    from pipeline_models import CASES
+    from tests._helpers.pipelines import CASES
 
     spec = next(c for c in CASES if c.name == case)
     pipe = spec.build()

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from plain_models import Attention, PlainDiT, sample, timesteps
 
 import stepcache
 from stepcache import Calibration, Schedule, distributed
 from stepcache.errors import CalibrationError, DistributedError, ScheduleMismatchError
+from stepcache.integrations.models import transformer
+from tests._helpers.plain_models import Attention, PlainDiT, sample, timesteps
 
 TOKENS, CHANNELS = 16, 4
 STEPS = 8
@@ -89,20 +90,8 @@ def schedule(n=STEPS, shift=0):
 
 
 def tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return transformer("flux")
 
 
 def flux_sample(model, seed: int = 0, n: int = STEPS) -> torch.Tensor:

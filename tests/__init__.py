@@ -1,0 +1,1 @@
+"""The test suite, grouped by package: tests/runtime/ tests stepcache.runtime, and so on."""

@@ -1,0 +1,1 @@
+"""Tests of the benchmark harness (benchmarks/, not installed) and the peers."""

@@ -1,0 +1,1 @@
+"""Tests of calibration: the value, the recorder, guidance calibration."""

@@ -1,0 +1,1 @@
+"""Tests of stepcache.integrations: diffusers hooks, the Hub, real diffusers pipelines."""

@@ -1,0 +1,1 @@
+"""Tests of the shipped reference models and the metrics on them."""

@@ -1,0 +1,1 @@
+"""Tests of stepcache.runtime: the cache, step tracking, reliability, compile, every DiT family."""
