@@ -4,16 +4,19 @@ strict JSON parsing (every malformed file is a StepCacheError naming what is wro
 from __future__ import annotations
 
 import errno
+import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
 import stepcache
-from stepcache import Calibration, CalibrationError, Schedule, ScheduleError, StepCacheError
+from stepcache import Calibration, CalibrationError, Schedule, ScheduleError, StepCacheError, _io
 from stepcache._io import MAX_DEPTH, atomic_write, check_output, parse_json
 
 SRC = str(Path(stepcache.__file__).resolve().parents[1])  # the stepcache under test, for subprocesses
@@ -230,3 +233,128 @@ def test_loaders_raise_their_own_error_for_bad_bytes(tmp_path, raw):
         Schedule.from_smoothcache(path)
     with pytest.raises(ScheduleError, match="cannot read"):
         Schedule.load(tmp_path)  # a folder
+
+
+# ---------------------------------------------------------------- special files, names, sizes (issue 24)
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+
+
+def read_fifo_in_background(path: Path) -> tuple[threading.Thread, dict]:
+    got: dict = {}
+
+    def reader() -> None:
+        with open(path, "rb") as fh:
+            got["data"] = fh.read()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    return thread, got
+
+
+@needs_fifo
+@pytest.mark.parametrize("through_link", [False, True], ids=["fifo", "link-to-fifo"])
+def test_saving_onto_a_named_pipe_writes_into_it_and_keeps_it(tmp_path, through_link):
+    """os.replace would swap the pipe itself for a regular file; the data goes into the pipe instead."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = fifo
+    if through_link:
+        target = tmp_path / "link.json"
+        target.symlink_to(fifo)
+    thread, got = read_fifo_in_background(fifo)
+    schedule(4).save(target)
+    thread.join(10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still the pipe, not a regular file
+    assert Schedule.from_dict(json.loads(got["data"])) == schedule(4)
+    assert leftovers(tmp_path) == []
+    if through_link:
+        assert target.is_symlink()
+
+
+@needs_fifo
+def test_a_named_pipe_nobody_reads_is_refused_without_hanging(tmp_path, monkeypatch):
+    monkeypatch.setattr(_io, "FIFO_WAIT", 0.1)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ScheduleError, match="no process is reading"):
+        schedule(4).save(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and leftovers(tmp_path) == []
+
+
+def test_a_symlink_to_a_regular_file_is_still_replaced_atomically(tmp_path, monkeypatch):
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("keep")
+    link.symlink_to(real)
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(b), real_replace(a, b)))
+    schedule(4).save(link)
+    assert replaced == [real] and link.is_symlink() and Schedule.load(real) == schedule(4)
+
+
+def test_a_special_file_that_cannot_take_a_file_is_refused(tmp_path, monkeypatch):
+    """A block device or a socket: refused before anything is written (never replaced)."""
+    import socket
+
+    path = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+        with pytest.raises(ScheduleError, match="socket"):
+            schedule(4).save(path)
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+    finally:
+        server.close()
+
+
+@needs_fifo
+def test_loading_from_a_named_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for load in (Schedule.load, Calibration.load, Schedule.from_smoothcache):
+        with pytest.raises(StepCacheError, match="not a regular file"):
+            load(fifo)
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "huge.json"
+    path.write_text("[" + "0," * 1000 + "0]")
+    monkeypatch.setattr(_io, "MAX_FILE_BYTES", 1000)
+    real_read, read = os.read, []
+    monkeypatch.setattr(os, "read", lambda fd, n: read.append(n) or real_read(fd, n))
+    with pytest.raises(ScheduleError, match="larger than"):
+        Schedule.load(path)
+    assert read == []  # refused from its size, not after reading it
+
+
+def test_running_out_of_memory_while_parsing_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "s.json"
+    schedule(4).save(path)
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(json, "loads", no_memory)
+    with pytest.raises(ScheduleError, match="memory"):
+        Schedule.load(path)
+
+
+def test_over_long_names_are_refused_before_any_work(tmp_path):
+    with pytest.raises(StepCacheError, match="too long"):
+        check_output(tmp_path / ("a" * 300 + ".json"), "schedule file")
+    with pytest.raises(StepCacheError, match="too long"):
+        check_output(tmp_path / ("a/" * 3000 + "s.json"), "schedule file")
+    # a name that fits leaves room for the hidden temporary file next to it
+    longest = tmp_path / ("a" * 250 + ".json")
+    schedule(4).save(longest)
+    assert Schedule.load(longest) == schedule(4) and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", ["a\0b.json", b"s.json", 123, None])
+def test_paths_that_are_not_paths_are_clear_errors(tmp_path, path):
+    with pytest.raises(StepCacheError):
+        schedule(4).save(path if not isinstance(path, str) else tmp_path / path)
+    with pytest.raises(StepCacheError):
+        Schedule.load(path if not isinstance(path, str) else tmp_path / path)
+    with pytest.raises(StepCacheError):
+        Calibration.load(path if not isinstance(path, str) else str(tmp_path / path))
