@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from .runtime.storage import resolve_storage_dtype, stored_nbytes
 from .schedule import COMPUTE, Schedule, liveness
 
 __all__ = [
+    "MAX_BYTES",
     "MemoryPeak",
     "holdings",
     "output_bytes",
@@ -49,6 +51,9 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+#: The most bytes a budget or an output size may be: the largest signed 64-bit integer (no machine
+#: addresses more). Larger values are refused rather than overflowing an array or a float.
+MAX_BYTES = 2**63 - 1
 _SIZE = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]*)\s*$")
 
 
@@ -63,6 +68,8 @@ def parse_bytes(value: int | str, *, what: str = "memory budget") -> int:
     if isinstance(value, int):
         if value <= 0:
             raise StepCacheError(f"{what} must be a positive number of bytes, got {value}.")
+        if value > MAX_BYTES:
+            raise StepCacheError(f"{what} must be at most {MAX_BYTES} bytes (2**63 - 1), got {value}.")
         return value
     if isinstance(value, float):
         raise StepCacheError(
@@ -83,9 +90,15 @@ def parse_bytes(value: int | str, *, what: str = "memory budget") -> int:
             f"{what} {value!r} has an unknown unit {match['unit']!r}; use B, KB, MB, GB, TB (powers of 10) "
             "or KiB, MiB, GiB, TiB (powers of 2)."
         )
-    size = int(float(match["num"]) * _UNITS[unit])
+    if len(match["num"]) > 40:  # exact below, but a size needs no more digits than that
+        raise StepCacheError(f"{what} {value[:20]!r}... has {len(match['num'])} digits: not a size.")
+    size = int(Decimal(match["num"]) * _UNITS[unit])  # exact: a float turns 400 digits into inf
     if size <= 0:
         raise StepCacheError(f"{what} must be a positive number of bytes, got {value!r}.")
+    if size > MAX_BYTES:
+        raise StepCacheError(
+            f"{what} {value!r} is more than {MAX_BYTES} bytes (2**63 - 1), more than any machine holds."
+        )
     return size
 
 

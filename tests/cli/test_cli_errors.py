@@ -59,9 +59,18 @@ def files(tmp_path, monkeypatch, shipped):
     def no_work(*args, **kw):
         raise AssertionError(f"work started although the arguments were bad: {args}")
 
+    names = list(bad["components"])
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "huge-sizes.json").write_text(json.dumps(dict.fromkeys(names, 2**64)))
+    (tmp_path / "float-sizes.json").write_text(json.dumps(dict.fromkeys(names, 1.5)))
+    (tmp_path / "nan-sizes.json").write_text('{"a": NaN}')
     monkeypatch.setattr(targets, "load_target", no_work)
     monkeypatch.setattr(importlib.import_module("stepcache.cli.demo"), "run_demo", no_work)
+    monkeypatch.setattr(importlib.import_module("stepcache.cli.plan_memory"), "plan_rows", no_work)
     return tmp_path
+
+
+LONG = "a" * 300 + ".json"  # longer than a file name can be (255 bytes)
 
 
 # (arguments, a phrase the one-line error must contain). {t} is a temporary folder, {cal} a calibration.
@@ -142,6 +151,26 @@ CASES = [
     ("info tiny-dit --types ,", "--types"),
     ("info", "missing argument"),
     ("frobnicate", "no such command"),
+    # issue 24: numbers, JSON and names that ended in the unexpected-error path (exit 1), or after the work
+    ("schedule {cal} --alpha 0.1 --memory-budget " + "1" * 400, "--memory-budget"),
+    ("schedule {cal} --alpha 0.1 --memory-budget 99999999999999999999TB", "--memory-budget"),
+    ("schedule {cal} --alpha 0.1 --memory-budget 1GB --sizes {t}/deep.json", "nests"),
+    ("schedule {cal} --alpha 0.1 --memory-budget 1GB --sizes {t}/huge-sizes.json", "bytes"),
+    ("schedule {cal} --alpha 0.1 --memory-budget 1GB --sizes {t}/float-sizes.json", "bytes"),
+    ("schedule {cal} --alpha 0.1 --memory-budget 1GB --sizes {t}/nan-sizes.json", "NaN"),
+    ("schedule {cal} --alpha 0.1 --memory-budget 1GB --sizes {t}/dir", "folder"),
+    ("schedule {cal} --alpha 0.1 -o {t}/" + LONG, "too long"),
+    ("schedule {cal} --alpha 0.1 --smoothcache-out {t}/" + LONG, "too long"),
+    ("calibrate tiny-dit -o {t}/" + LONG, "too long"),
+    ("calibrate tiny-dit --plot {t}/" + LONG[:-5] + ".png", "too long"),
+    ("tune tiny-dit --compute-fraction 0.5 -o {t}/" + LONG, "too long"),
+    ("tune tiny-dit --compute-fraction 0.5 --memory-budget " + "9" * 400, "--memory-budget"),
+    ("demo -o {t}/" + LONG[:-5], "too long"),
+    ("plan-memory flux.1-dev-1024 --json {t}/" + LONG, "too long"),
+    ("plan-memory flux.1-dev-1024 --memory-budget " + "1" * 400, "--memory-budget"),
+    ("plan-memory flux.1-dev-1024 --bandwidth inf", "--bandwidth"),
+    ("plan-memory flux.1-dev-1024 --tflops 1e309", "--tflops"),
+    ("plan-memory flux.1-dev-1024 --bandwidth nan", "--bandwidth"),
 ]
 
 

@@ -201,8 +201,11 @@ def assert_clean(result) -> None:
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
-NUMBERS = ["0", "1", "2", "-1", "0.5", "1.5", "nan", "inf", "-inf", "1e309", "abc", "", "3", "50", "99999999999999999999"]  # fmt: skip
+NUMBERS = ["0", "1", "2", "-1", "0.5", "1.5", "nan", "inf", "-inf", "1e309", "abc", "", "3", "50", "99999999999999999999", "1" * 400, "0x10", "1_000"]  # fmt: skip
 numbers = st.sampled_from(NUMBERS)
+BUDGETS = ["16GB", "512MiB", "1.5 GiB", ".5KB", "1", "0", "-1", "1e3GB", "abc", "", "16 parsecs", "1" * 400, "9" * 30 + "TB", "1" * 41 + "B", "NaN", "inf"]  # fmt: skip
+budgets = st.sampled_from(BUDGETS)
+LONG_NAME = "a" * 300 + ".json"  # longer than a file name can be
 
 
 @pytest.fixture
@@ -211,6 +214,20 @@ def places(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("x")
     (tmp_path / "corrupt.json").write_text('{"format": "stepcache.calibration", "num_steps": Infinity}')
+    names = list(small_calibration().components)
+    for name, sizes in {
+        "sizes.json": json.dumps(dict.fromkeys(names, 4096)),
+        "sizes-huge.json": json.dumps(dict.fromkeys(names, 2**64)),
+        "sizes-2e62.json": json.dumps(dict.fromkeys(names, 2**62)),
+        "sizes-float.json": json.dumps(dict.fromkeys(names, 1.5)),
+        "sizes-negative.json": json.dumps(dict.fromkeys(names, -1)),
+        "sizes-partial.json": json.dumps({names[0]: 1}),
+        "sizes-deep.json": "[" * 100_000 + "]" * 100_000,
+        "sizes-nan.json": '{"b.0.attn": NaN}',
+        "sizes-list.json": "[1, 2]",
+        "sizes-digits.json": '{"b.0.attn": ' + "9" * 40 + "}",
+    }.items():
+        (tmp_path / name).write_text(sizes)
     return tmp_path
 
 
@@ -234,7 +251,12 @@ def test_schedule_command_lines(places, data):
             str(t / "file" / "s.json"),
             str(t / "cal.json"),
             str(t / "o.json"),
+            str(t / LONG_NAME),
+            str(t / ("b" * 250 + ".json")),  # long, and fits: the temporary file's name is shortened
         ]
+    )
+    sizes = st.sampled_from(
+        sorted(str(p) for p in t.glob("sizes*.json")) + [str(t / "dir"), str(t / "no.json")]
     )
     pool = {
         "--alpha": numbers,
@@ -246,6 +268,9 @@ def test_schedule_command_lines(places, data):
         "--budget": st.sampled_from(["calls", "macs", "flops"]),
         "-o": outputs,
         "--smoothcache-out": outputs,
+        "--memory-budget": budgets,
+        "--sizes": sizes,
+        "--branches": numbers,
         "--bogus": None,
     }
     source = data.draw(
@@ -293,6 +318,14 @@ def stubbed(places, monkeypatch):
     monkeypatch.setattr(demo_cmd, "run_demo", fake_demo)
     monkeypatch.setattr(demo_cmd, "format_report", lambda report: "report")
 
+    class Row:
+        def as_dict(self):
+            return {"title": "stub"}
+
+    plan_cmd = importlib.import_module("stepcache.cli.plan_memory")
+    monkeypatch.setattr(plan_cmd, "plan_rows", lambda name, **kw: Row())
+    monkeypatch.setattr(plan_cmd, "render_plans", lambda rows: "table")
+
     return places
 
 
@@ -301,9 +334,10 @@ def stubbed(places, monkeypatch):
 def test_command_lines_of_the_commands_that_run_models(stubbed, data):
     t = stubbed
     files = st.sampled_from(
-        [str(t / "out.json"), str(t / "dir"), str(t / "file" / "x.json"), str(t / "c.png"), str(t / "c.txt")]
-    )
-    folders = st.sampled_from([str(t / "demo"), str(t / "file"), str(t / "dir")])
+        [str(t / "out.json"), str(t / "dir"), str(t / "file" / "x.json"), str(t / "c.png"), str(t / "c.txt"),
+         str(t / LONG_NAME), str(t / (LONG_NAME[:-5] + ".png"))]
+    )  # fmt: skip
+    folders = st.sampled_from([str(t / "demo"), str(t / "file"), str(t / "dir"), str(t / LONG_NAME[:-5])])
     model = st.sampled_from(["tiny-dit", "reference", "some/model", "pkg:factory"])
     run_opts = {
         "--steps": numbers, "--samples": numbers, "--batch": numbers, "--seed": numbers,
@@ -314,12 +348,17 @@ def test_command_lines_of_the_commands_that_run_models(stubbed, data):
         "calibrate": (True, {**run_opts, "--lookahead": numbers, "--plot": files, "--no-forecast": None,
                              "--sensitivity": numbers, "--sensitivity-samples": numbers}),
         "tune": (True, {**run_opts, "--compute-fraction": numbers,
-                        "--calibration": st.sampled_from([str(t / "cal.json"), str(t / "corrupt.json")])}),
+                        "--calibration": st.sampled_from([str(t / "cal.json"), str(t / "corrupt.json")]),
+                        "--memory-budget": budgets, "--validation": numbers, "--top-k": numbers,
+                        "--refine": numbers,
+                        "--objective": st.sampled_from(["mean", "worst-25%", "worst-0", "quantile-2", "x"])}),
         "demo": (False, {"-o": folders, "--scheduler": st.sampled_from(["ddim", "dpm", "x"]), "--steps": numbers,
                          "--per-class": numbers, "--classes": st.sampled_from(["0,1", "1,1", "x", "", "12"]),
                          "--alpha": numbers, "--compute-fraction": numbers, "--guidance-scale": numbers,
                          "--seed": numbers, "--calibration-samples": numbers}),
         "info": (True, {"--types": st.sampled_from(["attn,ff", "mlp", ",", "block"]), "--no-macs": None}),
+        "plan-memory": (False, {"--memory-budget": budgets, "--compute-fraction": numbers, "--bandwidth": numbers,
+                                "--tflops": numbers, "--utilisation": numbers, "--json": files}),
     }  # fmt: skip
     name = data.draw(st.sampled_from(sorted(commands)), label="command")
     takes_model, pool = commands[name]

@@ -3,18 +3,18 @@ meta tensors."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from .._io import write_json
 from ..errors import StepCacheError
 from ..memory import parse_bytes
 from ..planner import PRESETS, render_plans
 from ..planner import plan_memory as plan_rows
 from ..policies import check_fraction
-from ._common import check_budget, check_outputs, checked, fail
+from ._common import check_budget, check_finite, check_outputs, checked, fail
 
 
 def plan_memory(
@@ -32,10 +32,20 @@ def plan_memory(
         float, typer.Option(help="Share of component calls computed.", callback=checked(check_fraction))
     ] = 0.35,
     bandwidth: Annotated[
-        float, typer.Option(min=0.001, help="Assumed host link GB/s each way (PCIe Gen5 x16 effective: 50).")
+        float,
+        typer.Option(
+            min=0.001,
+            help="Assumed host link GB/s each way (PCIe Gen5 x16 effective: 50).",
+            callback=checked(check_finite),
+        ),
     ] = 50.0,
     tflops: Annotated[
-        float, typer.Option(min=0.001, help="Assumed accelerator peak TFLOPS (H200 bf16: 989).")
+        float,
+        typer.Option(
+            min=0.001,
+            help="Assumed accelerator peak TFLOPS (H200 bf16: 989).",
+            callback=checked(check_finite),
+        ),
     ] = 989.0,
     utilisation: Annotated[
         float, typer.Option(min=0.001, max=1.0, help="Assumed share of the peak a step sustains.")
@@ -65,5 +75,8 @@ def plan_memory(
         fail(e)
     typer.echo(render_plans(rows))
     if json_out is not None:
-        json_out.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+        try:
+            write_json(json_out, [r.as_dict() for r in rows], what="JSON file (--json)")
+        except StepCacheError as e:
+            fail(e)
         typer.echo(f"wrote {json_out}")

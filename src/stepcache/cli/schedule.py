@@ -3,14 +3,15 @@ optimal policy), optionally fitted to a memory budget."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from .._io import is_int, read_json
 from ..calibration import Calibration
 from ..errors import StepCacheError
+from ..memory import MAX_BYTES
 from ..policies import check_alpha, check_fraction, for_compute_fraction, from_calibration, optimal_schedule
 from ._common import (
     MemoryBudgetOpt,
@@ -19,7 +20,6 @@ from ._common import (
     choice,
     fail,
     memory_line,
-    one_line,
     refuse_unused,
     relay_warnings,
 )
@@ -30,17 +30,17 @@ BranchesOpt = Annotated[
 
 
 def _read_sizes(path: Path | None) -> dict[str, int] | None:
-    """Component name -> bytes from a JSON file (None: none given)."""
+    """Component name -> bytes from a JSON file (None: none given), read as strictly as a schedule."""
     if path is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise StepCacheError(f"--sizes {path}: not a readable JSON file ({one_line(str(e))}).") from None
+    data = read_json(path, "--sizes", StepCacheError)
     if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()
+        isinstance(k, str) and is_int(v) and 0 <= v <= MAX_BYTES for k, v in data.items()
     ):
-        raise StepCacheError(f"--sizes {path} must hold a JSON object of component name -> bytes (integers).")
+        raise StepCacheError(
+            f"--sizes {path} must hold a JSON object of component name -> bytes (whole numbers from 0 to "
+            f"{MAX_BYTES})."
+        )
     return data
 
 
