@@ -256,7 +256,7 @@ def test_schedule_command_lines(places, data):
         ]
     )
     sizes = st.sampled_from(
-        sorted(str(p) for p in t.glob("sizes*.json")) + [str(t / "dir"), str(t / "no.json")]
+        [*sorted(str(p) for p in t.glob("sizes*.json")), str(t / "dir"), str(t / "no.json")]
     )
     pool = {
         "--alpha": numbers,
