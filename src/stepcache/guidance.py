@@ -22,11 +22,12 @@ first compiled call raises a clear error), no ``storage_dtype``/``offload`` with
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._hub import HubValue
+from ._io import check_format_version, is_int, kind_of
 from .discovery import Component
 from .errors import ScheduleError
 from .schedule import COMPUTE, Schedule, match_keys
@@ -46,8 +47,13 @@ KINDS = ("cond", "uncond", "difference")
 KIND_OF_MODE = {"reuse": 1, "difference": 2}
 
 
+_FORMAT = "stepcache-guidance-reuse"
+_FORMAT_VERSION = 1
+_FIELDS = {"format", "format_version", "num_steps", "mode", "layout", "uncond_branch", "plans", "meta"}
+
+
 def check_layout(layout: Any) -> str:
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ScheduleError(
             f"layout must be one of {list(LAYOUTS)} (how the pipeline passes the guidance branches: stacked "
             f"in one batch, conditional half first or unconditional first, or as two calls), got {layout!r}."
@@ -56,7 +62,7 @@ def check_layout(layout: Any) -> str:
 
 
 def check_mode(mode: Any) -> str:
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ScheduleError(f"mode must be one of {list(MODES)}, got {mode!r}.")
     return str(mode)
 
@@ -85,19 +91,36 @@ class GuidanceReuse(HubValue):
     def __post_init__(self) -> None:
         check_mode(self.mode)
         check_layout(self.layout)
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 2:
+        if not is_int(self.num_steps) or self.num_steps < 2:
             raise ScheduleError(f"num_steps must be an integer >= 2, got {self.num_steps!r}.")
-        if self.uncond_branch not in (0, 1):
-            raise ScheduleError(f"uncond_branch must be 0 or 1, got {self.uncond_branch!r}.")
+        if not is_int(self.uncond_branch) or self.uncond_branch not in (0, 1):
+            raise ScheduleError(f"uncond_branch must be the integer 0 or 1, got {self.uncond_branch!r}.")
+        if not isinstance(self.plans, Mapping):
+            raise ScheduleError(f"plans must map selectors to per-step plans, got {kind_of(self.plans)}.")
         plans = {}
-        for key, plan in dict(self.plans).items():
-            plan = tuple(bool(v) for v in plan)
-            if len(plan) != self.num_steps:
+        for key, plan in self.plans.items():
+            if not isinstance(key, str) or not key:
+                raise ScheduleError(f"guidance plan keys must be non-empty strings, got {key!r}.")
+            if isinstance(plan, (str, bytes, Mapping, set, frozenset)) or not isinstance(plan, Iterable):
                 raise ScheduleError(
-                    f"guidance plan {key!r} has {len(plan)} steps, the plan is for {self.num_steps}."
+                    f"guidance plan {key!r} must be a list of per-step flags, got {kind_of(plan)}."
                 )
-            plans[str(key)] = plan
+            values = tuple(plan)
+            for step, v in enumerate(values):
+                if not _is_flag(v):
+                    raise ScheduleError(
+                        f"guidance plan {key!r} may hold only True/False (1/0); step {step} is {kind_of(v)}."
+                    )
+            if len(values) != self.num_steps:
+                raise ScheduleError(
+                    f"guidance plan {key!r} has {len(values)} steps, the plan is for {self.num_steps}."
+                )
+            plans[key] = tuple(bool(v) for v in values)
+        if not isinstance(self.meta, Mapping) or not all(isinstance(k, str) for k in self.meta):
+            raise ScheduleError(f"meta must map strings to values, got {self.meta!r}.")
         object.__setattr__(self, "plans", plans)
+        object.__setattr__(self, "uncond_branch", int(self.uncond_branch))
+        object.__setattr__(self, "meta", dict(self.meta))
 
     # ---------------------------------------------------------------- reading
     def resolve(self, components: Iterable[Component]) -> dict[str, tuple[bool, ...]]:
@@ -127,8 +150,8 @@ class GuidanceReuse(HubValue):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "stepcache-guidance-reuse",
-            "format_version": 1,
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
             "num_steps": self.num_steps,
             "mode": self.mode,
             "layout": self.layout,
@@ -139,16 +162,55 @@ class GuidanceReuse(HubValue):
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "guidance reuse plan") -> GuidanceReuse:
-        if not isinstance(data, dict) or data.get("format") != "stepcache-guidance-reuse":
-            raise ScheduleError(f"{source} is not a stepcache guidance reuse plan.")
+        """The plan in a dict read from a file written by :meth:`save` (:meth:`to_dict`).
+
+        Strict like a schedule file: exact JSON types (plan entries are the integers 0 and 1, never
+        ``true``, ``0.5`` or ``"1"``), unknown fields and newer format versions refused.
+
+        Raises:
+            ScheduleError: naming ``source`` and the field that is wrong.
+        """
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ScheduleError(
+                f'{source} is not a stepcache guidance reuse plan (no "format": "{_FORMAT}").'
+            )
+        check_format_version(data, source, ScheduleError, _FORMAT_VERSION)
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ScheduleError(f"{source} has unknown field(s) {unknown}; expected {sorted(_FIELDS)}.")
+        missing = [f for f in ("num_steps", "plans") if f not in data]
+        if missing:
+            raise ScheduleError(f"{source} is missing field(s) {missing}.")
+        for name, kind in (("plans", dict), ("meta", dict), ("mode", str), ("layout", str)):
+            if name in data and not isinstance(data[name], kind):
+                want = "a JSON object" if kind is dict else "a string"
+                raise ScheduleError(f"{source}: field {name!r} must be {want}, got {kind_of(data[name])}.")
+        for key, plan in data["plans"].items():
+            if not isinstance(plan, list):
+                raise ScheduleError(
+                    f"{source}: plans[{key!r}] must be an array of 0 and 1, got {kind_of(plan)}."
+                )
+            bad = next((s for s, v in enumerate(plan) if not is_int(v) or v not in (0, 1)), None)
+            if bad is not None:
+                raise ScheduleError(
+                    f"{source}: plans[{key!r}] may hold only the integers 0 and 1; step {bad} is "
+                    f"{kind_of(plan[bad])}."
+                )
         try:
             return cls(
-                num_steps=int(data["num_steps"]),
-                plans={k: tuple(bool(v) for v in p) for k, p in data["plans"].items()},
+                num_steps=data["num_steps"],
+                plans={k: tuple(p) for k, p in data["plans"].items()},
                 mode=data.get("mode", "difference"),
                 layout=data.get("layout", "cond-first"),
-                uncond_branch=int(data.get("uncond_branch", 1)),
-                meta=dict(data.get("meta", {})),
+                uncond_branch=data.get("uncond_branch", 1),
+                meta=data.get("meta", {}),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ScheduleError(f"{source} is malformed ({type(e).__name__}: {e}).") from None
+        except ScheduleError as e:
+            raise ScheduleError(f"{source}: {e}") from None
+
+
+def _is_flag(value: Any) -> bool:
+    """True/False, 0/1 (numpy's too): what a per-step guidance flag may be; not 0.5, "1" or -1."""
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
+        return True
+    return is_int(value) and value in (0, 1)

@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 import stepcache.cli as cli
 from stepcache import Calibration, Schedule, StepCacheError
+from stepcache.calibration import GuidanceCalibration
 from stepcache.cli import _targets as targets
+from stepcache.guidance import GuidanceReuse
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +67,29 @@ SCHEDULE_DOC = Schedule(
     {"rule": "optimal", "lookahead": 2, "alpha": 0.1, "nested": {"a": [1, 2]}},
 ).to_dict()
 CALIBRATION_DOC = small_calibration().to_dict()
+GUIDANCE_DOC = GuidanceReuse(
+    5,
+    {"attn": (False, True, False, True, True), "b.0.ff": (False,) * 5},
+    mode="reuse",
+    meta={"threshold": 0.1},
+).to_dict()
+_GERRORS = np.full((5, 2, 3), 0.2)
+_GERRORS[0] = np.nan
+GUIDANCE_CAL_DOC = GuidanceCalibration(
+    5,
+    2,
+    "uncond-first",
+    {"b.0.attn": "attn", "b.0.ff": "ff"},
+    {"b.0.attn": _GERRORS, "b.0.ff": _GERRORS / 2},
+    3,
+).to_dict()
+FILES = [
+    (Schedule, SCHEDULE_DOC),
+    (Calibration, CALIBRATION_DOC),
+    (GuidanceReuse, GUIDANCE_DOC),
+    (GuidanceCalibration, GUIDANCE_CAL_DOC),
+]
+FILE_IDS = ["schedule", "calibration", "guidance-plan", "guidance-calibration"]
 
 EXTREMES = [
     None, True, False, 0, 1, 2, 3, -1, 0.5, 1.9, -0.0, 1e308, -1e308, 10**25, 10**40, 2**63, "", "x", "1",
@@ -130,9 +155,7 @@ def outcome(load, *args) -> Any:
             return None
 
 
-@pytest.mark.parametrize(
-    "cls, doc", [(Schedule, SCHEDULE_DOC), (Calibration, CALIBRATION_DOC)], ids=["schedule", "calibration"]
-)
+@pytest.mark.parametrize("cls, doc", FILES, ids=FILE_IDS)
 @FAST
 @given(data=st.data())
 def test_mutated_files_load_or_raise_a_stepcache_error(tmp_path, cls, doc, data):
@@ -146,13 +169,13 @@ def test_mutated_files_load_or_raise_a_stepcache_error(tmp_path, cls, doc, data)
     if loaded is not None:  # valid from a file: it saves, and reads back the same
         again = outcome(cls.load, outcome(loaded.save, tmp_path / "again.json"))
         assert again is not None
-        if cls is Schedule:
+        if cls in (Schedule, GuidanceReuse):
             assert again == loaded
+        else:
+            assert json.dumps(again.to_dict()) == json.dumps(loaded.to_dict())
 
 
-@pytest.mark.parametrize(
-    "cls, doc", [(Schedule, SCHEDULE_DOC), (Calibration, CALIBRATION_DOC)], ids=["schedule", "calibration"]
-)
+@pytest.mark.parametrize("cls, doc", FILES, ids=FILE_IDS)
 @FAST
 @given(data=st.data())
 def test_damaged_bytes_load_or_raise_a_stepcache_error(tmp_path, cls, doc, data):
@@ -185,6 +208,25 @@ def test_damaged_bytes_load_or_raise_a_stepcache_error(tmp_path, cls, doc, data)
 def test_the_schedule_constructor_takes_anything_without_crashing(plans, n, counts):
     outcome(Schedule, n, plans, counts if isinstance(counts, dict) else {})
     outcome(Schedule.from_smoothcache, plans)
+    outcome(GuidanceReuse, n, plans)
+    outcome(GuidanceReuse, 3, plans, counts, counts, counts)
+
+
+@FAST
+@given(
+    n=json_values,
+    k=json_values,
+    layout=json_values,
+    comps=json_values,
+    errors=json_values,
+    samples=json_values,
+)
+def test_the_guidance_calibration_constructor_takes_anything_without_crashing(
+    n, k, layout, comps, errors, samples
+):
+    value = outcome(GuidanceCalibration, n, k, layout, comps, errors, samples)
+    if value is not None:
+        outcome(value.summary)
 
 
 # ---------------------------------------------------------------- the command line

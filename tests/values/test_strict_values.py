@@ -261,3 +261,128 @@ def test_infinite_errors_warn_when_written_as_null(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         good_calibration().save(tmp_path / "fine.json")  # NaN (not measured) is not a loss: no warning
+
+
+# ---------------------------------------------------------------- guidance plans and calibrations (issue 24)
+from stepcache.calibration import GuidanceCalibration  # noqa: E402
+from stepcache.guidance import GuidanceReuse  # noqa: E402
+
+GOOD_GUIDANCE = GuidanceReuse(4, {"ff": (False, False, True, True)}, meta={"threshold": 0.1}).to_dict()
+
+
+def good_guidance_calibration() -> GuidanceCalibration:
+    errors = np.full((4, 2, 3), 0.25)
+    errors[0] = np.nan
+    errors[1, 1] = np.nan
+    return GuidanceCalibration(
+        num_steps=4,
+        lookahead=2,
+        layout="cond-first",
+        components={"b.0.ff": "ff", "b.0.attn": "attn"},
+        errors={"b.0.ff": errors, "b.0.attn": errors / 2},
+        num_samples=2,
+        meta={"uncond_branch": 1},
+    )
+
+
+GOOD_GCAL = good_guidance_calibration().to_dict()
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("plans", "ff", 2), "1", "step 2 is a string '1'"),
+        (("plans", "ff", 2), 0.5, "step 2 is a number 0.5"),
+        (("plans", "ff", 2), 1.0, "step 2 is a number 1.0"),
+        (("plans", "ff", 2), -1, "step 2 is an integer -1"),
+        (("plans", "ff", 2), 2, "step 2 is an integer 2"),
+        (("plans", "ff", 2), True, "step 2 is a boolean"),
+        (("plans", "ff"), "0011", "must be an array"),
+        (("plans", "ff"), [0, 0, 1], "has 3 steps, the plan is for 4"),
+        (("plans",), [], "field 'plans' must be a JSON object"),
+        (("plans",), {"": [0, 0, 0, 0]}, "non-empty strings"),
+        (("num_steps",), 6.9, "num_steps must be an integer >= 2, got 6.9"),
+        (("num_steps",), "4", "num_steps must be an integer >= 2"),
+        (("num_steps",), True, "num_steps must be an integer >= 2"),
+        (("uncond_branch",), True, "uncond_branch must be the integer 0 or 1"),
+        (("uncond_branch",), 1.0, "uncond_branch must be the integer 0 or 1"),
+        (("uncond_branch",), 2, "uncond_branch must be the integer 0 or 1"),
+        (("mode",), ["reuse"], "field 'mode' must be a string"),
+        (("mode",), "copy", "mode must be one of"),
+        (("layout",), "sideways", "layout must be one of"),
+        (("meta",), [], "field 'meta' must be a JSON object"),
+        (("format_version",), 2, "upgrade stepcache"),
+        (("format_version",), "1", "format_version must be a positive integer"),
+        (("extra",), 1, r"unknown field\(s\) \['extra'\]"),
+        (("format",), "stepcache.schedule", "not a stepcache guidance reuse plan"),
+    ],
+)
+def test_guidance_plan_files_are_read_strictly(tmp_path, path, value, match):
+    file = tmp_path / "g.json"
+    file.write_text(json.dumps(edited(GOOD_GUIDANCE, path, value)))
+    with pytest.raises(ScheduleError, match=match) as info:
+        GuidanceReuse.load(file)
+    assert str(file) in str(info.value)
+
+
+@pytest.mark.parametrize("missing", ["num_steps", "plans"])
+def test_guidance_plan_files_missing_a_field(tmp_path, missing):
+    file = tmp_path / "g.json"
+    file.write_text(json.dumps(edited(GOOD_GUIDANCE, (missing,), drop=True)))
+    with pytest.raises(ScheduleError, match="missing field"):
+        GuidanceReuse.load(file)
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("num_samples",), -3, "num_samples must be an integer >= 1"),
+        (("num_samples",), 2.5, "'num_samples'.*must be an integer"),
+        (("num_steps",), 4.0, "'num_steps'.*must be an integer"),
+        (("lookahead",), 0, "must be >= 2 and >= 1"),
+        (("layout",), 3, "'layout'.*must be a string"),
+        (("layout",), "sideways", "layout must be one of"),
+        (("errors", "b.0.ff", 2, 0, 1), -0.5, "must be a number >= 0 or null, got a number -0.5"),
+        (("errors", "b.0.ff", 2, 0, 1), "0.5", "must be a number >= 0 or null, got a string"),
+        (("errors", "b.0.ff", 2, 0), [0.1, 0.1], "must be an array of 3 entries"),
+        (("errors", "b.0.ff", 2), [], "must be an array of 2 entries"),
+        (("errors", "b.0.ff"), None, "must be an array of 4 entries"),
+        (("errors", "b.0.gone"), [], "must name exactly the components"),
+        (("errors",), [], "'errors'.*must be an object"),
+        (("components", "b.0.ff"), "mlp", "unknown type 'mlp'"),
+        (("components", "b.0.ff"), ["ff"], "unknown type"),
+        (("components",), "ff", "'components'.*must be an object"),
+        (("meta",), 1, "'meta'.*must be an object"),
+        (("meta", "uncond_branch"), 2, "uncond_branch"),
+        (("format_version",), 9, "upgrade stepcache"),
+        (("extra",), 1, r"unknown field\(s\) \['extra'\]"),
+    ],
+)
+def test_guidance_calibration_files_are_read_strictly(tmp_path, path, value, match):
+    file = tmp_path / "gc.json"
+    file.write_text(json.dumps(edited(GOOD_GCAL, path, value)))
+    with pytest.raises(CalibrationError, match=match) as info:
+        GuidanceCalibration.load(file)
+    assert str(file) in str(info.value)
+
+
+def test_guidance_values_round_trip_and_the_constructors_are_strict(tmp_path):
+    gcal = good_guidance_calibration()
+    again = GuidanceCalibration.load(gcal.save(tmp_path / "gc.json"))
+    assert again.to_dict() == gcal.to_dict()
+    plan = GuidanceReuse.from_dict(GOOD_GUIDANCE)
+    assert GuidanceReuse.load(plan.save(tmp_path / "g.json")) == plan
+    assert GuidanceReuse(3, {"ff": (np.bool_(True), 0, 1)}).plans["ff"] == (True, False, True)
+    for bad in [(1, 0.5, 1), ("1", 0, 1), (1, -1, 0), (1, 0)]:
+        with pytest.raises(ScheduleError):
+            GuidanceReuse(3, {"ff": bad})
+    with pytest.raises(ScheduleError, match="uncond_branch"):
+        GuidanceReuse(3, {"ff": (0, 0, 1)}, uncond_branch=True)
+    with pytest.raises(CalibrationError, match="shape"):
+        gcal.__class__(**{**vars(gcal), "errors": {n: e[:, :1] for n, e in gcal.errors.items()}})
+    with pytest.raises(CalibrationError, match="kind must be one of"):
+        gcal.curve("both")
+    with pytest.raises(CalibrationError, match="gap must be"):
+        gcal.curve("cond", 3)
+    with pytest.raises(CalibrationError, match="no component of type"):
+        gcal.curve("cond", 1, type="cross_attn")

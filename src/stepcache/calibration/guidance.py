@@ -17,13 +17,15 @@ import numpy as np
 import torch
 
 from .._hub import HubValue
-from ..discovery import Component, discover
-from ..errors import CalibrationError
+from .._io import check_format_version, is_int, kind_of
+from ..discovery import COMPONENT_TYPES, Component, discover
+from ..errors import CalibrationError, StepCacheError
 from ..guidance import KINDS, check_layout
 from ..runtime.introspect import fingerprint, model_class
 from ..runtime.steps import StepTracker
 from .harness import flatten, generations, intercepted
 from .harness import progress as progress_bar
+from .value import _check_array, _table
 
 __all__ = ["GuidanceCalibration", "calibrate_guidance"]
 
@@ -49,11 +51,63 @@ class GuidanceCalibration(HubValue):
     _error: ClassVar[type] = CalibrationError
     _default_file: ClassVar[str] = "stepcache_guidance_calibration.json"
 
+    def __post_init__(self) -> None:
+        for label, value, least in (
+            ("num_steps", self.num_steps, 2),
+            ("lookahead", self.lookahead, 1),
+            ("num_samples", self.num_samples, 1),
+        ):
+            if not is_int(value) or value < least:
+                raise CalibrationError(f"{label} must be an integer >= {least}, got {value!r}.")
+        try:
+            check_layout(self.layout)
+        except StepCacheError as e:
+            raise CalibrationError(str(e)) from None
+        if not isinstance(self.components, Mapping) or not self.components:
+            raise CalibrationError("a guidance calibration needs at least one component (name -> type).")
+        for name, kind in self.components.items():
+            if not isinstance(name, str) or not name:
+                raise CalibrationError(f"component names must be non-empty strings, got {name!r}.")
+            if not isinstance(kind, str) or kind not in COMPONENT_TYPES:
+                raise CalibrationError(
+                    f"component {name!r} has unknown type {kind!r}; types are {list(COMPONENT_TYPES)}."
+                )
+        if not isinstance(self.errors, Mapping) or set(self.errors) != set(self.components):
+            raise CalibrationError(
+                "guidance calibration errors and components name different sets of components."
+            )
+        shape = (self.num_steps, self.lookahead, len(KINDS))
+        errors = {}
+        for name, arr in self.errors.items():
+            _check_array(f"guidance errors of {name}", arr, shape, finite=False)
+            errors[name] = np.asarray(arr, dtype=float)
+        if not isinstance(self.meta, Mapping) or not all(isinstance(k, str) for k in self.meta):
+            raise CalibrationError(
+                f"guidance calibration meta must map strings to values, got {self.meta!r}."
+            )
+        branch = self.meta.get("uncond_branch", 1)
+        if not is_int(branch) or branch not in (0, 1):
+            raise CalibrationError(f'meta "uncond_branch" must be the integer 0 or 1, got {branch!r}.')
+        object.__setattr__(self, "components", dict(self.components))
+        object.__setattr__(self, "errors", errors)
+        object.__setattr__(self, "meta", dict(self.meta))
+
     def curve(self, kind: str, gap: int = 1, type: str | None = None) -> np.ndarray:
         """Per step: the error of ``kind`` at distance ``gap``, averaged over the components (of one
         ``type``, or all)."""
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise CalibrationError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
+        if not is_int(gap) or not 1 <= gap <= self.lookahead:
+            raise CalibrationError(
+                f"gap must be an integer in 1..{self.lookahead} (the lookahead), got {gap!r}."
+            )
         q = KINDS.index(kind)
         names = [n for n, t in self.components.items() if type is None or t == type]
+        if not names:
+            raise CalibrationError(
+                f"this guidance calibration has no component of type {type!r}; it has "
+                f"{sorted(set(self.components.values()))}."
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # steps with no earlier output stay NaN
             return np.nanmean(np.stack([self.errors[n][:, gap - 1, q] for n in names]), axis=0)
@@ -67,15 +121,15 @@ class GuidanceCalibration(HubValue):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "stepcache-guidance-calibration",
-            "format_version": 1,
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
             "num_steps": self.num_steps,
             "lookahead": self.lookahead,
             "layout": self.layout,
             "num_samples": self.num_samples,
             "components": dict(self.components),
-            "errors": {
-                n: [[[None if v != v else float(v) for v in c] for c in r] for r in e]
+            "errors": {  # NaN (not measured) and infinities (JSON has none) are written as null
+                n: [[[float(v) if np.isfinite(v) else None for v in c] for c in r] for r in e]
                 for n, e in self.errors.items()
             },
             "meta": dict(self.meta),
@@ -83,21 +137,65 @@ class GuidanceCalibration(HubValue):
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "guidance calibration") -> GuidanceCalibration:
-        if not isinstance(data, dict) or data.get("format") != "stepcache-guidance-calibration":
-            raise CalibrationError(f"{source} is not a stepcache guidance calibration.")
-        try:
-            errors = {n: np.array(e, dtype=float) for n, e in data["errors"].items()}
-            return cls(
-                num_steps=int(data["num_steps"]),
-                lookahead=int(data["lookahead"]),
-                layout=check_layout(data["layout"]),
-                components=dict(data["components"]),
-                errors=errors,
-                num_samples=int(data.get("num_samples", 1)),
-                meta=dict(data.get("meta", {})),
+        """The calibration in a dict read from a file written by :meth:`save` (:meth:`to_dict`).
+
+        Strict like a calibration file: exact JSON types, errors ``>= 0`` or ``null``, arrays of
+        exactly the calibrated shape, known component types; unknown fields and newer format versions
+        are refused.
+
+        Raises:
+            CalibrationError: naming ``source`` and the field that is wrong.
+        """
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise CalibrationError(
+                f'{source} is not a stepcache guidance calibration (no "format": "{_FORMAT}").'
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CalibrationError(f"{source} is malformed ({type(e).__name__}: {e}).") from None
+        check_format_version(data, source, CalibrationError, _FORMAT_VERSION)
+
+        def fail(where: str, what: str) -> CalibrationError:
+            return CalibrationError(f"{source} is missing or has malformed field {where}: {what}.")
+
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise CalibrationError(f"{source} has unknown field(s) {unknown}; expected {sorted(_FIELDS)}.")
+        for key in ("num_steps", "lookahead") + (("num_samples",) if "num_samples" in data else ()):
+            if not is_int(data.get(key)):
+                raise fail(repr(key), f"must be an integer, got {kind_of(data.get(key))}")
+        n, k = data["num_steps"], data["lookahead"]
+        if n < 2 or k < 1:
+            raise fail("'num_steps' or 'lookahead'", f"must be >= 2 and >= 1, got {n} and {k}")
+        if not isinstance(data.get("layout"), str):
+            raise fail("'layout'", f"must be a string, got {kind_of(data.get('layout'))}")
+        for key in ("components", "errors", "meta"):
+            if key in data and not isinstance(data[key], dict):
+                raise fail(repr(key), f"must be an object, got {kind_of(data[key])}")
+        comps, raw = data.get("components"), data.get("errors")
+        if not comps or raw is None:
+            raise fail("'components' and 'errors'", "both are needed, with at least one component")
+        if set(raw) != set(comps):
+            raise fail("'errors'", "must name exactly the components of 'components'")
+        errors = {
+            name: _table(raw[name], (n, k, len(KINDS)), f"errors[{name!r}]", fail, missing=True)
+            for name in comps
+        }
+        try:
+            return cls(
+                num_steps=n,
+                lookahead=k,
+                layout=data["layout"],
+                components=comps,
+                errors=errors,
+                num_samples=data.get("num_samples", 1),
+                meta=data.get("meta", {}),
+            )
+        except CalibrationError as e:
+            raise CalibrationError(f"{source}: {e}") from None
+
+
+_FORMAT = "stepcache-guidance-calibration"
+_FORMAT_VERSION = 1
+_FIELDS = {"format", "format_version", "num_steps", "lookahead", "layout", "num_samples", "components"}
+_FIELDS |= {"errors", "meta"}
 
 
 class _BranchRecorder:
