@@ -206,3 +206,41 @@ def test_two_models_sharing_blocks_close_in_any_order():
     handle_b.close()
     handle_a.close()  # closing twice, in any order, is harmless
     assert model_state(a) == before_a and model_state(b) == before_b
+
+
+# ---------------------------------------------------------------- issue 24
+def park_at(model, step: int):
+    """A pre-hook on the denoiser (after stepcache's): the thread that makes its ``step``-th call
+    waits there until released. Returns (reached, release, remove)."""
+    reached, release = threading.Event(), threading.Event()
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == step + 1 and not reached.is_set():
+            reached.set()
+            release.wait(10)
+
+    handle = model.register_forward_pre_hook(hook)
+    return reached, release, handle.remove
+
+
+def test_a_second_thread_on_a_pipeline_does_not_restart_the_running_generation(tiny_pipe):
+    """The second thread's call is refused before its pipeline sets up the (shared) scheduler: set up
+    for another step count, that would change the first thread's image."""
+    with stepcache.cache(tiny_pipe, sched()):
+        expected = gen_pipe(tiny_pipe)
+    results: dict = {}
+    with stepcache.cache(tiny_pipe, sched(), on_length_mismatch="resample"):
+        reached, release, remove = park_at(tiny_pipe.transformer, 3)
+        worker = threading.Thread(target=lambda: results.setdefault("first", gen_pipe(tiny_pipe)))
+        worker.start()
+        try:
+            assert reached.wait(10)
+            with pytest.raises(StepCacheError, match="second thread"):
+                tiny_pipe([3], num_inference_steps=4, output_type="pt")
+        finally:
+            release.set()
+            worker.join(10)
+            remove()
+    assert torch.equal(results["first"], expected)

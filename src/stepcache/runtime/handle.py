@@ -101,7 +101,7 @@ class CacheHandle:
         self._running = schedule  # the one the current generation follows (resampled if need be)
         self._pipeline = None if isinstance(target, nn.Module) else target
         self.tracker = StepTracker(num_steps=schedule.num_steps)
-        self._boundary = SchedulerWatch(self._pipeline, self._relocate)
+        self._boundary = SchedulerWatch(self._pipeline, self._relocate, guard=self.tracker.check_free)
         self.tracker.boundary = self._boundary.new_generation
         self.tracker.position = self._boundary.position
         self._slots: dict[str, Slot] = {}

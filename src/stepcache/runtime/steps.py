@@ -144,16 +144,20 @@ class StepTracker:
             return False
         return self.num_steps is None or self.step + 1 < self.num_steps
 
-    def _check_thread(self) -> None:
-        me = threading.get_ident()
+    def check_free(self) -> None:
+        """Raise unless this thread may start or continue a generation: another (live) thread's
+        generation is running. Changes nothing, so a refused caller disturbs nothing."""
         owner = self._thread
-        if owner is not None and owner != me and self.in_progress() and _alive(owner):
+        if owner is not None and owner != threading.get_ident() and self.in_progress() and _alive(owner):
             raise StepCacheError(
                 "a second thread called the cached model while another thread's generation is running. "
                 "A cache follows one generation at a time: give each worker thread its own model (or its "
                 "own process), or batch the requests into one generation."
             )
-        self._thread = me
+
+    def _check_thread(self) -> None:
+        self.check_free()
+        self._thread = threading.get_ident()
 
     def begin_call(self, t: float | None, device_timestep: Any = None) -> None:
         """A denoiser call begins at timestep ``t``; or, when ``t`` is None and ``device_timestep``
@@ -273,11 +277,18 @@ class SchedulerWatch:
     It also counts the generation's ``scheduler.step`` calls on the host (:meth:`position`): the
     step tracker places a denoiser call whose timestep lives on the GPU by that count instead of
     reading the tensor, which would wait for the GPU on every call.
+
+    ``guard`` runs before the scheduler is set up and may refuse it (raise): a second thread's
+    pipeline call while another thread's generation runs is refused *before* it resets the shared
+    scheduler under the running generation.
     """
 
-    def __init__(self, pipeline: Any, on_setup: Callable[[], None]) -> None:
+    def __init__(
+        self, pipeline: Any, on_setup: Callable[[], None], guard: Callable[[], None] | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._on_setup = on_setup
+        self._guard = guard
         self._scheduler: Any = None
         self._saved: dict[str, Any] = {}
         self._pending: int | None = None  # the thread that set up a scheduler since the last call
@@ -293,6 +304,8 @@ class SchedulerWatch:
 
         @functools.wraps(original)  # pipelines inspect its signature (Flux checks for `sigmas`)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            if self._guard is not None:
+                self._guard()  # refused here, nothing of the running generation was touched
             self._pending = threading.get_ident()
             self._steps = 0
             self._on_setup()
