@@ -244,3 +244,21 @@ def test_a_second_thread_on_a_pipeline_does_not_restart_the_running_generation(t
             worker.join(10)
             remove()
     assert torch.equal(results["first"], expected)
+
+
+def test_a_guidance_plan_on_a_generation_without_guidance_skips_it_with_a_warning(plain_dit):
+    """Guidance scale 1 with an even batch: no half of the batch is an unconditional branch, so
+    nothing may stand in for it. Before the fix, half of the batch was taken for it silently."""
+    from stepcache.guidance import GuidanceReuse
+
+    y = torch.tensor([1, 3])  # even: looks like a stacked guidance batch by its size alone
+    plan = GuidanceReuse(N, {"attn": (False,) + (True,) * (N - 1), "ff": (False,) + (True,) * (N - 1)})
+    everything = Schedule(N, {"attn": (1,) * N, "ff": (1,) * N})
+    expected = sample(plain_dit, y, N)  # uncached, no guidance
+    with stepcache.cache(plain_dit, everything, guidance=plan) as handle:
+        with pytest.warns(StepCacheWarning, match="not a classifier-free guidance batch"):
+            got = sample(plain_dit, y, N)
+        assert torch.equal(got, expected) and handle.stats.halved == 0
+        # with guidance, the same plan does halve calls
+        sample(plain_dit, y, N, guidance=2.0)
+        assert handle.stats.halved > 0

@@ -29,7 +29,7 @@ from ..discovery import Component
 from ..errors import ScheduleError
 from .introspect import first_tensor_shape
 
-__all__ = ["Guide", "guided_steps"]
+__all__ = ["Guide", "guidance_batch", "guided_steps"]
 
 
 def guided_steps(
@@ -49,6 +49,22 @@ def guided_steps(
             "for the same step count."
         )
     return {name: plan for name, plan in guidance.resolve(components).items() if any(plan)}
+
+
+def guidance_batch(args: tuple, kwargs: dict) -> bool:
+    """Whether a denoiser call's input is a stacked classifier-free guidance batch: every pipeline
+    stacks the same latents twice (``torch.cat([latents] * 2)``), so its two halves are equal. A
+    generation without guidance (guidance scale 1) passes distinct latents; an even batch of them
+    must not be split into branches. One comparison (a host sync on a GPU) per generation."""
+    x = next(
+        (kwargs[k] for k in ("hidden_states", "sample", "x") if isinstance(kwargs.get(k), torch.Tensor)), None
+    )
+    if x is None:
+        x = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if x is None or x.dim() == 0 or x.shape[0] % 2:
+        return False
+    h = x.shape[0] // 2
+    return bool(torch.equal(x[:h], x[h:]))
 
 
 def _batch(args: tuple, kwargs: dict) -> int | None:
@@ -72,10 +88,12 @@ class Guide:
 
     ``halved`` after :meth:`call`: 1 when the call computed the conditional half only (stacked
     batch), 0 when it computed in full; ``skipped`` (split calls): the unconditional call did not
-    compute at all.
+    compute at all. ``active``: False for a generation whose batch is not a stacked guidance batch
+    (:func:`guidance_batch`): every call then computes in full.
     """
 
     __slots__ = (
+        "active",
         "cond",
         "halved",
         "kept",
@@ -95,6 +113,7 @@ class Guide:
         self.shape: tuple[int, ...] | None = None
         self.halved = self.skipped = False
         self.kept_bytes = 0  # what ``kept`` holds (the slot adds it to its stored bytes)
+        self.active = True
 
     def clear(self) -> None:
         self.kept = self.cond = self.shape = None
@@ -109,7 +128,7 @@ class Guide:
         if self.layout == "split":
             return self._split(original, args, kwargs, step, branch)
         n = _batch(args, kwargs)
-        if n is None or n % 2:
+        if n is None or n % 2 or not self.active:
             return original(*args, **kwargs)  # not a stacked guidance batch: nothing to halve
         h = n // 2
         cond, uncond = (

@@ -22,7 +22,7 @@ from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCac
 from ..schedule import Schedule, liveness
 from . import headroom
 from .config import CacheConfig, configure
-from .guided import Guide, guided_steps
+from .guided import Guide, guidance_batch, guided_steps
 from .introspect import fingerprint, model_class, weights_state
 from .offload import Offloader, OffloadStats
 from .session import Installer, Session, hook_state
@@ -123,6 +123,10 @@ class CacheHandle:
             allow_other_caches=config.allow_other_caches,
         )
         self._session.owner = self
+        self._guide_objects: list[Guide] = []
+        self._warned_unguided = False
+        if self._guides and self.guidance.layout != "split":
+            self._session.inspect = self._check_guidance_batch
 
     # ---------------------------------------------------------------- life cycle
     def _make_forward(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,6 +135,7 @@ class CacheHandle:
         if comp.name in self._guides:
             g = self.guidance
             guide = Guide(self._guides[comp.name], g.mode, g.layout, g.uncond_branch)
+            self._guide_objects.append(guide)
         slot = Slot(
             comp,
             self._plans[comp.name],
@@ -222,6 +227,25 @@ class CacheHandle:
         if [hook_state(m) for m in current] != self._session.hooked:
             logger.info("the transformer was compiled after the cache was enabled: moving its step hooks")
             self._session.rehook(current)
+
+    def _check_guidance_batch(self, args: tuple, kwargs: dict) -> None:
+        """At each generation's first call: is its batch a stacked guidance batch? A generation
+        without guidance (scale 1) would otherwise have half of its batch taken for a branch."""
+        if self.tracker.step != 0 or self.tracker.branch != 0:
+            return
+        guided = guidance_batch(args, kwargs)
+        for guide in self._guide_objects:
+            guide.active = guided
+        if not guided and not self._warned_unguided:
+            self._warned_unguided = True
+            warnings.warn(
+                f"the guidance plan (layout={self.guidance.layout!r}) expects stacked classifier-free "
+                "guidance batches, but this generation's input is not a classifier-free guidance batch "
+                "(no two equal halves: guidance scale 1, or no guidance): its guidance reuse is skipped "
+                "and every call computes in full. Drop guidance= for generations without guidance.",
+                StepCacheWarning,
+                stacklevel=2,
+            )
 
     # ---------------------------------------------------------------- explicit steps
     def set_step(self, step: int, branch: int = 0) -> None:

@@ -186,6 +186,8 @@ class Session:
         self.exclusive = exclusive  # registered as the model's one stepcache session
         self.warned_traced = False
         self.allow_other_caches = allow_other_caches
+        # Called with each eager denoiser call's arguments once its step is known (or None).
+        self.inspect: Callable[[tuple, dict], None] | None = None
         modules = [c.module for c in self.components]
         if len({id(m) for m in modules}) != len(modules):
             raise StepCacheError("the same module appears twice among the components; pass each once.")
@@ -276,6 +278,11 @@ class Session:
         self._post_eager(module, args, output)
 
     def _pre_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._begin(module, args, kwargs)
+        if self.inspect is not None:
+            self.inspect(args, kwargs)
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.tracker.manual:
             self.tracker.begin_call(None)
             return
