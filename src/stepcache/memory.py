@@ -128,7 +128,7 @@ def output_bytes(
         blocks, components, types: discovery overrides (see :func:`stepcache.discover`); use the
             ones the cache will use (``types=("block",)`` for a whole-block schedule).
         storage_dtype: the cache's ``storage_dtype`` (``"bf16"``, ``"fp16"``, ``"fp8"``): the bytes an
-            output holds once stored that way (fp8: one byte per element plus a 4-byte scale per tensor).
+            output holds once stored that way (fp8: one byte per element plus a 4-byte scale per tensor; fp16: two, plus the same scale).
     """
     storage = resolve_storage_dtype(storage_dtype)
     found = discover(target, blocks=blocks, components=components, types=types)
@@ -194,7 +194,7 @@ def predict_peak(
         branches: stores per component: 1 for batched or no guidance, 2 for split classifier-free
             guidance (one denoiser call per branch), and so on.
         storage_dtype, compute_dtype: predict for a cache with ``storage_dtype``: the sizes (measured
-            in ``compute_dtype``) are scaled by the bytes per element, plus fp8's 4-byte scale (one per
+            in ``compute_dtype``) are scaled by the bytes per element, plus fp8's and fp16's 4-byte scale (one per
             output; a tuple output holds one per tensor: measure those with ``output_bytes(...,
             storage_dtype=...)`` instead).
 
@@ -256,7 +256,7 @@ def stored_sizes(
     sizes: Mapping[str, int], compute_dtype: torch.dtype | None, storage_dtype: Any
 ) -> dict[str, int]:
     """Output sizes measured in ``compute_dtype``, as a cache with ``storage_dtype`` stores them (one
-    tensor per output: fp8 adds one 4-byte scale)."""
+    tensor per output: fp8 and fp16 add one 4-byte scale)."""
     storage = resolve_storage_dtype(storage_dtype)
     if storage is None:
         return dict(sizes)
@@ -267,7 +267,7 @@ def stored_sizes(
         )
     if storage == compute_dtype:
         return dict(sizes)
-    extra = 4 if storage == torch.float8_e4m3fn else 0
+    extra = 4 if storage in (torch.float8_e4m3fn, torch.float16) else 0  # their per-tensor scale
     return {k: int(v) // compute_dtype.itemsize * storage.itemsize + extra for k, v in sizes.items()}
 
 

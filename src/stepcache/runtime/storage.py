@@ -3,8 +3,11 @@
 A kept output is packed when it is stored and unpacked (to the dtype it was computed in) when a
 reuse step reads it. fp8 scales each tensor by its largest magnitude: ``q = x / s`` with
 ``s = amax(|x|) / 448`` (448 is e4m3's largest finite value), so no element overflows and the
-relative rounding error is e4m3's (3 mantissa bits, about 6 %). The compute step itself returns
-the exact output: only reuse steps read the rounded copy.
+relative rounding error is e4m3's (3 mantissa bits, about 6 %). fp16 holds at most 65504: a tensor
+beyond that is divided by the smallest power of two that brings it into range (exact: only the
+exponent moves), and one within range is stored unscaled, bit for bit what ``.half()`` gives. Both
+keep their scale as one 4-byte tensor, computed on the device (no host sync). The compute step
+itself returns the exact output: only reuse steps read the rounded copy.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import torch
 
 from ..errors import StepCacheError
 
-__all__ = ["FP8_MAX", "Packed", "pack", "resolve_storage_dtype", "stored_nbytes", "unpack"]
+__all__ = ["FP8_MAX", "FP16_MAX", "Packed", "pack", "resolve_storage_dtype", "stored_nbytes", "unpack"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+FP16_MAX = 65504.0  # torch.finfo(torch.float16).max
+_SCALED = (FP8, torch.float16)  # stored with a 4-byte scale per tensor
 _NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -77,6 +82,13 @@ def pack(value: Any, dtype: torch.dtype | None) -> Any:
         amax = value.detach().abs().amax().float()
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         return Packed((value.float() / scale).to(FP8), scale, value.dtype)
+    if dtype == torch.float16:
+        # Only what fp16 cannot hold is scaled, by a power of two (exact); an inf or NaN the model
+        # produced is kept as it is. Everything stays on the device: no host sync.
+        amax = value.detach().abs().amax().float()
+        need = torch.isfinite(amax) & (amax > FP16_MAX)
+        scale = torch.where(need, torch.exp2(torch.ceil(torch.log2(amax / FP16_MAX))), torch.ones_like(amax))
+        return Packed((value.float() / scale).to(dtype), scale, value.dtype)
     return Packed(value.to(dtype), None, value.dtype)
 
 
@@ -93,11 +105,11 @@ def unpack(value: Any) -> Any:
 
 def stored_nbytes(value: Any, dtype: torch.dtype | None) -> int:
     """The bytes :func:`pack` would hold for ``value`` (tensors or tuples; meta tensors too), without
-    packing: the elements in ``dtype``, plus a 4-byte scale per tensor in fp8."""
+    packing: the elements in ``dtype``, plus a 4-byte scale per tensor in fp8 and fp16."""
     if isinstance(value, tuple):
         return sum(stored_nbytes(v, dtype) for v in value)
     if not isinstance(value, torch.Tensor):
         return 0
     if dtype is None or not _converts(value, dtype):
         return value.nbytes
-    return value.numel() * dtype.itemsize + (4 if dtype == FP8 else 0)
+    return value.numel() * dtype.itemsize + (4 if dtype in _SCALED else 0)
