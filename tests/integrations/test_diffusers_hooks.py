@@ -133,3 +133,28 @@ def test_a_guidance_plan_file_through_either_door(plain_dit, tmp_path):
     assert torch.equal(sample(plain_dit, y, N, guidance=2.0), expected)
     assert handle.stats.halved == via_cache.stats.halved > 0
     remove_smoothcache(plain_dit)
+
+
+def test_resampling_through_apply_smoothcache_is_bit_identical_to_cache(tiny_pipe):
+    """Before, apply_smoothcache on the transformer could not see the pipeline's step count and ran the
+    first 7 entries of the 10-step plan (issue 24); now it finds the calling pipeline."""
+    model = tiny_pipe.transformer
+    with stepcache.cache(tiny_pipe, schedule(), on_length_mismatch="resample") as handle:
+        expected = [generate(tiny_pipe, steps=7), generate(tiny_pipe, steps=N)]
+    hook_handle = apply_smoothcache(model, SmoothCacheConfig(schedule(), on_length_mismatch="resample"))
+    try:
+        got = [generate(tiny_pipe, steps=7)]
+        assert hook_handle.running_schedule.num_steps == 7
+        got.append(generate(tiny_pipe, steps=N))
+        assert hook_handle.running_schedule.num_steps == N
+    finally:
+        remove_smoothcache(model)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert hook_handle.stats.as_dict() == handle.stats.as_dict()
+    # error mode: the pipeline's other step count is a clear error at once, as with cache()
+    hook_handle = apply_smoothcache(model, SmoothCacheConfig(schedule()))
+    try:
+        with pytest.raises(stepcache.ScheduleLengthError, match="set up for 7"):
+            generate(tiny_pipe, steps=7)
+    finally:
+        remove_smoothcache(model)

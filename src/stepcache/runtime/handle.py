@@ -28,7 +28,7 @@ from .offload import Offloader, OffloadStats
 from .session import Installer, Session, hook_state
 from .slot import Bytes, Slot
 from .stats import CacheStats, TypeStats
-from .steps import SchedulerWatch, StepTracker, pipeline_steps
+from .steps import SchedulerWatch, StepTracker, calling_pipeline, pipeline_steps
 from .storage import resolve_storage_dtype
 
 __all__ = ["LAST_STATS", "CacheHandle"]
@@ -296,7 +296,10 @@ class CacheHandle:
 
     def _on_generation(self) -> None:
         self._clear()
-        n = pipeline_steps(self._pipeline)
+        # A cache on the transformer itself (apply_smoothcache) finds the pipeline calling it, so it
+        # resamples (or refuses) from the pipeline's step count exactly as a cache on the pipeline.
+        pipeline = self._pipeline if self._pipeline is not None else calling_pipeline(self.models)
+        n = pipeline_steps(pipeline)
         want = self.schedule.num_steps if n is None else n
         if want != self._running.num_steps:
             if want != self.schedule.num_steps and self.config.on_length_mismatch != "resample":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,7 @@ __all__ = [
     "TIMESTEP_NAMES",
     "SchedulerWatch",
     "StepTracker",
+    "calling_pipeline",
     "on_device",
     "pipeline_steps",
     "read_timestep",
@@ -364,3 +366,29 @@ def pipeline_steps(pipeline: Any) -> int | None:
     if timesteps is None or len(timesteps) == 0:
         return None
     return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
+
+
+def calling_pipeline(models: list[nn.Module], depth: int = 48) -> Any:
+    """The pipeline whose code is calling one of ``models`` right now (a ``self`` up the call stack
+    with a scheduler and ``models[i]`` as its ``transformer``), or None (a plain loop).
+
+    For a cache put on the transformer itself (``apply_smoothcache(pipe.transformer, ...)``), which is
+    not told the pipeline: with it, each generation learns the step count the pipeline's scheduler
+    is set up for, exactly as ``stepcache.cache(pipe, ...)`` does. Asked once per generation."""
+    wanted = {id(unwrap(m)) for m in models}
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if owner is not None and not isinstance(owner, nn.Module):
+                scheduler = getattr(owner, "scheduler", None)
+                if callable(getattr(scheduler, "set_timesteps", None)) and any(
+                    isinstance(m, nn.Module) and id(unwrap(m)) in wanted
+                    for m in (getattr(owner, a, None) for a in ("transformer", "transformer_2"))
+                ):
+                    return owner
+        frame = frame.f_back
+    return None
