@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 import weakref
 
 import pytest
@@ -262,3 +263,16 @@ def test_a_guidance_plan_on_a_generation_without_guidance_skips_it_with_a_warnin
         # with guidance, the same plan does halve calls
         sample(plain_dit, y, N, guidance=2.0)
         assert handle.stats.halved > 0
+
+
+def test_resample_on_a_plain_loop_says_once_that_it_cannot(plain_dit):
+    """A plain loop tells no step count when a generation starts: resampling is a limit there, said once
+    with the fix, not a silent no-op."""
+    y = torch.tensor([1])
+    with stepcache.cache(plain_dit, sched(), on_length_mismatch="resample") as handle:
+        with pytest.warns(StepCacheWarning, match=r"plain loop.*schedule.resample\(n\)"):
+            sample(plain_dit, y, N)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sample(plain_dit, y, N)  # said once
+    assert handle.running_schedule is handle.schedule

@@ -123,6 +123,7 @@ class CacheHandle:
             allow_other_caches=config.allow_other_caches,
         )
         self._session.owner = self
+        self._warned_resample = False
         self._guide_objects: list[Guide] = []
         self._warned_unguided = False
         if self._guides and self.guidance.layout != "split":
@@ -300,6 +301,16 @@ class CacheHandle:
         # resamples (or refuses) from the pipeline's step count exactly as a cache on the pipeline.
         pipeline = self._pipeline if self._pipeline is not None else calling_pipeline(self.models)
         n = pipeline_steps(pipeline)
+        if n is None and self.config.on_length_mismatch == "resample" and not self._warned_resample:
+            self._warned_resample = True
+            warnings.warn(
+                "on_length_mismatch='resample' resamples each generation to the step count its pipeline's "
+                "scheduler is set up for, but this model is called from a plain loop, which tells no step "
+                "count: the schedule runs as given. Give the loop a schedule for its step count "
+                "(schedule.resample(n)), or cache the pipeline.",
+                StepCacheWarning,
+                stacklevel=2,
+            )
         want = self.schedule.num_steps if n is None else n
         if want != self._running.num_steps:
             if want != self.schedule.num_steps and self.config.on_length_mismatch != "resample":
