@@ -30,6 +30,7 @@ from .schedule import COMPUTE, Schedule, liveness
 __all__ = [
     "MAX_BYTES",
     "MemoryPeak",
+    "exact_dtype",
     "holdings",
     "output_bytes",
     "parse_bytes",
@@ -295,13 +296,22 @@ def unplanned_peak(
     )
 
 
+def exact_dtype(sizes: Any, branches: int = 1) -> Any:
+    """The array dtype that holds sums of stored bytes exactly: int64 while every total stays far
+    below 2**63 (three outputs per component and branch, summed), else Python integers (``object``),
+    so huge sizes are never wrapped into a small or negative peak."""
+    bound = 3 * max(branches, 1) * sum(int(v) for v in np.asarray(sizes, dtype=object).ravel())
+    return np.int64 if bound < 2**62 else object
+
+
 def peak_profile(rows: np.ndarray, sizes: np.ndarray, branches: int = 1) -> tuple[int, int, int, int]:
     """The exact peak of stored bytes for per-component holdings ``rows`` (components in call order x
     steps, from :func:`holdings`) and ``sizes`` (bytes per output): ``(peak, step, branch, position)``
     of its first moment (the running total right after that component's call; step -1 when nothing
     is stored). Equals :func:`predict_peak`'s ``peak_bytes`` and ``step``, vectorised for planners."""
-    held = np.asarray(rows, dtype=np.int64) * np.asarray(sizes, dtype=np.int64)[:, None]
-    before = np.concatenate([np.zeros((held.shape[0], 1), dtype=np.int64), held[:, :-1]], axis=1)
+    dtype = exact_dtype(sizes, branches)
+    held = np.asarray(rows, dtype=np.int64).astype(dtype) * np.asarray(sizes, dtype=dtype)[:, None]
+    before = np.concatenate([np.zeros((held.shape[0], 1), dtype=dtype), held[:, :-1]], axis=1)
     total_before, total_after = before.sum(axis=0), held.sum(axis=0)
     # After component i of branch b at step s: branches < b are done, > b not yet.
     run = np.cumsum(held, axis=0) + (total_before - np.cumsum(before, axis=0))

@@ -87,3 +87,24 @@ def test_every_policy_spends_what_the_rule_buys(n, fraction, monkeypatch):
         calls = sum(counts.get(k, 1) * plan.count(1) for k, plan in schedule.plans.items())
         assert calls == reachable, (schedule.meta.get("candidate"), calls, reachable)
     assert f"target {fraction:g}" in chosen.render()
+
+
+def test_huge_sizes_are_fitted_exactly_not_in_wrapping_int64():
+    """With outputs near 2**62 bytes the peak overflowed int64, and the fitter reported a fit for a plan
+    several times over its budget (issue 24). The arithmetic is exact now."""
+    from stepcache.memory import predict_peak
+    from stepcache.policies._budget import calibration_components, fit_memory
+
+    cal = calibration(20)
+    schedule = for_compute_fraction(cal, 0.35)
+    comps = calibration_components(cal)
+    for size, budget in ((2**40, 2**41), (2**60, 2**61), (2**61, 2**62), (2**63 - 1, 2**63 - 1)):
+        sizes = dict.fromkeys(cal.components, size)
+        fitted = fit_memory(schedule, cal, budget, sizes)
+        exact = predict_peak(fitted, sizes, components=comps).peak_bytes  # Python ints: exact
+        assert exact <= budget, (size, exact / budget)
+        assert fitted.meta["memory"]["predicted_peak"] == exact
+    with pytest.raises(Exception, match="bytes"):
+        fit_memory(schedule, cal, 2**64, sizes)
+    with pytest.raises(Exception, match="bytes"):
+        fit_memory(schedule, cal, 2**40, dict.fromkeys(cal.components, 2**64))

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..discovery import Component
 from ..errors import ScheduleError
-from ..memory import holdings, parse_bytes, peak_profile
+from ..memory import MAX_BYTES, exact_dtype, holdings, parse_bytes, peak_profile
 from ..schedule import COMPUTE, FORECAST, FORECASTS, REUSE, Schedule, liveness, reads
 from ._cost import plan_cost
 
@@ -100,10 +100,12 @@ def resolve_sizes(calibration: Calibration, sizes: Mapping[str, int] | None) -> 
     bad = [
         n
         for n in calibration.components
-        if isinstance(sizes[n], bool) or not isinstance(sizes[n], int) or sizes[n] < 0
+        if isinstance(sizes[n], bool) or not isinstance(sizes[n], int) or not 0 <= sizes[n] <= MAX_BYTES
     ]
     if bad:
-        raise ScheduleError(f"sizes must be whole numbers of bytes >= 0; {bad[0]!r} has {sizes[bad[0]]!r}.")
+        raise ScheduleError(
+            f"sizes must be whole numbers of bytes from 0 to {MAX_BYTES}; {bad[0]!r} has {sizes[bad[0]]!r}."
+        )
     return {n: int(sizes[n]) for n in sizes if n in calibration.components}
 
 
@@ -141,7 +143,7 @@ def fit_memory(
     resolved = schedule.resolve(comps)
     comps = [c for c in comps if c.name in resolved]
     names = [c.name for c in comps]
-    size = np.array([sizes[n] for n in names], dtype=np.int64)
+    size = np.array([sizes[n] for n in names], dtype=exact_dtype([sizes[n] for n in names], branches))
     plans = [list(resolved[n]) for n in names]
     rows = np.array([holdings(p) for p in plans], dtype=np.int64)
     unplanned = branches * int(sum(size[j] * (1 + liveness(tuple(plans[j]))[1]) for j in range(len(names))))
