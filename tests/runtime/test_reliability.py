@@ -276,3 +276,30 @@ def test_resample_on_a_plain_loop_says_once_that_it_cannot(plain_dit):
             warnings.simplefilter("error")
             sample(plain_dit, y, N)  # said once
     assert handle.running_schedule is handle.schedule
+
+
+def test_a_cache_never_closed_puts_the_recompile_limit_back_when_collected():
+    """torch._dynamo's recompile_limit is raised while a cache is open; a cache that is never closed
+    gave it back never (issue 24). Once its model and handle are garbage, it does."""
+    import torch._dynamo.config as dynamo_config
+
+    from stepcache.runtime import headroom
+
+    gc.collect()
+    before = dynamo_config.recompile_limit
+    holders = headroom._state["holders"]
+    model = PlainDiT()
+    stepcache.cache(model, sched())  # enabled, never closed
+    assert headroom._state["holders"] == holders + 1
+    if holders == 0:
+        assert dynamo_config.recompile_limit == before * headroom.FACTOR
+    del model
+    gc.collect()
+    assert headroom._state["holders"] == holders
+    assert dynamo_config.recompile_limit == before
+    # a closed cache gives it back once, not twice
+    handle = stepcache.cache(PlainDiT(), sched())
+    handle.close()
+    del handle
+    gc.collect()
+    assert headroom._state["holders"] == holders and dynamo_config.recompile_limit == before

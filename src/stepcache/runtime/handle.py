@@ -124,6 +124,7 @@ class CacheHandle:
         )
         self._session.owner = self
         self._warned_resample = False
+        self._headroom: weakref.finalize | None = None  # gives dynamo's recompile limit back
         self._guide_objects: list[Guide] = []
         self._warned_unguided = False
         if self._guides and self.guidance.layout != "split":
@@ -176,6 +177,9 @@ class CacheHandle:
             self._session.remove()
             raise
         headroom.acquire()
+        # Given back by close(), or, for a cache never closed, when this handle is garbage collected
+        # (its model dropped): a leaked cache must not leave dynamo's limit raised for good.
+        self._headroom = weakref.finalize(self, headroom.release)
         logger.debug(message)
         return self
 
@@ -184,8 +188,9 @@ class CacheHandle:
         was_open = self._session.open
         self._boundary.remove()
         self._session.remove()
-        if was_open:
-            headroom.release()
+        if self._headroom is not None:
+            self._headroom()  # headroom.release(), once
+            self._headroom = None
         if was_open:
             self.tracker.check_complete()  # a run shorter than the schedule gets a warning
         self._clear()  # drop stored outputs; counters stay readable through .stats

@@ -9,7 +9,9 @@ keeps one output per branch) get graphs of their own. That is bounded (shapes x 
 independent of steps, layers and the schedule, but it can pass eight, after which dynamo would
 silently run those blocks uncompiled. So while any cache is open the limit is raised to
 ``FACTOR`` times what it was, and put back when the last one closes (unless the user changed it
-in between, which is then left alone).
+in between, which is then left alone). A cache that is never closed releases its hold when its
+handle is garbage collected (a ``weakref.finalize`` the handle sets up: once its model is dropped),
+so a leaked cache does not leave the limit raised for the rest of the process.
 """
 
 from __future__ import annotations
