@@ -265,3 +265,23 @@ def test_ranks_other_than_0_log_warnings_only(monkeypatch):
     monkeypatch.setattr(_logging, "_explicit", True)  # set_verbosity() wins on every rank
     _logging.quiet_other_ranks()
     assert root.level == logging.DEBUG
+
+
+def test_collectives_without_a_process_group_are_clear_errors_or_a_group_of_one():
+    """all_reduce / all_gather / group_rank without an initialised process group raised torch's raw
+    errors (issue 24). Without a group (None) they act on this process alone."""
+    assert not distributed.is_initialized()
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce(t, None), t)
+    assert [x.tolist() for x in distributed.all_gather(t, None)] == [[1.0, 2.0]]
+    assert distributed.group_rank(None) == 0 and distributed.group_size(None) == 1
+    for call in (
+        lambda: distributed.all_reduce(t, object()),
+        lambda: distributed.all_gather(t, object()),
+        lambda: distributed.group_rank(object()),
+        lambda: distributed.group_size(object()),
+    ):
+        with pytest.raises(DistributedError, match="not initialised"):
+            call()
+    with pytest.raises(DistributedError, match="op"):
+        distributed.all_reduce(t, None, op="mean")

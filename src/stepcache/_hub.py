@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ._io import CALIBRATION_FILE, SCHEDULE_FILE, JsonValue, dump
+from ._io import CALIBRATION_FILE, SCHEDULE_FILE, JsonValue, as_path, dump, kind_of
 from ._version import __version__
 from .errors import ScheduleError, StepCacheError
 
@@ -105,7 +105,12 @@ def resolve_file(
     """
     if not isinstance(repo_id_or_path, (str, os.PathLike)):
         raise error(f"expected a file, a folder or a Hub repo id, got {type(repo_id_or_path).__name__}.")
-    local = Path(repo_id_or_path).expanduser()
+    local = as_path(repo_id_or_path, "a file, folder or Hub repo id", error)
+    if not isinstance(filename, str) or not filename or "\0" in filename:
+        raise error(f"filename must be a non-empty file name without NUL bytes, got {kind_of(filename)}.")
+    for label, value in (("subfolder", subfolder), ("revision", revision)):
+        if value is not None and (not isinstance(value, str) or "\0" in value):
+            raise error(f"{label} must be a string without NUL bytes (or None), got {kind_of(value)}.")
     if local.is_file():
         return local
     if local.is_dir():
@@ -209,7 +214,9 @@ def save_pretrained(
     if not isinstance(value, JsonValue):
         raise StepCacheError(f"expected a Schedule or a Calibration, got {type(value).__name__}.")
     default, error = value._default_file, value._error
-    folder = Path(save_directory).expanduser()
+    folder = as_path(save_directory, "save_pretrained folder", error)
+    if filename is not None and (not isinstance(filename, str) or not filename):
+        raise error(f"filename must be a non-empty file name (or None), got {kind_of(filename)}.")
     if folder.exists() and not folder.is_dir():
         raise error(
             f"{folder} is a file; save_pretrained() needs a folder to write {filename or default} into."
@@ -301,6 +308,8 @@ class HubValue(JsonValue):
         """The value stored as ``filename`` (default ``stepcache_<kind>.json``) in a file, a model
         folder or a Hub repo: it belongs with the model it was made for, so it is looked up where
         the model lives (see :func:`resolve_file`)."""
+        if filename is not None and (not isinstance(filename, str) or not filename):
+            raise cls._error(f"filename must be a non-empty file name (or None), got {kind_of(filename)}.")
         path = resolve_file(
             repo_id_or_path,
             filename or cls._default_file,

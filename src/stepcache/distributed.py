@@ -109,18 +109,33 @@ def resolve_group(group: Any) -> Any:
     return group
 
 
+def _require(group: Any) -> None:
+    """A process group was given: torch.distributed must be initialised (else its raw errors)."""
+    if not is_initialized():
+        raise DistributedError(
+            "a process group was given but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group() first, or pass group=None for this process alone."
+        )
+
+
 def group_rank(group: Any) -> int:
     """This process's rank within ``group`` (0 without a group)."""
+    if group is None:
+        return 0
+    _require(group)
     import torch.distributed as dist
 
-    return 0 if group is None else dist.get_rank(group)
+    return dist.get_rank(group)
 
 
 def group_size(group: Any) -> int:
     """Ranks in ``group`` (1 without a group)."""
+    if group is None:
+        return 1
+    _require(group)
     import torch.distributed as dist
 
-    return 1 if group is None else dist.get_world_size(group)
+    return dist.get_world_size(group)
 
 
 def shard(items: Iterable[T], group: Any = AUTO) -> list[T]:
@@ -148,7 +163,17 @@ def _device(group: Any) -> torch.device:
 
 def all_reduce(tensor: torch.Tensor, group: Any, op: str = "sum") -> torch.Tensor:
     """The elementwise ``op`` (``"sum"`` or ``"max"``) of ``tensor`` over ``group``, as a new tensor on
-    ``tensor``'s device and dtype. Blocks until every rank of the group contributes."""
+    ``tensor``'s device and dtype. Blocks until every rank of the group contributes. Without a group
+    (``None``) this process is the whole group: a copy of ``tensor``.
+
+    Raises:
+        DistributedError: an unknown ``op``, or a group while torch.distributed is not initialised.
+    """
+    if op not in ("sum", "max"):
+        raise DistributedError(f"op must be 'sum' or 'max', got {op!r}.")
+    if group is None:
+        return tensor.detach().clone()
+    _require(group)
     import torch.distributed as dist
 
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -161,7 +186,11 @@ def all_gather(tensor: torch.Tensor, group: Any, *, timeout: float | None = None
     """Every rank's ``tensor`` (same shape and dtype on all ranks), in rank order, on the CPU.
 
     With ``timeout`` (seconds), wait at most that long and raise :class:`DistributedError` if some
-    rank has not contributed by then (the group's own timeout applies otherwise)."""
+    rank has not contributed by then (the group's own timeout applies otherwise). Without a group
+    (``None``), this process's tensor alone."""
+    if group is None:
+        return [tensor.detach().cpu().clone()]
+    _require(group)
     import torch.distributed as dist
 
     work_tensor = tensor.detach().to(_device(group)).contiguous()

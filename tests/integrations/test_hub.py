@@ -362,3 +362,31 @@ def test_resolve_schedule_from_a_repo_id(tmp_path, hf_cache, monkeypatch, offlin
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ScheduleError, match=r"'org/name'.*not in the Hugging Face cache"):
         hub.resolve_schedule("org/name")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"filename": 123}, "filename"),
+        ({"filename": ""}, "filename"),
+        ({"filename": "a\0b.json"}, "NUL"),
+        ({"subfolder": 123}, "subfolder"),
+        ({"subfolder": ["x"]}, "subfolder"),
+        ({"revision": 1.5}, "revision"),
+    ],
+)
+def test_from_pretrained_arguments_of_the_wrong_type_are_clear_errors(tmp_path, kwargs, match):
+    """from_pretrained(filename=123) raised a raw TypeError, subfolder=123 an AttributeError (issue 24)."""
+    small_schedule().save_pretrained(tmp_path)
+    with pytest.raises(ScheduleError, match=match):
+        Schedule.from_pretrained(tmp_path, **kwargs)
+
+
+def test_a_nul_byte_in_a_path_or_repo_id_is_a_clear_error(tmp_path):
+    for value in (str(tmp_path) + "\0x", "org/na\0me"):
+        with pytest.raises(ScheduleError, match="NUL"):
+            Schedule.from_pretrained(value)
+        with pytest.raises(CalibrationError, match="NUL"):
+            Calibration.from_pretrained(value)
+    with pytest.raises(ScheduleError, match="NUL"):
+        small_schedule().save_pretrained(str(tmp_path) + "\0x")

@@ -303,3 +303,21 @@ def test_a_cache_never_closed_puts_the_recompile_limit_back_when_collected():
     del handle
     gc.collect()
     assert headroom._state["holders"] == holders and dynamo_config.recompile_limit == before
+
+
+@pytest.mark.parametrize(
+    "step, branch, match",
+    [
+        ("1", 0, "step"),
+        (True, 0, "step"),
+        (1.0, 0, "step"),
+        (-1, 0, "step"),
+        (1, -1, "branch"),
+        (1, "0", "branch"),
+    ],
+)
+def test_set_step_takes_integers_only(plain_dit, step, branch, match):
+    """set_step("1") raised a raw TypeError; set_step(True) was step 1; branch=-1 read the last
+    branch's store (issue 24)."""
+    with stepcache.cache(plain_dit, sched()) as handle, pytest.raises(StepCacheError, match=match):
+        handle.set_step(step, branch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import numbers
 import sys
 import threading
 import warnings
@@ -221,6 +222,14 @@ class StepTracker:
 
     # -- manual mode ----------------------------------------------------------------------------
     def set_step(self, step: int, branch: int = 0) -> None:
+        for label, value in (("step", step), ("branch", branch)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise StepCacheError(f"set_step: {label} must be an integer >= 0, got {value!r}.")
+        step, branch = int(step), int(branch)
+        if branch > 15:
+            raise StepCacheError(
+                f"set_step: branch {branch} is not a guidance branch (0 and 1; a few more at most)."
+            )
         self.manual = True
         if self.num_steps is not None and not 0 <= step < self.num_steps:
             raise ScheduleLengthError(
