@@ -147,8 +147,10 @@ def test_merge_reads_files_of_any_version():
         Calibration.merge([files("stepcache.reference") / "calibrations" / "ddim-50.json"] * 2)
     path = files("stepcache.reference") / "calibrations" / "ddim-50.json"
     cal = Calibration.load(str(path)).replace(weights={})  # sensitivity weights do not pool
-    twice = Calibration.merge([cal, cal])
-    assert twice.num_samples == 2 * cal.num_samples
+    # the same file twice is refused (its generations would count twice); one more sample is not it
+    more = cal.replace(num_samples=cal.num_samples + 1)
+    twice = Calibration.merge([cal, more])
+    assert twice.num_samples == 2 * cal.num_samples + 1
     for name in cal.components:
         np.testing.assert_allclose(twice.errors[name], cal.errors[name], rtol=1e-12, equal_nan=True)
         np.testing.assert_allclose(
@@ -171,5 +173,35 @@ def test_merge_refuses_what_does_not_pool(plain_dit):
     weights = {name: np.ones(cal.num_steps) for name in cal.components}
     with pytest.raises(CalibrationError, match="sensitivity weights"):
         Calibration.merge([cal, cal.replace(weights=weights)])
-    no_spread = Calibration.merge([cal, cal.replace(spread={})])
+    other = stepcache.calibrate(plain_dit, run_for(plain_dit, [1]), lookahead=2, progress=False)
+    no_spread = Calibration.merge([cal, other.replace(spread={})])
     assert not no_spread.spread and no_spread.num_samples == 2
+
+
+def test_merge_takes_calibrations_only_and_names_what_else_it_got(plain_dit, tmp_path):
+    """Calibration.merge([cal, schedule]) raised a raw TypeError (issue 24)."""
+    cal = stepcache.calibrate(plain_dit, run_for(plain_dit, [0]), lookahead=2, progress=False)
+    for other in (stepcache.fora(N, 2), 3, None, b"cal.json", "a\0b.json"):
+        with pytest.raises(CalibrationError, match="calibration 1"):
+            Calibration.merge([cal, other])
+    with pytest.raises(CalibrationError, match="not a list"):
+        Calibration.merge(cal)  # one calibration, not a list of them
+
+
+def test_merge_refuses_the_same_generations_twice_and_conflicting_sizes(plain_dit, tmp_path):
+    """Merging one file twice doubled its samples silently; conflicting output sizes were kept from the
+    first file without notice (issue 24)."""
+    cal = stepcache.calibrate(plain_dit, run_for(plain_dit, [0]), lookahead=2, progress=False)
+    other = stepcache.calibrate(plain_dit, run_for(plain_dit, [1]), lookahead=2, progress=False)
+    path = cal.save(tmp_path / "a.json")
+    for twice in ([cal, cal], [path, path], [cal, path], [path, other, str(path)]):
+        with pytest.raises(CalibrationError, match="same generations twice"):
+            Calibration.merge(twice)
+    sizes = {name: 4096 for name in cal.components}
+    a = cal.replace(meta={**cal.meta, "output_bytes": sizes})
+    b = other.replace(meta={**other.meta, "output_bytes": {**sizes, next(iter(sizes)): 8192}})
+    with pytest.raises(CalibrationError, match="output_bytes"):
+        Calibration.merge([a, b])
+    merged = Calibration.merge([cal, other.replace(meta={**other.meta, "output_bytes": sizes})])
+    assert merged.meta["output_bytes"] == sizes  # recorded by one input only: kept
+    assert Calibration.merge([a, other.replace(meta={**other.meta, "output_bytes": sizes})]).num_samples == 2

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import operator
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -208,7 +209,29 @@ class Calibration(HubValue):
         Raises:
             CalibrationError: fewer than one calibration, or one that differs in any of the above.
         """
-        cals = [c if isinstance(c, Calibration) else cls.load(c) for c in calibrations]
+        if isinstance(calibrations, (Calibration, str, bytes, Path)) or not isinstance(
+            calibrations, Iterable
+        ):
+            raise CalibrationError(
+                f"Calibration.merge takes a list of calibrations (values or files), not a list: got "
+                f"{kind_of(calibrations)}."
+            )
+        cals, sources = [], []
+        for i, c in enumerate(calibrations):
+            if isinstance(c, Calibration):
+                cals.append(c)
+                sources.append(None)
+            elif isinstance(c, (str, os.PathLike)):
+                try:
+                    cals.append(cls.load(c))
+                except CalibrationError as e:
+                    raise CalibrationError(f"cannot merge calibration {i}: {e}") from None
+                sources.append(os.path.realpath(c))
+            else:
+                raise CalibrationError(
+                    f"calibration {i} given to Calibration.merge is {kind_of(c)} ({type(c).__name__}), not a "
+                    "Calibration or a calibration file."
+                )
         if not cals:
             raise CalibrationError("Calibration.merge needs at least one calibration.")
         first = cals[0]
@@ -238,6 +261,7 @@ class Calibration(HubValue):
                 "cannot merge sensitivity weights (they come from replays of one calibration): merge "
                 "cal.replace(weights={}) of each, then run stepcache.sensitivity() on the result."
             )
+        _refuse_duplicates(cals, sources)
         names = list(first.components)
         errors, spread, forecast = {}, {}, {}
         forecast2: dict[str, dict[str, np.ndarray]] = {m: {} for m in first.forecast2_errors}
@@ -265,11 +289,23 @@ class Calibration(HubValue):
         macs = {
             name: next((c.macs[name] for c in cals if c.macs.get(name) is not None), None) for name in names
         }
+        recorded = [
+            (i, c.meta["output_bytes"]) for i, c in enumerate(cals) if c.meta.get("output_bytes") is not None
+        ]
+        for i, sizes in recorded[1:]:
+            if sizes != recorded[0][1]:
+                raise CalibrationError(
+                    f"cannot merge: calibration {i} records other output sizes (meta output_bytes) than "
+                    f"calibration {recorded[0][0]}; they measure one model and setup, so measure them again "
+                    "(stepcache.memory.output_bytes) or drop them from one file."
+                )
         meta = dict(first.meta) | {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "stepcache_version": __version__,
             "merged_from": len(cals),
         }
+        if recorded:
+            meta["output_bytes"] = recorded[0][1]
         seconds = [c.meta.get("seconds") for c in cals]
         if all(is_number(v) for v in seconds):
             meta["seconds"] = round(sum(float(v) for v in seconds if v is not None), 2)
@@ -451,6 +487,34 @@ class Calibration(HubValue):
             )
         except CalibrationError as e:
             raise CalibrationError(f"{source}: {e}") from None
+
+
+def _refuse_duplicates(cals: list[Calibration], sources: list[str | None]) -> None:
+    """The same generations given twice (one object or file twice, or two copies of one file) would
+    count twice: refused. Identical statistics mean the same generations (the same inputs and seeds)."""
+
+    def stats(c: Calibration) -> Any:  # the means: NaN (not measured) made one bit pattern
+        return c.num_samples, tuple(
+            (n, np.where(np.isnan(a := np.asarray(c.errors[n], dtype=np.float64)), np.nan, a).tobytes())
+            for n in c.components
+        )
+
+    how = {
+        "object": "the same value",
+        "file": "the same file",
+        "statistics": "identical statistics: a copy of it, or a run of the same inputs and seeds",
+    }
+    seen: dict[Any, int] = {}
+    for i, (cal, source) in enumerate(zip(cals, sources, strict=True)):
+        for key in (("object", id(cal)), ("file", source), ("statistics", stats(cal))):
+            if key[1] is None:
+                continue
+            j = seen.setdefault(key, i)
+            if j != i:
+                raise CalibrationError(
+                    f"cannot merge: calibration {i} is calibration {j} again ({how[key[0]]}): the same "
+                    "generations twice would count twice. Merge each calibration once."
+                )
 
 
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "lookahead", "num_samples"}
