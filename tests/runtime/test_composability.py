@@ -66,3 +66,43 @@ def test_changed_weights_or_dtype_since_calibration_warn(tiny_pipe):
     tiny_pipe.transformer.to(torch.float64)
     with pytest.warns(StepCacheWarning, match="dtype float32 -> float64"):
         stepcache.cache(tiny_pipe, schedule).close()
+
+
+@pytest.mark.parametrize("change", ["swap-blocks", "permute-rows", "permute-columns"])
+def test_the_weights_digest_depends_on_order(tiny_pipe, change):
+    """Swapped blocks or permuted rows kept every sum the digest was made of (issue 24)."""
+    from stepcache.runtime.introspect import weights_state
+
+    model = tiny_pipe.transformer
+    before = weights_state(tiny_pipe)["weights_digest"]
+    with torch.no_grad():
+        if change == "swap-blocks":
+            a, b = model.transformer_blocks[0], model.transformer_blocks[1]
+            model.transformer_blocks[0], model.transformer_blocks[1] = b, a
+        else:
+            weight = model.transformer_blocks[0].ff.net[2].weight
+            order = torch.arange(weight.shape[0 if change == "permute-rows" else 1]).flip(0)
+            weight.copy_(weight[order] if change == "permute-rows" else weight[:, order])
+    assert weights_state(tiny_pipe)["weights_digest"] != before
+
+
+def test_digests_recorded_before_the_order_aware_one_still_compare(tiny_pipe):
+    """Files written before record the order-blind digest: compared by that rule, no false warning."""
+    from stepcache.runtime.introspect import weights_state
+
+    cal = stepcache.calibrate(
+        tiny_pipe, inputs=[{"class_labels": [1]}], num_inference_steps=N, progress=False
+    )
+    schedule = from_calibration(cal, 0.2)
+    old = weights_state(tiny_pipe, digest_version=1)["weights_digest"]
+    assert old != cal.meta["weights_digest"]
+    legacy = Schedule(
+        schedule.num_steps, schedule.plans, schedule.counts, {**schedule.meta, "weights_digest": old}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stepcache.cache(tiny_pipe, legacy).close()
+    with torch.no_grad():
+        tiny_pipe.transformer.transformer_blocks[0].ff.net[2].weight += 0.01
+    with pytest.warns(StepCacheWarning, match="weights_digest"):
+        stepcache.cache(tiny_pipe, legacy).close()

@@ -32,7 +32,7 @@ from .._version import __version__
 from ..discovery import COMPONENT_TYPES
 from ..errors import CalibrationError, StepCacheError
 from ..plots import plot_calibration
-from ..runtime.introspect import fingerprint, model_class
+from ..runtime.introspect import DIGEST_PREFIX, fingerprint, model_class
 from .moments import Moments as _Moments
 from .moments import nanmean as _nanmean
 
@@ -248,7 +248,11 @@ class Calibration(HubValue):
                     sorted(cal.forecast2_errors),
                 ),
             ]
-            checks += [(f"meta {k!r}", first.meta.get(k), cal.meta.get(k)) for k in (*keys, "guidance_scale")]
+            checks += [
+                (f"meta {k!r}", first.meta.get(k), cal.meta.get(k))
+                for k in (*keys, "guidance_scale")
+                if k != "weights_digest" or _same_digest_rule(first.meta.get(k), cal.meta.get(k))
+            ]
             for label, a, b in checks:
                 if a != b:
                     shown = "" if isinstance(a, dict) else f" ({b!r} vs {a!r})"
@@ -487,6 +491,14 @@ class Calibration(HubValue):
             )
         except CalibrationError as e:
             raise CalibrationError(f"{source}: {e}") from None
+
+
+def _same_digest_rule(a: Any, b: Any) -> bool:
+    """Whether two recorded weights digests were made by one rule (files written before the digest
+    depended on order hold the older one; those two cannot be compared)."""
+    return (isinstance(a, str) and a.startswith(DIGEST_PREFIX)) == (
+        isinstance(b, str) and b.startswith(DIGEST_PREFIX)
+    )
 
 
 def _refuse_duplicates(cals: list[Calibration], sources: list[str | None]) -> None:

@@ -23,7 +23,7 @@ from ..schedule import Schedule, liveness
 from . import headroom
 from .config import CacheConfig, configure
 from .guided import Guide, guidance_batch, guided_steps
-from .introspect import fingerprint, model_class, weights_state
+from .introspect import DIGEST_PREFIX, fingerprint, model_class, weights_state
 from .offload import Offloader, OffloadStats
 from .session import Installer, Session, hook_state
 from .slot import Bytes, Slot
@@ -364,7 +364,9 @@ def _warn_if_changed(schedule: Schedule, target: Any) -> None:
     recorded = {k: schedule.meta.get(k) for k in ("dtype", "adapters", "weights_digest")}
     if all(v is None for v in recorded.values()):
         return
-    now = weights_state(target)
+    digest = recorded["weights_digest"]
+    old = isinstance(digest, str) and not digest.startswith(DIGEST_PREFIX)  # written before order counted
+    now = weights_state(target, digest_version=1 if old else 2)
     changed = [k for k, v in recorded.items() if v is not None and now.get(k) != v]
     if changed:
         what = ", ".join(f"{k} {recorded[k]} -> {now[k]}" for k in changed)

@@ -22,6 +22,7 @@ from ..discovery import Component, denoisers_of, unwrap
 from ..errors import StepCacheError
 
 __all__ = [
+    "DIGEST_PREFIX",
     "MacShares",
     "count_macs",
     "final_samples",
@@ -47,25 +48,56 @@ def model_class(target: object) -> str:
     return "+".join(type(unwrap(m)).__name__ for _, m in denoisers_of(target))
 
 
-def weights_state(target: object) -> dict[str, Any]:
+DIGEST_PREFIX = "v2:"  # weights digests that depend on order; older files hold the order-blind v1
+
+
+def weights_state(target: object, *, digest_version: int = 2) -> dict[str, Any]:
     """What a config fingerprint cannot see but a schedule depends on: the weights' dtype, adapters
     loaded (peft LoRA) and a digest of the weights themselves (a fused LoRA or another checkpoint
-    changes the features, hence the right schedule). One pass over the parameters, one host sync."""
+    changes the features, hence the right schedule). One pass over the parameters, one host sync.
+
+    The digest (``"v2:..."``) depends on order: per parameter, by name, its sum and absolute sum and
+    sums weighted by row and by column position, so swapped blocks or permuted rows change it.
+    ``digest_version=1`` gives the order-blind digest files written before recorded (two sums over
+    all parameters), to compare those files by their own rule."""
     models = [unwrap(m) for _, m in denoisers_of(target)]
-    params = [p for m in models for p in m.parameters()]
+    named = [(n, p) for m in models for n, p in m.named_parameters()]
     adapters = sorted({str(k) for m in models for k in (getattr(m, "peft_config", None) or {})})
-    if not params:
+    if not named:
         return {"dtype": None, "adapters": adapters, "weights_digest": None}
+    params = [p for _, p in named]
     with torch.no_grad():
-        sums = torch.stack([torch.stack([p.float().sum(), p.float().abs().sum()]) for p in params])
-    values = [len(params), *(f"{v:.6g}" for v in sums.sum(0).double().tolist())]
-    names = "|".join(n for m in models for n, _ in m.named_parameters())
-    digest = hashlib.sha256((json.dumps(values) + names).encode()).hexdigest()[:16]
+        if digest_version == 1:
+            sums = torch.stack([torch.stack([p.float().sum(), p.float().abs().sum()]) for p in params])
+            values: list[Any] = [len(params), *(f"{v:.6g}" for v in sums.sum(0).double().tolist())]
+            names = "|".join(n for n, _ in named)
+            digest = hashlib.sha256((json.dumps(values) + names).encode()).hexdigest()[:16]
+        else:
+            stats = torch.stack([_ordered_sums(p) for p in params]).tolist()  # the one host sync
+            values = [
+                [n, list(p.shape), [f"{v:.5f}" for v in row]]
+                for (n, p), row in zip(named, stats, strict=True)
+            ]
+            digest = DIGEST_PREFIX + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
     return {
         "dtype": str(params[0].dtype).replace("torch.", ""),
         "adapters": adapters,
         "weights_digest": digest,
     }
+
+
+def _ordered_sums(p: torch.Tensor) -> torch.Tensor:
+    """Four numbers of one parameter in [-1, 1], normalised by its absolute sum so that a device's
+    rounding stays far below the digits kept: the sum, and sums weighted by row and by column
+    position (any permutation of rows or columns moves them)."""
+    x = p.detach().float().reshape(p.shape[0] if p.dim() else 1, -1)
+    scale = x.abs().sum().double().clamp_min(1e-30)
+    rows, cols = x.sum(1).double(), x.sum(0).double()
+    wr = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=x.device) / rows.numel()
+    wc = torch.arange(1, cols.numel() + 1, dtype=torch.float64, device=x.device) / cols.numel()
+    return torch.stack(
+        [rows.sum() / scale, (rows * wr).sum() / scale, (cols * wc).sum() / scale, scale.log10()]
+    )
 
 
 def _fingerprint_one(model: nn.Module) -> str:
