@@ -321,3 +321,23 @@ def test_set_step_takes_integers_only(plain_dit, step, branch, match):
     branch's store (issue 24)."""
     with stepcache.cache(plain_dit, sched()) as handle, pytest.raises(StepCacheError, match=match):
         handle.set_step(step, branch)
+
+
+def test_replacing_the_transformer_while_a_cache_is_open_is_said(tiny_pipe):
+    """pipe.transformer = another model while a cache is open ran uncached without a word (issue 24)."""
+    from stepcache.integrations.models import tiny_dit_pipeline
+
+    other = tiny_dit_pipeline(num_layers=3).transformer  # the same weights, not the cached module
+    uncached = gen_pipe(tiny_pipe)
+    with stepcache.cache(tiny_pipe, sched()) as handle:
+        original = tiny_pipe.transformer
+        tiny_pipe.transformer = other
+        try:
+            with pytest.warns(StepCacheWarning, match="pipe.transformer was replaced"):
+                got = gen_pipe(tiny_pipe)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                gen_pipe(tiny_pipe)  # said once for this model
+        finally:
+            tiny_pipe.transformer = original
+    assert torch.equal(got, uncached) and handle.stats.computed == 0

@@ -124,6 +124,7 @@ class CacheHandle:
         )
         self._session.owner = self
         self._warned_resample = False
+        self._warned_replaced: set[tuple[int, ...]] = set()
         self._headroom: weakref.finalize | None = None  # gives dynamo's recompile limit back
         self._guide_objects: list[Guide] = []
         self._warned_unguided = False
@@ -229,7 +230,19 @@ class CacheHandle:
             return
         current = [m for _, m in denoisers_of(self._pipeline)]
         if [unwrap(m) for m in current] != [unwrap(m) for m in self._session.models]:
-            return  # other models altogether: the next call's checks will say so
+            # Other models altogether: they carry none of this cache's hooks and run uncached.
+            seen = tuple(id(unwrap(m)) for m in current)
+            if seen not in self._warned_replaced:
+                self._warned_replaced.add(seen)
+                warnings.warn(
+                    f"pipe.transformer was replaced while a cache is open: the new "
+                    f"{type(unwrap(current[0])).__name__} runs uncached (the cache stays on the model it was "
+                    "enabled on). Close the cache and enable it again on the pipeline "
+                    "(stepcache.cache(pipe, schedule)) to cache the new transformer.",
+                    StepCacheWarning,
+                    stacklevel=3,
+                )
+            return
         if [hook_state(m) for m in current] != self._session.hooked:
             logger.info("the transformer was compiled after the cache was enabled: moving its step hooks")
             self._session.rehook(current)
