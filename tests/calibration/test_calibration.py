@@ -184,7 +184,7 @@ def test_merge_takes_calibrations_only_and_names_what_else_it_got(plain_dit, tmp
     for other in (stepcache.fora(N, 2), 3, None, b"cal.json", "a\0b.json"):
         with pytest.raises(CalibrationError, match="calibration 1"):
             Calibration.merge([cal, other])
-    with pytest.raises(CalibrationError, match="not a list"):
+    with pytest.raises(CalibrationError, match="takes a list"):
         Calibration.merge(cal)  # one calibration, not a list of them
 
 

@@ -278,7 +278,7 @@ def test_calibration_records_second_order_errors(plain_dit, tmp_path):
         first.to_dict()["format_version"] == 1
         and "forecast2_errors" not in first.to_dict()["components"][name]
     )
-    merged = Calibration.merge([cal, cal])
+    merged = Calibration.merge([cal, cal.replace(num_samples=cal.num_samples + 1)])  # not cal twice
     np.testing.assert_allclose(merged.forecast2_errors["taylor2"][name], table)
     with pytest.raises(stepcache.CalibrationError, match="second-order"):
         Calibration.merge([cal, first])

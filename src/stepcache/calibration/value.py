@@ -213,7 +213,7 @@ class Calibration(HubValue):
             calibrations, Iterable
         ):
             raise CalibrationError(
-                f"Calibration.merge takes a list of calibrations (values or files), not a list: got "
+                f"Calibration.merge takes a list of calibrations (values or files), got "
                 f"{kind_of(calibrations)}."
             )
         cals, sources = [], []
