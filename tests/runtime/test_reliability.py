@@ -341,3 +341,53 @@ def test_replacing_the_transformer_while_a_cache_is_open_is_said(tiny_pipe):
         finally:
             tiny_pipe.transformer = original
     assert torch.equal(got, uncached) and handle.stats.computed == 0
+
+
+def loop(model, ts, y, seed=0):
+    """A plain loop over the given timesteps (the sampler of ``sample``, any grid)."""
+    x = torch.randn(len(y), 16, 4, generator=torch.Generator().manual_seed(seed))
+    for t in ts:
+        x = x - 0.05 * model(x, t.expand(len(y)), y)
+    return x
+
+
+@pytest.mark.parametrize(
+    "at, second",
+    [
+        (4, "same grid, later start"),  # an img2img-like run starting further down the grid
+        (3, "off the grid, lower"),  # another sampler's timesteps, all below where it stopped
+        (1, "same grid, later start"),  # stopped after its first step: a later grid point
+    ],
+)
+def test_a_plain_loop_interrupted_then_another_grid_starts_afresh(plain_dit, at, second):
+    """A plain loop stopped between calls, then a generation whose timesteps do not continue it (lower
+    than where it stopped, so the timestep never went up): before, it continued the stopped state
+    (issue 24). The timesteps of the last whole generation tell a continuation from a new start."""
+    from tests._helpers.plain_models import timesteps
+
+    y = torch.tensor([1, 3])
+    grid = timesteps(N)
+    ts = grid[6:] if second.startswith("same") else torch.linspace(300, 0, 4).round()
+    with stepcache.cache(plain_dit, sched()) as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepCacheWarning)  # the short runs warn; not what is tested
+        handle.reset()
+        expected = loop(plain_dit, ts, y)  # the second generation, started afresh
+        sample(plain_dit, y, N)  # a whole generation: its grid is known
+        with pytest.raises(RuntimeError, match="interrupted"):
+            sample(plain_dit, y, N, fail_at=at)
+        got = loop(plain_dit, ts, y)
+    assert torch.equal(got, expected)
+
+
+def test_a_plain_loop_on_another_grid_sharing_the_first_timestep_continues(plain_dit):
+    """No false start: a legitimate generation on another grid that shares the known grid's first
+    timestep runs as one generation."""
+    y = torch.tensor([2])
+    other = torch.tensor([999.0, 950, 900, 800, 700, 600, 500, 400, 200, 0])
+    with stepcache.cache(plain_dit, sched()) as handle:
+        sample(plain_dit, y, N)
+        expected_generations = handle.stats.generations + 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loop(plain_dit, other, y)
+        assert handle.stats.generations == expected_generations

@@ -131,6 +131,10 @@ class StepTracker:
         # Steps taken this generation, counted on the host (None: unknown). See the class docstring.
         self.position: Callable[[], int | None] | None = None
         self._counted = False  # the current call was placed by the count, its timestep unread
+        # Plain loops: the timesteps of this generation's steps, and of the last generation that reached
+        # its last step (its grid), which tells a continuation from a new start (:meth:`_departs`).
+        self._times: list[float] = []
+        self._grid: list[float] | None = None
 
     @property
     def timestep(self) -> float | None:
@@ -190,7 +194,7 @@ class StepTracker:
             )
         if self.step >= 0 and t == self._t:
             self.branch += 1
-        elif self.step < 0 or self._t is None or t > self._t:
+        elif self.step < 0 or self._t is None or t > self._t or self._departs(t):
             self._new_generation()
         elif self.num_steps is not None and self.step + 1 >= self.num_steps:
             raise ScheduleLengthError(
@@ -200,9 +204,28 @@ class StepTracker:
             )
         else:
             self._advance(self.step + 1)
+        if self.branch == 0 and not self._counted:
+            self._times.append(t)
+            if self.num_steps is not None and self.step + 1 == self.num_steps:
+                self._grid = list(self._times)  # a whole generation: its timesteps are the grid
         self._t = t
         self._in_call = True
         self._notify_call()
+
+    def _departs(self, t: float) -> bool:
+        """A lower timestep that does not continue this generation: it stopped between two calls (a
+        plain loop's exception, Ctrl-C or ``break``, which no call sees) and another generation
+        began below where it stopped. Told by the grid of the last whole generation, when this one
+        followed it so far: the next timestep is the grid's next one, anything else is a new start
+        (after two steps on the grid; after one, only a later point of the grid, since other grids
+        often share the first timestep). Without a whole generation seen, a limit: handle.reset()."""
+        grid, seen = self._grid, self._times
+        if self._counted or grid is None or not seen or len(seen) >= len(grid):
+            return False
+        k = len(seen)
+        if seen != grid[:k] or t == grid[k]:
+            return False
+        return k >= 2 or t in grid[k + 1 :]
 
     def _notify_call(self) -> None:
         for fn in self.on_call_begin:
@@ -245,6 +268,7 @@ class StepTracker:
     def reset(self) -> None:
         """Forget the current generation: the next call starts a new one."""
         self.step, self.branch, self._t, self._in_call, self._thread = -1, 0, None, False, None
+        self._times = []
         for fn in self.on_reset:
             fn()
 
@@ -261,6 +285,7 @@ class StepTracker:
 
     def _new_generation(self) -> None:
         self.check_complete()
+        self._times = []
         self.generation += 1
         for fn in self.on_generation:
             fn()
