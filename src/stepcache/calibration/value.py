@@ -216,7 +216,8 @@ class Calibration(HubValue):
                 f"Calibration.merge takes a list of calibrations (values or files), got "
                 f"{kind_of(calibrations)}."
             )
-        cals, sources = [], []
+        cals: list[Calibration] = []
+        sources: list[str | None] = []
         for i, c in enumerate(calibrations):
             if isinstance(c, Calibration):
                 cals.append(c)

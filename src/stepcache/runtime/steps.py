@@ -410,7 +410,7 @@ def calling_pipeline(models: list[nn.Module], depth: int = 48) -> Any:
     not told the pipeline: with it, each generation learns the step count the pipeline's scheduler
     is set up for, exactly as ``stepcache.cache(pipe, ...)`` does. Asked once per generation."""
     wanted = {id(unwrap(m)) for m in models}
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
             break
