@@ -113,6 +113,8 @@ def resolve_file(
             raise error(f"{label} must be a string without NUL bytes (or None), got {kind_of(value)}.")
     if local.is_file():
         return local
+    if local.exists() and not local.is_dir():  # a named pipe, a device: read_json says what it is
+        return local
     if local.is_dir():
         path = local / _in_repo(filename, subfolder)
         if not path.is_file():

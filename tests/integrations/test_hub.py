@@ -390,3 +390,11 @@ def test_a_nul_byte_in_a_path_or_repo_id_is_a_clear_error(tmp_path):
             Calibration.from_pretrained(value)
     with pytest.raises(ScheduleError, match="NUL"):
         small_schedule().save_pretrained(str(tmp_path) + "\0x")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_from_pretrained_on_a_named_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ScheduleError, match="named pipe, not a regular file"):
+        Schedule.from_pretrained(fifo)
