@@ -273,3 +273,15 @@ def test_compiled_blocks_get_a_clear_error(model):
             block.__dict__.pop("_compiled_call_impl", None)  # back to eager for the other tests
         torch._dynamo.reset()
     assert snapshot(model) == before
+
+
+def test_guidance_calibration_refuses_generations_without_guidance(model):
+    """Guidance scale 1 with an even batch: no half is an unconditional branch (issue 24)."""
+    with pytest.raises(CalibrationError, match="no two equal halves"):
+        calibrate_guidance(
+            model,
+            lambda: reference.sample(
+                model, torch.arange(N) % 10, scheduler="dpm", num_inference_steps=STEPS, guidance_scale=1.0
+            ),
+            progress=False,
+        )

@@ -21,6 +21,7 @@ from .._io import check_format_version, is_int, kind_of
 from ..discovery import COMPONENT_TYPES, Component, discover
 from ..errors import CalibrationError, StepCacheError
 from ..guidance import KINDS, check_layout
+from ..runtime.guided import guidance_batch
 from ..runtime.introspect import fingerprint, model_class
 from ..runtime.steps import StepTracker
 from .harness import flatten, generations, intercepted
@@ -324,8 +325,24 @@ def calibrate_guidance(
     bar = progress_bar(progress, None)
     tracker.on_step.append(lambda _s: bar.update(1) if tracker.branch == 0 else None)
     start = time.perf_counter()
+
+    def check_batch(args: tuple, kwargs: dict) -> None:
+        # An even batch without guidance (scale 1) would be split into "branches" of distinct samples.
+        if (
+            layout != "split"
+            and tracker.step == 0
+            and tracker.branch == 0
+            and not guidance_batch(args, kwargs)
+        ):
+            raise CalibrationError(
+                f"calibrate_guidance with layout={layout!r} needs stacked classifier-free guidance batches "
+                "(an even batch of two equal halves), but a generation's denoiser input has no two equal "
+                "halves (guidance scale 1, or no guidance): calibrate generations that use guidance, or "
+                "pass layout='split' for two calls per step."
+            )
+
     try:
-        with intercepted(target, comps, recorder.intercept, tracker, timestep_arg):
+        with intercepted(target, comps, recorder.intercept, tracker, timestep_arg, inspect=check_batch):
             run()
         recorder.finish_generation()
     finally:

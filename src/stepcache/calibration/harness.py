@@ -60,11 +60,14 @@ def intercepted(
     intercept: Callable[[Component, Callable[..., Any]], Callable[..., Any]],
     tracker: StepTracker,
     timestep_arg: str | None = None,
+    inspect: Callable[[tuple, dict], None] | None = None,
 ) -> Iterator[None]:
     """Every component of ``target`` routed through ``intercept`` (steps read by ``tracker``), without
-    gradients; removed exactly on exit."""
+    gradients; removed exactly on exit. ``inspect`` sees each denoiser call's arguments."""
     models = [m for _, m in denoisers_of(target)]
-    with Session(models, components, intercept, tracker, timestep_arg=timestep_arg), torch.no_grad():
+    session = Session(models, components, intercept, tracker, timestep_arg=timestep_arg)
+    session.inspect = inspect
+    with session, torch.no_grad():
         yield
 
 

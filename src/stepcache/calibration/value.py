@@ -204,10 +204,14 @@ class Calibration(HubValue):
         forecast errors were recorded. A component without a spread in some input has none in the
         result. Sensitivity weights come from replays of one calibration and do not pool: merge
         calibrations without them (``cal.replace(weights={})``), then run :func:`stepcache.sensitivity`
-        on the result.
+        on the result. Output sizes (``meta["output_bytes"]``) must agree where recorded, and are kept.
+
+        Each input counts once: the same value or file given twice, or a copy of one (identical
+        statistics: the same inputs and seeds), would count its generations twice and is refused.
 
         Raises:
-            CalibrationError: fewer than one calibration, or one that differs in any of the above.
+            CalibrationError: fewer than one calibration, something that is neither a calibration nor
+                a calibration file, the same generations twice, or one that differs in any of the above.
         """
         if isinstance(calibrations, (Calibration, str, bytes, Path)) or not isinstance(
             calibrations, Iterable
