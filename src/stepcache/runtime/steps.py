@@ -402,6 +402,19 @@ def pipeline_steps(pipeline: Any) -> int | None:
     return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
 
 
+def _drives(owner: Any, wanted: set[int]) -> bool:
+    """Whether ``owner`` looks like a pipeline (a scheduler that sets up timesteps) of one of the
+    models whose ids are ``wanted``; any object up the stack may be asked, so nothing it raises counts."""
+    try:
+        scheduler = getattr(owner, "scheduler", None)
+        if not callable(getattr(scheduler, "set_timesteps", None)):
+            return False
+        models = (getattr(owner, a, None) for a in ("transformer", "transformer_2"))
+        return any(isinstance(m, nn.Module) and id(unwrap(m)) in wanted for m in models)
+    except Exception:
+        return False
+
+
 def calling_pipeline(models: list[nn.Module], depth: int = 48) -> Any:
     """The pipeline whose code is calling one of ``models`` right now (a ``self`` up the call stack
     with a scheduler and ``models[i]`` as its ``transformer``), or None (a plain loop).
@@ -417,12 +430,7 @@ def calling_pipeline(models: list[nn.Module], depth: int = 48) -> Any:
         code = frame.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
             owner = frame.f_locals.get("self")
-            if owner is not None and not isinstance(owner, nn.Module):
-                scheduler = getattr(owner, "scheduler", None)
-                if callable(getattr(scheduler, "set_timesteps", None)) and any(
-                    isinstance(m, nn.Module) and id(unwrap(m)) in wanted
-                    for m in (getattr(owner, a, None) for a in ("transformer", "transformer_2"))
-                ):
-                    return owner
+            if owner is not None and not isinstance(owner, nn.Module) and _drives(owner, wanted):
+                return owner
         frame = frame.f_back
     return None
