@@ -19,6 +19,7 @@ from .._version import __version__
 from ..discovery import Component, discover
 from ..errors import CalibrationError
 from ..runtime.introspect import count_macs, fingerprint, model_class, weights_state
+from ..runtime.session import Installer
 from ..runtime.steps import StepTracker
 from ..schedule import METHODS, forecast_coefficients
 from .harness import flatten, generations, intercepted
@@ -225,6 +226,8 @@ def calibrate(
     progress: bool = True,
     process_group: Any = distributed.AUTO,
     sequence_group: Any = None,
+    tracker: StepTracker | None = None,
+    installer: Installer | None = None,
 ) -> Calibration:
     """Record per-step error curves of every cacheable component of ``target``.
 
@@ -258,6 +261,12 @@ def calibrate(
             sequence (numerator and denominator summed over the group), so every rank of it records
             the same curves as one process running the whole sequence. Its ranks must run the same
             generations: with both groups, shard over the data-parallel ``process_group`` only.
+        tracker: a :class:`~stepcache.runtime.StepTracker` that ``run`` drives itself, calling its
+            ``set_step(step, branch)`` before each denoiser call: for a host that knows its steps and
+            guidance branches better than timesteps tell (ComfyUI's sampler, whose model evaluations
+            are the steps). Default: each call's step and branch are read from its timestep.
+        installer: how the interception is attached (a ``stepcache.runtime.session.Installer``);
+            torch hooks by default.
 
     Raises:
         CalibrationError: bad arguments, no generation ran, or generations of different lengths
@@ -272,7 +281,7 @@ def calibrate(
     run, inputs = generations(target, run, inputs, num_inference_steps, group)
     comps = discover(target, blocks=blocks, components=components, types=types)
     names = [c.name for c in comps]
-    tracker = StepTracker()
+    tracker = StepTracker() if tracker is None else tracker
     if second_order and not forecast:
         raise CalibrationError("second_order=True records forecast errors too: pass forecast=True with it.")
     recorder = Recorder(
@@ -287,7 +296,7 @@ def calibrate(
     start = time.perf_counter()
     failure: Exception | None = None
     try:
-        with intercepted(target, comps, recorder.intercept, tracker, timestep_arg):
+        with intercepted(target, comps, recorder.intercept, tracker, timestep_arg, installer):
             run()
         recorder.finish_generation()
     except Exception as e:
