@@ -176,3 +176,18 @@ def test_offloaded_models(stepcache_folder, monkeypatch):
     mm.unload_all_models()
     assert not model.model.model_lowvram
     assert _module_state(dm) == modules
+
+
+def test_torch_compile_model_is_refused_with_a_reason(stepcache_folder):
+    """ComfyUI's TorchCompileModel compiles the whole diffusion model at sampling time; stepcache's
+    per-step choice does not trace inside it yet, so a run with both says so instead of failing deep
+    in dynamo (the compile itself never starts)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    from stepcache.errors import StepCacheError
+
+    family = "wan"
+    model = _patched(_tiny.build(family), compute_fraction=0.5)
+    set_torch_compile_wrapper(model, backend="eager")
+    with pytest.raises(StepCacheError, match="TorchCompileModel"):
+        _tiny.sample(model, family)

@@ -114,6 +114,13 @@ def test_branches_follow_the_conds_not_the_call_order():
     branch = {u: b for _, u, b in seen[:2]}
     assert all(b == branch[u] for _, u, b in seen)
     assert [s for s, _, _ in seen] == [0, 0, 1, 1, 2, 2] and run.most_branches == 2
+    # Without PREDICT_NOISE around the evaluations (a guider of other make), a cond seen again starts the
+    # next step.
+    run, steps = _Run(StepTracker()), []
+    for u in ("a", "b", "a", "b", "b", "a"):
+        run.place({"uuids": [u]})
+        steps.append((run.tracker.step, run.tracker.branch))
+    assert steps == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (2, 0)]
 
 
 def test_in_place_blocks_keep_what_they_cached(stepcache_folder, monkeypatch, tmp_path):

@@ -170,9 +170,14 @@ class _Run:
         self.most_branches = 0
         self.on_overflow: Callable[[], None] | None = None
         self.overflowed = False
+        self.told = False  # PREDICT_NOISE marks the evaluations (else: a cond seen again starts one)
 
     def evaluation(self) -> None:
         """The sampler evaluates the model once more (PREDICT_NOISE): the next step."""
+        self.told = True
+        self._next()
+
+    def _next(self) -> None:
         self.step += 1
         self.calls.clear()
 
@@ -180,9 +185,11 @@ class _Run:
         """A diffusion-model call (APPLY_MODEL) with ``transformer_options``: set its step and branch."""
         if self.overflowed:
             return
-        self.step = max(self.step, 0)  # a model call outside a sampler evaluation belongs to step 0
         uuids = options.get("uuids") or options.get("cond_or_uncond") or ()
         conds = tuple(str(u) for u in uuids)
+        if self.step < 0 or (not self.told and conds in self.calls):
+            # a guider that does not go through PREDICT_NOISE: the same conds again are the next step
+            self._next()
         n = self.calls.get(conds, 0)
         self.calls[conds] = n + 1
         branch = self.branches.setdefault((conds, n), len(self.branches))
@@ -213,6 +220,11 @@ class StepCachePatch:
             return executor(*args, **kwargs)
         guider = executor.class_obj
         patcher = guider.model_patcher
+        if patcher.model_options.get("torch_compile_kwargs") is not None:
+            raise StepCacheError(
+                "StepCache does not run under ComfyUI's TorchCompileModel yet (the whole diffusion model "
+                "compiled around the cache's per-step choice fails to trace): use one of the two nodes."
+            )
         model = patcher.get_model_object("diffusion_model")
         family = family_of(unwrap(model))
         discovery = discovery_args(family, unwrap(model), self.settings.cache)
