@@ -6,6 +6,7 @@ why."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+NEEDED = ("torchvision", "torchsde", "einops", "av", "transformers", "safetensors", "yaml", "psutil", "PIL")
 SETUP = "make setup-comfyui, then run them with .venv-comfyui/bin/python -m pytest tests/comfyui (make test-comfyui)"
 
 
@@ -26,8 +28,10 @@ def comfyui_missing() -> str | None:
     where = comfyui_dir()
     if not (where / "comfy" / "samplers.py").is_file():
         return f"no ComfyUI at {where} (set COMFYUI_DIR to a ComfyUI checkout)"
-    if str(where) not in sys.path:
-        sys.path.insert(0, str(where))
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if missing:  # said before ComfyUI's folder goes on sys.path (its top-level names are generic)
+        return f"ComfyUI's dependencies {missing} are not installed in this environment; {SETUP}"
+    sys.path.insert(0, str(where))
     try:
         import comfy.cli_args
 
@@ -40,6 +44,10 @@ def comfyui_missing() -> str | None:
 
         comfy.utils.PROGRESS_BAR_ENABLED = False
     except Exception as e:  # torchvision that does not match torch, a missing dependency, ...
+        sys.path.remove(str(where))
+        for name, module in list(sys.modules.items()):
+            if str(getattr(module, "__file__", None) or "").startswith(str(where)):
+                del sys.modules[name]
         return f"ComfyUI does not import in this environment ({type(e).__name__}: {e}); {SETUP}"
     return None
 
