@@ -27,10 +27,10 @@ demo: $(STAMP)
 
 # Regenerate the calibrations shipped with the reference model (one command each).
 calibrations: $(STAMP)
-	$(BIN)/stepcache calibrate reference --scheduler ddim --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/ddim-50.json
-	$(BIN)/stepcache calibrate reference --scheduler dpm --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/dpm-20.json
-	$(BIN)/stepcache calibrate reference --model flow --scheduler flow-euler --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/flow-euler-20.json
-	$(BIN)/stepcache calibrate reference --model flow --scheduler flow-euler --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 4 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/flow-euler-50.json
+	$(BIN)/stepcache calibrate reference --scheduler ddim --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 5 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/ddim-50.json
+	$(BIN)/stepcache calibrate reference --scheduler dpm --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 5 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/dpm-20.json
+	$(BIN)/stepcache calibrate reference --model flow --scheduler flow-euler --steps 20 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 5 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/flow-euler-20.json
+	$(BIN)/stepcache calibrate reference --model flow --scheduler flow-euler --steps 50 --samples 16 --batch 10 --guidance-scale 1.0 --lookahead 5 --sensitivity 5 --sensitivity-samples 2 -o src/stepcache/reference/calibrations/flow-euler-50.json
 
 # The committed benchmark run (suite A quality vs peers, suite B speed): ~1 h on 2 CPU cores.
 bench: $(STAMP)

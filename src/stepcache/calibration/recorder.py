@@ -25,7 +25,7 @@ from ..schedule import METHODS, forecast_coefficients
 from .harness import flatten, generations, intercepted
 from .harness import progress as progress_bar
 from .pooled import local_statistics, pooled_statistics, sum_over
-from .value import SECOND_ORDER, Calibration
+from .value import DEFAULT_LOOKAHEAD, SECOND_ORDER, Calibration
 
 __all__ = ["Recorder", "calibrate"]
 
@@ -214,7 +214,7 @@ def calibrate(
     *,
     inputs: Iterable[Mapping[str, Any]] | None = None,
     num_inference_steps: int | None = None,
-    lookahead: int = 3,
+    lookahead: int = DEFAULT_LOOKAHEAD,
     forecast: bool = True,
     second_order: bool = False,
     blocks: Any = None,
