@@ -117,6 +117,7 @@ def test_settings_are_checked_when_made():
         ({"granularity": "block"}, "granularity"),
         ({"storage_dtype": "int4"}, "storage"),
         ({"memory_budget": "lots"}, "not a size"),
+        ({"lookahead": 0}, "lookahead"),
     ):
         with pytest.raises(StepCacheError, match=match):
             Settings(**bad)

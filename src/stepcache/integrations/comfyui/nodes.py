@@ -18,6 +18,7 @@ from typing import Any
 
 from comfy_api.latest import ComfyExtension, io
 
+from ...calibration import DEFAULT_LOOKAHEAD
 from ...errors import StepCacheError
 from ...schedule import Schedule
 from . import store
@@ -168,19 +169,20 @@ class StepCacheCalibrateNode(io.ComfyNode):
                 _cache_input(),
                 io.Int.Input(
                     "lookahead",
-                    default=3,
-                    min=1,
-                    max=8,
+                    default=0,
+                    min=0,
+                    max=16,
                     optional=True,
-                    tooltip="The longest run of reused steps to measure.",
+                    tooltip="The longest run of reused steps to measure; 0: stepcache's default "
+                    f"({DEFAULT_LOOKAHEAD}, or the steps - 1 when fewer).",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model, recording a calibration of each run.")],
         )
 
     @classmethod
-    def execute(cls, model: Any, cache: str = "auto", lookahead: int = 3) -> Any:
-        settings = Settings(mode="calibrate", cache=cache, lookahead=int(lookahead))
+    def execute(cls, model: Any, cache: str = "auto", lookahead: int = 0) -> Any:
+        settings = Settings(mode="calibrate", cache=cache, lookahead=int(lookahead) or None)
         return io.NodeOutput(apply(model, settings))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ...calibration import Calibration, calibrate
+from ...calibration import DEFAULT_LOOKAHEAD, Calibration, calibrate
 from ...discovery import Component, discover, unwrap
 from ...errors import CalibrationError, DiscoveryError, StepCacheError
 from ...memory import output_bytes, parse_bytes, stored_sizes
@@ -70,7 +70,8 @@ class Settings:
         memory_budget: bytes the kept outputs may hold at once (an int or ``"16GB"``), or None.
         storage_dtype: keep outputs as ``"bf16"``, ``"fp16"`` or ``"fp8"``; None: as computed.
         folder: where calibrations are read and written; None: ComfyUI's ``models/stepcache``.
-        lookahead: the longest reuse run a calibration measures.
+        lookahead: the longest reuse run a calibration measures; None: stepcache's default
+            (``DEFAULT_LOOKAHEAD``), or the run's sampling steps - 1 when fewer.
     """
 
     mode: str = "auto"
@@ -81,7 +82,7 @@ class Settings:
     memory_budget: int | str | None = None
     storage_dtype: str | None = None
     folder: str | None = None
-    lookahead: int = 3
+    lookahead: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,6 +98,8 @@ class Settings:
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
         resolve_storage_dtype(self.storage_dtype)
+        if self.lookahead is not None and (isinstance(self.lookahead, bool) or self.lookahead < 1):
+            raise StepCacheError(f"lookahead must be a positive integer (or None), got {self.lookahead!r}.")
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ class StepCachePatch:
                 run=measured,
                 tracker=tracker,
                 installer=installer,
-                lookahead=self.settings.lookahead,
+                lookahead=self.settings.lookahead or min(DEFAULT_LOOKAHEAD, max(1, key.info["steps"] - 1)),
                 progress=False,
                 meta={"comfyui": key.info},
                 **discovery,
