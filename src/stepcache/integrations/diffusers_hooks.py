@@ -70,6 +70,11 @@ class SmoothCacheConfig(CacheConfig):
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
+            if self.auto:
+                raise StepCacheError(
+                    "compute_fraction and calibration_runs are for caching without a schedule (the cache "
+                    "then calibrates itself); this config has a schedule: drop one or the other."
+                )
             object.__setattr__(self, "schedule", resolve_schedule(self.schedule))
         if self.guidance is not None:
             object.__setattr__(self, "guidance", resolve_guidance(self.guidance))
