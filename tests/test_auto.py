@@ -414,3 +414,29 @@ def test_two_processes_calibrating_one_key_leave_one_valid_entry(home, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Calibration.load(entries[0].path).num_steps == STEPS
+
+
+@pytest.mark.slow
+def test_a_compiled_transformer_caches_from_a_stored_calibration(home):
+    """A calibration is recorded on eager calls only: on a compiled transformer the generation runs
+    uncached with a warning, and a calibration stored by an eager run serves it."""
+    from stepcache.integrations.models import tiny_dit_pipeline
+
+    compiled = tiny_dit_pipeline(num_layers=2)
+    for block in compiled.transformer.transformer_blocks:
+        block.compile(backend="aot_eager")
+    uncached = _tiny_call(compiled, 4, None)
+    with stepcache.cache(compiled, compute_fraction=0.5) as handle:
+        with pytest.warns(StepCacheWarning, match="the transformer is compiled"):
+            assert torch.equal(_tiny_call(compiled, 4, None), uncached)
+        assert torch.equal(_tiny_call(compiled, 4, None), uncached)
+        assert handle.planner.last["action"] == "uncached" and handle.stats.compute_fraction == 1
+    assert not list((home / "calibrations").glob("*.json"))
+    eager = tiny_dit_pipeline(num_layers=2)
+    with stepcache.cache(eager, compute_fraction=0.5):
+        _tiny_call(eager, 4, None)
+        expected = _tiny_call(eager, 4, None)
+    with stepcache.cache(compiled, compute_fraction=0.5) as handle:
+        got = _tiny_call(compiled, 4, None)
+        assert handle.planner.last["action"] == "cache"
+    assert torch.allclose(got, expected, atol=1e-5)

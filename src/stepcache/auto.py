@@ -226,7 +226,7 @@ class AutoPlanner(GenerationPlanner):
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             active = self._active
-            if active is not None:
+            if active is not None and not torch.compiler.is_compiling():  # records eager calls only
                 return active[name](*args, **kwargs)
             return original(*args, **kwargs)
 
@@ -443,6 +443,15 @@ class AutoPlanner(GenerationPlanner):
         if rec.started is not None:
             rec.seconds += time.perf_counter() - rec.started
             rec.started = None
+        if self.handle is not None and self.handle.tracker.compiled:
+            self._recording = None
+            self._refuse(
+                rec.key,
+                "the transformer is compiled, and a calibration is recorded on eager calls only: run the "
+                "first generation of each kind before compiling (its stored calibration then serves the "
+                "compiled model too), or record one with stepcache.calibrate.",
+            )
+            return
         rec.recorder.finish_generation()
         if rec.done >= self.runs:
             self._recording = None
@@ -464,12 +473,7 @@ class AutoPlanner(GenerationPlanner):
                 meta={"compute_fraction": self.fraction, "auto": True},
             )
         except StepCacheError as e:
-            self._refused[key_id(key)] = f"calibration failed: {e}"
-            warnings.warn(
-                f"stepcache could not calibrate {describe(key)}: {e} Generations of this kind run uncached.",
-                StepCacheWarning,
-                stacklevel=2,
-            )
+            self._refuse(key, str(e))
             return
         if key.get("steps") is None:  # a plain loop: now its step count is known
             self._expected[key_id(key)] = calibration.num_steps
@@ -487,6 +491,15 @@ class AutoPlanner(GenerationPlanner):
             )
         self._schedule_of(calibration, kid, f"the calibration of {describe(key)}")
         logger.info("calibrated %s (%s) in %.1f s, stored in %s", describe(key), kid, rec.seconds, where)
+
+    def _refuse(self, key: dict[str, Any], why: str) -> None:
+        """Generations of this key run uncached from now on in this process, and a warning says why."""
+        self._refused[key_id(key)] = why
+        warnings.warn(
+            f"stepcache cannot calibrate {describe(key)}: {why} Generations of this kind run uncached.",
+            StepCacheWarning,
+            stacklevel=3,
+        )
 
     def _say(self, kid: str, action: str, message: str) -> None:
         """One INFO line whenever what happens to generations changes (debug otherwise)."""
