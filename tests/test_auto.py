@@ -23,6 +23,7 @@ import torch
 import stepcache
 from stepcache import CacheConfig, Calibration, Schedule, SmoothCacheConfig, StepCacheError, StepCacheWarning
 from stepcache.store import Store, key_id
+from tests._helpers.pipelines import CASES as PIPELINES
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -117,6 +118,31 @@ def test_calibrates_on_the_first_generation_then_caches(case, door, home, caplog
     assert stored.num_steps == STEPS and stored.meta["store"]["key"]["steps"] == STEPS
     # The model is exactly as before.
     assert torch.equal(case.run(pipe), uncached)
+
+
+@pytest.mark.parametrize("case", PIPELINES, ids=lambda c: c.name)
+def test_text_and_video_pipelines(case, home):
+    """Batched and split guidance, images and video: the same two generations."""
+    pipe = case.build()
+
+    def generate(**kw):
+        return pipe(**{**case.inputs("a red cat", 0), "num_inference_steps": 4, **kw})[0]
+
+    uncached = generate()
+    with stepcache.cache(pipe, compute_fraction=0.5) as handle:
+        assert torch.equal(generate(), uncached)
+        key = handle.planner.last["key"]
+        assert handle.planner.last["action"] == "calibrate"
+        before = handle.stats
+        generate()
+        assert handle.planner.last["action"] == "cache"
+        assert _fraction_since(handle, before) == pytest.approx(0.5, abs=0.1)
+        generate(guidance_scale=case.call["guidance_scale"] + 1)
+        assert handle.planner.last["action"] == "calibrate"
+    assert key["steps"] == 4 and key["guidance"] == case.call["guidance_scale"]
+    assert key["scheduler"] == type(pipe.scheduler).__name__
+    if case.name == "wan":
+        assert len(key["latent_shape"]) == 4 and key["latent_shape"][1] == 2  # channels, frames, h, w
 
 
 def test_both_doors_share_one_key(home, tiny_pipe):

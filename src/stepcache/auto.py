@@ -196,7 +196,7 @@ class AutoPlanner(GenerationPlanner):
         self.store = store if store is not None else Store()
         self._sources = sources
         self._shipped: list[tuple[str, Schedule | Calibration]] = []
-        self._schedules: dict[str, Schedule] = {}  # key id -> schedule, for this process
+        self._schedules: dict[str, tuple[Schedule, str]] = {}  # key id -> (schedule, where from)
         self._computing: dict[int, Schedule] = {}  # step count -> every component computing
         self._expected: dict[str, int] = {}  # plain loops: key id without steps -> steps seen
         self._refused: dict[str, str] = {}  # key id -> why it cannot be calibrated here
@@ -238,9 +238,11 @@ class AutoPlanner(GenerationPlanner):
         self._branches = 1
         key, steps = self._key(start)
         kid = key_id(key)
-        schedule, source = self._schedules.get(kid), "the calibration recorded in this process"
+        schedule, source = self._schedules.get(kid) or (None, "")
         if schedule is None and steps is not None:
             schedule, source = self._find(key, kid, steps)
+            if schedule is not None:
+                self._schedules[kid] = (schedule, source)
         if schedule is not None:
             self._say(
                 kid,
@@ -308,7 +310,6 @@ class AutoPlanner(GenerationPlanner):
         for where, value in self._shipped:
             schedule = self._shipped_schedule(where, value, key, kid, steps)
             if schedule is not None:
-                self._schedules[kid] = schedule
                 return (
                     schedule,
                     f"the {'schedule' if isinstance(value, Schedule) else 'calibration'} in {where}",
@@ -316,21 +317,19 @@ class AutoPlanner(GenerationPlanner):
         calibration = self.store.get(key)
         if calibration is None:
             return None, ""
-        schedule = self._schedule_of(calibration, kid, f"the stored calibration {self.store.path(key)}")
-        if schedule is None:
-            return None, ""
-        return schedule, f"the stored calibration {self.store.path(key)}"
+        where = f"the stored calibration {self.store.path(key)}"
+        schedule = self._schedule_of(calibration, where)
+        return (schedule, where) if schedule is not None else (None, "")
 
-    def _schedule_of(self, calibration: Calibration, kid: str, what: str) -> Schedule | None:
+    def _schedule_of(self, calibration: Calibration, what: str) -> Schedule | None:
+        """The open-loop schedule of ``calibration`` (None, with a warning, when it gives none)."""
         try:
-            schedule = open_loop_schedule(calibration, self.fraction)
+            return open_loop_schedule(calibration, self.fraction)
         except StepCacheError as e:
             warnings.warn(
-                f"{what} gives no schedule ({e}); calibrating anew.", StepCacheWarning, stacklevel=2
+                f"{what} gives no schedule ({e}); calibrating anew.", StepCacheWarning, stacklevel=3
             )
             return None
-        self._schedules[kid] = schedule
-        return schedule
 
     def _shipped_schedule(
         self, where: str, value: Schedule | Calibration, key: dict[str, Any], kid: str, steps: int
@@ -354,7 +353,7 @@ class AutoPlanner(GenerationPlanner):
         recorded = store_info.get("key") if isinstance(store_info, Mapping) else None
         if isinstance(recorded, Mapping) and key_id(recorded) != kid:
             return None
-        return self._schedule_of(value, kid, f"the calibration in {where}")
+        return self._schedule_of(value, f"the calibration in {where}")
 
     def _find_shipped(self, handle: CacheHandle) -> list[tuple[str, Schedule | Calibration]]:
         """Schedules and calibrations in the model's own folder or repository."""
@@ -489,7 +488,12 @@ class AutoPlanner(GenerationPlanner):
                 StepCacheWarning,
                 stacklevel=2,
             )
-        self._schedule_of(calibration, kid, f"the calibration of {describe(key)}")
+        try:
+            schedule = open_loop_schedule(calibration, self.fraction)
+        except StepCacheError as e:
+            self._refuse(key, f"its calibration gives no schedule ({e})")
+            return
+        self._schedules[kid] = (schedule, f"the calibration recorded in this process ({where})")
         logger.info("calibrated %s (%s) in %.1f s, stored in %s", describe(key), kid, rec.seconds, where)
 
     def _refuse(self, key: dict[str, Any], why: str) -> None:

@@ -56,7 +56,8 @@ class CacheHandle:
 
     ``schedule`` may be a :class:`~.generation.GenerationPlanner` instead: every discovered component
     is cached, and each generation follows the schedule the planner chooses when it starts
-    (:attr:`running_schedule`; every component computes when it chooses none).
+    (:attr:`running_schedule`; every component computes when it chooses none). The planner is
+    :attr:`planner` (None for a fixed schedule).
     """
 
     def __init__(
