@@ -27,7 +27,7 @@ from .harness import progress as progress_bar
 from .pooled import local_statistics, pooled_statistics, sum_over
 from .value import DEFAULT_LOOKAHEAD, SECOND_ORDER, Calibration
 
-__all__ = ["Recorder", "calibrate"]
+__all__ = ["Recorder", "assemble", "calibrate", "recorded_calibration"]
 
 logger = logging.getLogger("stepcache.calibration")
 
@@ -310,11 +310,47 @@ def calibrate(
         macs = sum_over(macs, seq)
     seconds = time.perf_counter() - start
     if group is None:
-        num_samples, n, moments, fmoments = local_statistics(recorder, names)
+        stats = local_statistics(recorder, names)
     else:
-        num_samples, n, moments, fmoments, macs, seconds = pooled_statistics(
-            recorder, names, group, failure, macs, seconds
-        )
+        *pooled, macs, seconds = pooled_statistics(recorder, names, group, failure, macs, seconds)
+        stats = tuple(pooled)  # type: ignore[assignment]
+    processes = distributed.group_size(group) if group is not None else None
+    return assemble(recorder, target, comps, stats, macs, seconds, scheduler, meta, processes)
+
+
+def recorded_calibration(
+    recorder: Recorder,
+    target: Any,
+    components: Sequence[Component],
+    seconds: float,
+    *,
+    scheduler: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Calibration:
+    """The :class:`Calibration` of the generations ``recorder`` finished in this process, recorded on
+    ``target`` (what :func:`calibrate` returns without a process group; :mod:`stepcache.auto` records
+    a generation the user runs this way)."""
+    names = [c.name for c in components]
+    stats = local_statistics(recorder, names)
+    macs = [recorder.macs.get(name) for name in names]
+    return assemble(recorder, target, components, stats, macs, seconds, scheduler, meta, None)
+
+
+def assemble(
+    recorder: Recorder,
+    target: Any,
+    comps: Sequence[Component],
+    stats: tuple[int, int, dict[str, Any], dict[str, Any]],
+    macs: Sequence[float | None],
+    seconds: float,
+    scheduler: str | None,
+    meta: Mapping[str, Any] | None,
+    processes: int | None,
+) -> Calibration:
+    """A :class:`Calibration` from the statistics of a recorder's generations and the model's metadata."""
+    lookahead = recorder.k
+    names = [c.name for c in comps]
+    num_samples, n, moments, fmoments = stats
     errors = {name: moments[name].mean for name in names}
     spread = {name: moments[name].std() for name in names}
     forecast_errors = {name: fmoments[name].mean[:, :, : lookahead + 1] for name in names} if fmoments else {}
@@ -339,8 +375,8 @@ def calibrate(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(seconds, 2),
     }
-    if group is not None:
-        info["processes"] = distributed.group_size(group)
+    if processes is not None:
+        info["processes"] = processes
     logger.info("calibrated %d components over %d generation(s) of %d steps", len(names), num_samples, n)
     return Calibration(
         num_steps=n,
