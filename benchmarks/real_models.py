@@ -51,6 +51,7 @@ import torch
 
 import stepcache
 from stepcache.discovery import discover
+from stepcache.memory import output_bytes
 from stepcache.policies import optimal_schedule, tune
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
@@ -233,14 +234,16 @@ class Runner:
         self.base: torch.Tensor | None = None
         self.base_s = float("nan")
 
-    def generate(self, prompts: Sequence[str], seed: int, output_type: str = "pt") -> torch.Tensor:
+    def generate(
+        self, prompts: Sequence[str], seed: int, output_type: str = "pt", steps: int | None = None
+    ) -> torch.Tensor:
         """One output per prompt (batch 1, seed ``seed + i``), stacked on the CPU."""
         outs = []
         for i, prompt in enumerate(prompts):
             result = self.pipe(
                 prompt=prompt,
                 generator=torch.Generator().manual_seed(seed + i),
-                num_inference_steps=self.steps,
+                num_inference_steps=self.steps if steps is None else steps,
                 output_type=output_type,
                 **self.call,
             )
@@ -310,6 +313,38 @@ def _brief(point: dict[str, Any]) -> str:
     )
 
 
+def calibration_memory(run: Runner, lookahead: int, dtype: torch.dtype) -> tuple[bool, dict[str, Any]]:
+    """Whether calibration can record forecast errors here, and why.
+
+    Calibration holds, per component and guidance branch, the last ``lookahead`` outputs (``2 x
+    lookahead + 1`` with forecast errors) in fp32 on the device. Their sizes come from a two-step
+    generation (``stepcache.memory.output_bytes``); forecast errors are recorded when that fits in
+    80 % of the free GPU memory (always on the CPU).
+    """
+    calls = [0]
+    hook = run.pipe.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        sizes = output_bytes(
+            run.pipe, lambda: run.generate(run.cal_prompts[:1], CALIBRATION_SEED, "latent", steps=2)
+        )
+    finally:
+        hook.remove()
+    branches = max(1, calls[0] // 2)
+    one = sum(sizes.values()) * 4 // dtype.itemsize * branches  # one output of each, fp32, every branch
+    info: dict[str, Any] = {
+        "one_output_each_fp32_bytes": one,
+        "with_forecast_bytes": one * (2 * lookahead + 1),
+        "copy_only_bytes": one * lookahead,
+    }
+    if run.device.type != "cuda":
+        return True, info
+    info["free_bytes"] = torch.cuda.mem_get_info(run.device)[0]
+    forecast = info["with_forecast_bytes"] <= 0.8 * info["free_bytes"]
+    if not forecast:
+        info["note"] = "forecast errors not recorded: they would not fit (optimal_schedule then copies only)"
+    return forecast, info
+
+
 # ---------------------------------------------------------------------------------------- one model
 def run_model(key: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     spec = MODELS[key]
@@ -339,11 +374,13 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, dtype: t
 
     start = time.perf_counter()
     lookahead = args.lookahead or math.ceil(1 / min(args.fractions))  # long enough reuse runs for the budget
+    forecast, report["calibration_memory"] = calibration_memory(run, lookahead, dtype)
     cal = stepcache.calibrate(
         pipe,
         inputs=run.inputs(run.cal_prompts, CALIBRATION_SEED),
         num_inference_steps=n,
         lookahead=lookahead,
+        forecast=forecast,
         progress=False,
     )
     report["lookahead"] = lookahead
@@ -414,6 +451,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"`{m['source']}` ({m['pipeline']}), {m['steps']} steps, "
             f"{m['evaluation_prompts']} evaluation prompts, {m['calibration_prompts']} calibration prompts.",
         ]
+        mem = m.get("calibration_memory")
+        if mem:
+            gb = {k: f"{v / 1e9:.1f} GB" for k, v in mem.items() if k.endswith("_bytes")}
+            lines.append(
+                f"Calibration: lookahead {m['lookahead']}, {m['calibration_s']} s; its stored outputs (fp32) "
+                f"take {gb['with_forecast_bytes']} with forecast errors, {gb['copy_only_bytes']} without"
+                + (f", {gb['free_bytes']} free" if "free_bytes" in mem else "")
+                + (f": {mem['note']}." if "note" in mem else ".")
+            )
         missing = m["perceptual"].get("missing", {})
         for metric, why in missing.items():
             lines.append(f"{metric} skipped: {why}.")

@@ -60,6 +60,8 @@ def test_tiny_run_measures_every_method_against_uncached(tiny_report):
         assert (families >= CACHE_DIT_FAMILIES) == bool(have[peers.CACHE_DIT])
         assert [row["target"] for row in m["matched"]] == [0.5]
         assert m["lookahead"] == 2  # enough for the smallest fraction asked for
+        mem = m["calibration_memory"]  # measured before calibrating; the CPU always records forecasts
+        assert mem["with_forecast_bytes"] == 5 * mem["one_output_each_fp32_bytes"] > 0 and "note" not in mem
         missing = m["perceptual"].get("missing", {})
         assert all("never downloaded" in why or "not installed" in why for why in missing.values())
         assert f"## {m['title']}" in md
