@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -199,8 +200,15 @@ class Workload:
     def __init__(self, shape: Shape, device: torch.device, model: torch.nn.Module | None = None) -> None:
         self.shape, self.device = shape, device
         self.dtype = _DTYPES[shape.dtype]
-        if model is None:
-            model = transformer(shape.config, seed=0, device=device, dtype=self.dtype, **shape.overrides)
+        if model is None:  # built on the device (no host copy of a large model), every buffer there
+            quiet = logging.getLogger("diffusers.models.modeling_utils")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)  # `.to(dtype)` warns about modules real checkpoints keep in fp32
+            try:
+                model = transformer(shape.config, seed=0, device=device, dtype=self.dtype, **shape.overrides)
+            finally:
+                quiet.setLevel(level)
+            model.to(device)
         self.model = model
         self.types = sorted({c.type for c in discover(model)})
         self.inputs = self._inputs()
