@@ -3,6 +3,8 @@
 It reads what the user names into values (a schedule from a file, a folder or a hub repository id; a
 guidance plan from its file), makes the options one :class:`~stepcache.CacheConfig`, and opens a
 :class:`~stepcache.runtime.handle.CacheHandle`: the runtime itself never reads a file or the hub.
+Given no schedule, the handle's schedules come from :mod:`stepcache.auto`: the cache calibrates
+itself on the first generation of each kind and remembers (docs/store.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 from ._logging import follow_diffusers
+from .auto import auto_handle
 from .integrations.hub import resolve_guidance, resolve_schedule
 from .runtime.config import CacheConfig, configure
 from .runtime.handle import CacheHandle
@@ -34,7 +37,7 @@ _OPTIONS = tuple(f.name for f in fields(CacheConfig))
 
 def cache(
     target: Any,
-    schedule: Schedule | str | os.PathLike[str],
+    schedule: Schedule | str | os.PathLike[str] | None = None,
     config: CacheConfig | None = None,
     *,
     blocks: Any = _DEFAULT,
@@ -49,11 +52,20 @@ def cache(
     offload: bool = _DEFAULT,
     offload_lead: int | None = _DEFAULT,
     guidance: Any = _DEFAULT,
+    compute_fraction: float | None = _DEFAULT,
+    calibration_runs: int | None = _DEFAULT,
 ) -> CacheHandle:
     """Start caching ``target`` (a pipeline or denoiser module) with ``schedule``; returns the handle.
 
     ``with stepcache.cache(pipe, schedule) as handle:`` caches inside the block; without ``with``,
     caching lasts until ``handle.close()`` or :func:`stepcache.disable`.
+
+    With no schedule, ``stepcache.cache(pipe, compute_fraction=0.5)`` is the one line: each
+    generation's key (model and weights, scheduler, step count, guidance scale, latent shape) is
+    looked up in the model's own folder or repository and in the calibration store
+    (``$STEPCACHE_HOME``, :mod:`stepcache.store`). Found, the generation is cached from its first
+    step; not found, it runs exactly uncached while it is recorded, the calibration is stored and
+    caching starts with the next generation (:mod:`stepcache.auto`; one INFO log line says which).
 
     The options are :class:`~stepcache.CacheConfig`'s, given as a ``config``, as keywords, or both:
     a keyword always wins over the config's field of the same name (``cache(pipe, s, base,
@@ -62,7 +74,8 @@ def cache(
     Args:
         target: a diffusers pipeline (its transformer(s) are cached) or an ``nn.Module`` denoiser.
         schedule: a :class:`Schedule`, a schedule file, a folder holding ``stepcache_schedule.json``
-            (a model folder, say) or a hub repository id.
+            (a model folder, say) or a hub repository id; None (default): the cache calibrates
+            itself and remembers (above).
         config: a :class:`~stepcache.CacheConfig` (None: the defaults).
         blocks, components, types: discovery overrides (see :func:`stepcache.discover`).
         on_length_mismatch: ``"error"`` (default) or ``"resample"`` when a run makes a different
@@ -82,9 +95,15 @@ def cache(
         guidance: a :class:`stepcache.guidance.GuidanceReuse` (or its file): at the compute steps it
             marks, a component computes the conditional guidance branch only and stands in for the
             unconditional one (its last output, or the kept guidance difference). Eager calls only.
+        compute_fraction: with no schedule, the share of component calls to execute (default
+            0.5, :data:`stepcache.runtime.config.DEFAULT_COMPUTE_FRACTION`).
+        calibration_runs: with no schedule, the generations recorded uncached before caching starts
+            when no calibration is found for them (default 1).
     """
     given = {name: value for name, value in locals().items() if name in _OPTIONS and value is not _DEFAULT}
     follow_diffusers()
+    if schedule is None:
+        return auto_handle(target, configure(config, given)).open()
     schedule = resolve_schedule(schedule)
     if given.get("guidance") is not None:
         given["guidance"] = resolve_guidance(given["guidance"])

@@ -16,6 +16,7 @@ __all__ = [
     "ScheduleMismatchError",
     "StepCacheError",
     "StepCacheWarning",
+    "StoreError",
 ]
 
 
@@ -45,6 +46,10 @@ class ScheduleMismatchError(DistributedError, ScheduleError):
 
 class CalibrationError(StepCacheError):
     """A calibration is malformed, unreadable, or was recorded on a different model."""
+
+
+class StoreError(StepCacheError):
+    """The calibration store (``$STEPCACHE_HOME``) cannot be read or written, or holds no such entry."""
 
 
 class ReferenceWeightsError(StepCacheError):

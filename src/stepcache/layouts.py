@@ -73,6 +73,20 @@ LAYOUTS: dict[str, BlockLayout] = {
     "STDiT3Block": BlockLayout({"attn": "attn", "cross_attn": "cross_attn", "mlp": "ff"}),
     # Open-Sora 1.0 / 1.1 (STDiT): one block list; each block also holds its temporal attention.
     "STDiTBlock": BlockLayout({"attn": "attn", "attn_temp": "attn", "cross_attn": "cross_attn", "mlp": "ff"}),
+    # ComfyUI's own model classes (comfy.ldm.*; also the reference code they follow). Only children whose
+    # forward the block calls are listed: a layout names modules to intercept, not the math around them.
+    # Wan 2.1 / 2.2 (comfy.ldm.wan.model; the VACE, camera, S2V and HuMo variants subclass it).
+    "WanAttentionBlock": BlockLayout({"self_attn": "attn", "cross_attn": "cross_attn", "ffn": "ff"}),
+    # Qwen-Image (comfy.ldm.qwen_image and diffusers alike): joint attention returns both streams.
+    "QwenImageTransformerBlock": BlockLayout({"attn": "attn", "img_mlp": "ff", "txt_mlp": "ff"}),
+    # Flux, Chroma and HunyuanVideo (comfy.ldm.flux.layers): the double-stream block computes its joint
+    # attention inline (`img_attn.qkv`, the attention function, `img_attn.proj`), so its MLPs are the only
+    # residual branches a call reaches; the single-stream block fuses attention and MLP into `linear1` /
+    # `linear2` and has none. Cache their attention with whole blocks (types=("block",)).
+    "DoubleStreamBlock": BlockLayout({"img_mlp": "ff", "txt_mlp": "ff"}),
+    # SD3 / SD3.5 MMDiT (comfy.ldm.modules.diffusionmodules.mmdit): each JointBlock's `context_block` and
+    # `x_block` mix their attention in a shared function; the MLP is called from `post_attention`.
+    "DismantledBlock": BlockLayout({"mlp": "ff"}),
 }
 
 # Generic rule: attribute names that mark a residual branch in an unregistered block.

@@ -97,7 +97,27 @@ def family():
 
 
 def tune(fake, **kw):
+    kw.setdefault("max_replays", None)  # these tests choose among every candidate
     return tuned.tune(object(), fake.run, COMPUTES / N, num_steps=N, progress=False, **kw)
+
+
+def test_max_replays_bounds_the_calls_of_run(monkeypatch, caplog):
+    """The closed loop a user can afford: at most ``max_replays`` calls of run (the uncached one
+    included), said before the first replay; the best candidate of the shortlist is still found."""
+    plans = family()
+    assert len(plans) + 2 > 12  # the family alone would not fit
+    best = plans[len(plans) // 2]
+    fake = Fake(monkeypatch, lambda plan: [1e-3] * SAMPLES if plan == best else [1.0] * SAMPLES)
+    with caplog.at_level("INFO", logger="stepcache"):
+        sched = tune(fake, max_replays=12, validation=0)
+    assert fake.replays <= 12 and sched.meta["tuning"]["runs"] == fake.replays
+    assert sched.meta["tuning"]["max_replays"] == 12
+    assert any("at most 12 calls of run" in r.getMessage() for r in caplog.records)
+    fake.replays = 0
+    unbudgeted = tune(fake, validation=0)
+    assert fake.replays > 12 and unbudgeted.plans["*"] == best
+    with pytest.raises(ScheduleError, match="max_replays"):
+        tune(fake, max_replays=2)
 
 
 def test_objective_decides_between_a_good_mean_and_a_good_worst_sample(monkeypatch):

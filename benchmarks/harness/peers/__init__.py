@@ -37,7 +37,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import io
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,7 +339,9 @@ def _first_linear(module: nn.Module) -> nn.Linear | None:
 
 
 @contextmanager
-def count_component_calls(model: nn.Module) -> Iterator[Callable[[], dict[str, Any]]]:
+def count_component_calls(
+    model: nn.Module, components: Iterable[Any] | None = None
+) -> Iterator[Callable[[], dict[str, Any]]]:
     """Count attention (``attn1``/``attn2``) and feed-forward (``ff``) computations that really ran.
 
     Wrapper-level counts would be wrong: diffusers' hook registry, cache-dit and SmoothCache replace
@@ -353,23 +355,49 @@ def count_component_calls(model: nn.Module) -> Iterator[Callable[[], dict[str, A
     classifier-free-guidance call (FasterCache's CFG cache, stepcache's guidance reuse) is charged half
     a computation there, which is the compute it really spent.
 
+    ``components`` (stepcache's discovered :class:`~stepcache.discovery.Component` s, for any
+    diffusers transformer) replaces the ``attn1``/``attn2``/``ff`` children: each is counted by its
+    ``to_q`` or else the first ``Linear`` strictly inside it, per component type. A component that
+    is itself a ``Linear`` (Flux's single-block ``proj_mlp``) has no leaf inside: a hook on it would
+    also fire when a cache returns its stored output, so it is left out of the count (listed
+    under ``"left_out"``).
+
     Yields:
         A function returning ``{"attn", "ff", "executed", "model_calls", "components",
-        "total_possible", "fraction"}``; ``fraction = executed / (model_calls * components)``, i.e.
+        "total_possible", "fraction"}`` (the types found instead of ``attn`` / ``ff`` with
+        ``components``); ``fraction = executed / (model_calls * components)``, i.e.
         executed / (layers * 2 * steps) on the reference DiT (``executed`` in full-batch units).
     """
-    counts: dict[str, float] = {"attn": 0, "ff": 0, "model_calls": 0}
+    kinds: dict[str, float] = {"attn": 0, "ff": 0}
+    counts: dict[str, float] = {"model_calls": 0}
     rows = {"max": 0}  # the largest batch a model call had: one full computation
     leaves: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        child = name.rsplit(".", 1)[-1]
-        if module is None or child not in ("attn1", "attn2", "ff"):
-            continue
-        leaf = getattr(module, "to_q", None) if child != "ff" else None
-        leaf = leaf if isinstance(leaf, nn.Module) else _first_linear(module)
-        if leaf is None:
-            raise PeerError(f"{name} has no Linear layer to count its computations with.")
-        leaves.append(("ff" if child == "ff" else "attn", leaf))
+    left_out: list[str] = []
+    if components is not None:
+        kinds = {}
+        for comp in components:
+            leaf = getattr(comp.module, "to_q", None)
+            if not isinstance(leaf, nn.Module):
+                leaf = next(
+                    (m for m in comp.module.modules() if m is not comp.module and isinstance(m, nn.Linear)),
+                    None,
+                )
+            if leaf is None:
+                left_out.append(comp.name)
+                continue
+            kinds[comp.type] = 0
+            leaves.append((comp.type, leaf))
+    else:
+        for name, module in model.named_modules():
+            child = name.rsplit(".", 1)[-1]
+            if module is None or child not in ("attn1", "attn2", "ff"):
+                continue
+            leaf = getattr(module, "to_q", None) if child != "ff" else None
+            leaf = leaf if isinstance(leaf, nn.Module) else _first_linear(module)
+            if leaf is None:
+                raise PeerError(f"{name} has no Linear layer to count its computations with.")
+            leaves.append(("ff" if child == "ff" else "attn", leaf))
+    counts.update(kinds)
     if not leaves:
         raise PeerError(
             f"{type(model).__name__} has no attn1/attn2/ff components (diffusers BasicTransformerBlock "
@@ -396,10 +424,10 @@ def count_component_calls(model: nn.Module) -> Iterator[Callable[[], dict[str, A
     def read() -> dict[str, Any]:
         total = counts["model_calls"] * len(leaves)
         unit = max(rows["max"], 1)
-        executed = (counts["attn"] + counts["ff"]) / unit
+        executed = sum(counts[k] for k in kinds) / unit
         return {
-            "attn": counts["attn"] / unit,
-            "ff": counts["ff"] / unit,
+            **{k: counts[k] / unit for k in kinds},
+            **({"left_out": list(left_out)} if left_out else {}),
             "executed": executed,
             "model_calls": counts["model_calls"],
             "components": len(leaves),

@@ -32,7 +32,7 @@ from . import (
 )
 from ._common import peer_errors, quiet_loggers, restore_modules, step_tracker
 
-_CONTEXT_NAME = "denoise"  # one model call per step holds the whole (CFG-batched) batch
+_CONTEXT_NAME = "denoise"  # guidance branch 0 (a batched-CFG call holds both); "denoise-1" the next
 
 
 class _DiffusersHooks:
@@ -85,8 +85,11 @@ class _DiffusersHooks:
     def enter_step(self) -> None:
         from diffusers.hooks.hooks import CacheContext
 
+        # One state per guidance branch: split-guidance pipelines (Wan, Flux with true CFG) call the
+        # model twice a step, and each call must read its own branch's cached outputs.
+        branch = self.tracker.branch
         context = CacheContext(
-            _CONTEXT_NAME,
+            _CONTEXT_NAME if branch == 0 else f"{_CONTEXT_NAME}-{branch}",
             step_index=self.tracker.step,
             num_inference_steps=self.tracker.num_steps,
             timestep=self.tracker.timestep,
@@ -112,13 +115,15 @@ class _DiffusersHooks:
             manager.set_context(None)
 
 
-def _diffusers_config(method: PeerMethod, tracker: StepTracker, n: int) -> tuple[Callable[..., None], Any]:
+def _diffusers_config(
+    method: PeerMethod, tracker: StepTracker, n: int, timestep: Callable[[], float] | None = None
+) -> tuple[Callable[..., None], Any]:
     _require(DIFFUSERS)
     hooks = importlib.import_module("diffusers.hooks")
     p = dict(method.params)
 
     def current_timestep() -> int:  # what PAB and FasterCache compare with their timestep ranges
-        return int(tracker.timestep)
+        return int(tracker.timestep if timestep is None else timestep())
 
     def get(name: str) -> Any:
         if not hasattr(hooks, name):
@@ -194,10 +199,14 @@ def calibrate_mag_ratios(
         # them at the last step; the tracker resets the state at each new generation instead.
         hooks.install(apply_mag_cache, MagCacheConfig(calibrate=True, num_inference_steps=10**9))
         stack.callback(hooks.uninstall)
+        # Read after every call: a diffusers pipeline resets its transformer's cache state when its
+        # generation ends (maybe_free_model_hooks), before the run returns.
+        seen: list[list[float]] = [[]]
+        tracker.on_call_end.append(lambda: seen.__setitem__(0, list(hooks.state().calibration_ratios)))
         stack.enter_context(tracking)
         with peer_errors(n):
             calibration_run()
-        ratios = [float(r) for r in hooks.state().calibration_ratios]
+        ratios = [float(r) for r in seen[0]]
     if len(ratios) != n:
         raise PeerError(
             f"the MagCache calibration run made {len(ratios)} steps in its last generation, expected "
@@ -230,8 +239,12 @@ def enable(
     stack: contextlib.ExitStack,
     *,
     calibration_run: Callable[[], Any] | None = None,
+    timestep: Callable[[], float] | None = None,
 ) -> None:
-    """Apply one diffusers cache hook set to ``model``, driven by ``tracker``; removed by ``stack``."""
+    """Apply one diffusers cache hook set to ``model``, driven by ``tracker``; removed by ``stack``.
+
+    ``timestep``: the current timestep on the scheduler's scale, for PAB and FasterCache's ranges
+    (default: the one the model received, which the tracker read)."""
     params = dict(method.params)
     if method.name == "MagCache" and params.get("mag_ratios") is None:
         if not params.get("calibrate", False):
@@ -239,6 +252,6 @@ def enable(
         params["mag_ratios"] = _mag_ratios(model, calibration_run, n)
         method = PeerMethod(method.library, method.name, method.knob, params)
     hooks = _DiffusersHooks(model, tracker)
-    apply, config = _diffusers_config(method, tracker, n)
+    apply, config = _diffusers_config(method, tracker, n, timestep)
     hooks.install(apply, config)
     stack.callback(hooks.uninstall)

@@ -19,10 +19,11 @@ The policies (:mod:`stepcache.policies`) turn a calibration into a :class:`~step
 
 from .guidance import GuidanceCalibration, calibrate_guidance
 from .recorder import calibrate
-from .value import SECOND_ORDER, Calibration
+from .value import DEFAULT_LOOKAHEAD, SECOND_ORDER, Calibration
 from .weights import sensitivity
 
 __all__ = [
+    "DEFAULT_LOOKAHEAD",
     "SECOND_ORDER",
     "Calibration",
     "GuidanceCalibration",

@@ -15,7 +15,7 @@ from torch import nn
 from .. import distributed
 from ..discovery import Component, denoisers_of
 from ..errors import CalibrationError
-from ..runtime.session import Session
+from ..runtime.session import Installer, Session
 from ..runtime.steps import StepTracker
 
 __all__ = ["flatten", "generations", "intercepted", "progress"]
@@ -60,12 +60,14 @@ def intercepted(
     intercept: Callable[[Component, Callable[..., Any]], Callable[..., Any]],
     tracker: StepTracker,
     timestep_arg: str | None = None,
+    installer: Installer | None = None,
     inspect: Callable[[tuple, dict], None] | None = None,
 ) -> Iterator[None]:
     """Every component of ``target`` routed through ``intercept`` (steps read by ``tracker``), without
-    gradients; removed exactly on exit. ``inspect`` sees each denoiser call's arguments."""
+    gradients; removed exactly on exit. ``inspect`` sees each denoiser call's arguments;
+    ``installer`` attaches the hooks (torch hooks by default)."""
     models = [m for _, m in denoisers_of(target)]
-    session = Session(models, components, intercept, tracker, timestep_arg=timestep_arg)
+    session = Session(models, components, intercept, tracker, timestep_arg=timestep_arg, installer=installer)
     session.inspect = inspect
     with session, torch.no_grad():
         yield

@@ -19,14 +19,15 @@ from .._version import __version__
 from ..discovery import Component, discover
 from ..errors import CalibrationError
 from ..runtime.introspect import count_macs, fingerprint, model_class, weights_state
+from ..runtime.session import Installer
 from ..runtime.steps import StepTracker
 from ..schedule import METHODS, forecast_coefficients
 from .harness import flatten, generations, intercepted
 from .harness import progress as progress_bar
 from .pooled import local_statistics, pooled_statistics, sum_over
-from .value import SECOND_ORDER, Calibration
+from .value import DEFAULT_LOOKAHEAD, SECOND_ORDER, Calibration
 
-__all__ = ["Recorder", "calibrate"]
+__all__ = ["Recorder", "assemble", "calibrate", "recorded_calibration"]
 
 logger = logging.getLogger("stepcache.calibration")
 
@@ -213,7 +214,7 @@ def calibrate(
     *,
     inputs: Iterable[Mapping[str, Any]] | None = None,
     num_inference_steps: int | None = None,
-    lookahead: int = 3,
+    lookahead: int = DEFAULT_LOOKAHEAD,
     forecast: bool = True,
     second_order: bool = False,
     blocks: Any = None,
@@ -225,6 +226,8 @@ def calibrate(
     progress: bool = True,
     process_group: Any = distributed.AUTO,
     sequence_group: Any = None,
+    tracker: StepTracker | None = None,
+    installer: Installer | None = None,
 ) -> Calibration:
     """Record per-step error curves of every cacheable component of ``target``.
 
@@ -258,6 +261,12 @@ def calibrate(
             sequence (numerator and denominator summed over the group), so every rank of it records
             the same curves as one process running the whole sequence. Its ranks must run the same
             generations: with both groups, shard over the data-parallel ``process_group`` only.
+        tracker: a :class:`~stepcache.runtime.StepTracker` that ``run`` drives itself, calling its
+            ``set_step(step, branch)`` before each denoiser call: for a host that knows its steps and
+            guidance branches better than timesteps tell (ComfyUI's sampler, whose model evaluations
+            are the steps). Default: each call's step and branch are read from its timestep.
+        installer: how the interception is attached (a ``stepcache.runtime.session.Installer``);
+            torch hooks by default.
 
     Raises:
         CalibrationError: bad arguments, no generation ran, or generations of different lengths
@@ -272,7 +281,7 @@ def calibrate(
     run, inputs = generations(target, run, inputs, num_inference_steps, group)
     comps = discover(target, blocks=blocks, components=components, types=types)
     names = [c.name for c in comps]
-    tracker = StepTracker()
+    tracker = StepTracker() if tracker is None else tracker
     if second_order and not forecast:
         raise CalibrationError("second_order=True records forecast errors too: pass forecast=True with it.")
     recorder = Recorder(
@@ -287,7 +296,7 @@ def calibrate(
     start = time.perf_counter()
     failure: Exception | None = None
     try:
-        with intercepted(target, comps, recorder.intercept, tracker, timestep_arg):
+        with intercepted(target, comps, recorder.intercept, tracker, timestep_arg, installer):
             run()
         recorder.finish_generation()
     except Exception as e:
@@ -301,11 +310,47 @@ def calibrate(
         macs = sum_over(macs, seq)
     seconds = time.perf_counter() - start
     if group is None:
-        num_samples, n, moments, fmoments = local_statistics(recorder, names)
+        stats = local_statistics(recorder, names)
     else:
-        num_samples, n, moments, fmoments, macs, seconds = pooled_statistics(
-            recorder, names, group, failure, macs, seconds
-        )
+        *pooled, macs, seconds = pooled_statistics(recorder, names, group, failure, macs, seconds)
+        stats = tuple(pooled)  # type: ignore[assignment]
+    processes = distributed.group_size(group) if group is not None else None
+    return assemble(recorder, target, comps, stats, macs, seconds, scheduler, meta, processes)
+
+
+def recorded_calibration(
+    recorder: Recorder,
+    target: Any,
+    components: Sequence[Component],
+    seconds: float,
+    *,
+    scheduler: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Calibration:
+    """The :class:`Calibration` of the generations ``recorder`` finished in this process, recorded on
+    ``target`` (what :func:`calibrate` returns without a process group; :mod:`stepcache.auto` records
+    a generation the user runs this way)."""
+    names = [c.name for c in components]
+    stats = local_statistics(recorder, names)
+    macs = [recorder.macs.get(name) for name in names]
+    return assemble(recorder, target, components, stats, macs, seconds, scheduler, meta, None)
+
+
+def assemble(
+    recorder: Recorder,
+    target: Any,
+    comps: Sequence[Component],
+    stats: tuple[int, int, dict[str, Any], dict[str, Any]],
+    macs: Sequence[float | None],
+    seconds: float,
+    scheduler: str | None,
+    meta: Mapping[str, Any] | None,
+    processes: int | None,
+) -> Calibration:
+    """A :class:`Calibration` from the statistics of a recorder's generations and the model's metadata."""
+    lookahead = recorder.k
+    names = [c.name for c in comps]
+    num_samples, n, moments, fmoments = stats
     errors = {name: moments[name].mean for name in names}
     spread = {name: moments[name].std() for name in names}
     forecast_errors = {name: fmoments[name].mean[:, :, : lookahead + 1] for name in names} if fmoments else {}
@@ -330,8 +375,8 @@ def calibrate(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(seconds, 2),
     }
-    if group is not None:
-        info["processes"] = distributed.group_size(group)
+    if processes is not None:
+        info["processes"] = processes
     logger.info("calibrated %d components over %d generation(s) of %d steps", len(names), num_samples, n)
     return Calibration(
         num_steps=n,

@@ -36,10 +36,14 @@ from ..runtime.introspect import DIGEST_PREFIX, fingerprint, model_class
 from .moments import Moments as _Moments
 from .moments import nanmean as _nanmean
 
-__all__ = ["SECOND_ORDER", "Calibration"]
+__all__ = ["DEFAULT_LOOKAHEAD", "SECOND_ORDER", "Calibration"]
 
 _FORMAT = "stepcache.calibration"
 _FORMAT_VERSION = 2  # 2 adds second-order forecast errors; files without them are written as 1
+#: The lookahead ``k`` (longest reuse run measured) of :func:`~stepcache.calibrate`, the CLI and the shipped
+#: calibrations: the longest reuse run the optimal policy chooses at a compute fraction of 0.25 when it may
+#: choose up to 10 (measured on both reference models, 20-50 steps, type granularity: 5; docs/policies.md).
+DEFAULT_LOOKAHEAD = 5
 SECOND_ORDER = ("taylor2", "bdf2")  # the forecast methods of forecast2_errors, by name (schedule.METHODS)
 
 

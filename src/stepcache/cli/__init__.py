@@ -1,4 +1,5 @@
-"""The ``stepcache`` command line: info, calibrate, schedule, tune, plan-memory, demo, one module each;
+"""The ``stepcache`` command line: generate, info, calibrate, schedule, tune, plan-memory, demo and store,
+one module each;
 ``_targets`` turns MODEL into a pipeline and builds its inputs, ``_common`` holds the shared checks.
 
 ``MODEL`` is ``reference`` (the shipped trained 16x16-digits DiTs: ``--model ddpm``, the default, or
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from . import calibrate, demo, info, plan_memory, schedule, tune
+from . import calibrate, demo, generate, info, plan_memory, schedule, store, tune
 from ._common import ClickException, NoArgsIsHelp, one_line
 
 _verbose = False
@@ -96,12 +97,14 @@ def _main(
 
 
 # The commands, in the order --help lists them: one module each.
+app.command()(generate.generate)
 app.command()(info.info)
 app.command()(calibrate.calibrate)
 app.command()(schedule.schedule)
 app.command()(tune.tune)
 app.command("plan-memory")(plan_memory.plan_memory)
 app.command()(demo.demo)
+app.add_typer(store.app, name="store")
 
 
 def main() -> None:

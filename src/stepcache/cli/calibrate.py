@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..calibration import DEFAULT_LOOKAHEAD
 from ..calibration import calibrate as run_calibration
 from ..calibration import sensitivity as measure_sensitivity
 from ..distributed import is_main, launched
@@ -37,8 +38,14 @@ def calibrate(
     samples: Annotated[int, typer.Option(min=1, max=100_000, help="Generations to average.")] = 4,
     batch: BatchOpt = 1,
     lookahead: Annotated[
-        int, typer.Option(min=1, max=64, help="Longest reuse run to measure (k), below --steps.")
-    ] = 3,
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help=f"Longest reuse run to measure (k), below --steps [default: {DEFAULT_LOOKAHEAD}, or --steps - 1].",
+            show_default=False,
+        ),
+    ] = None,
     scheduler: SchedulerOpt = None,
     reference_model: ReferenceModelOpt = None,
     prompt: PromptOpt = None,
@@ -65,6 +72,8 @@ def calibrate(
     Under ``torchrun --nproc_per_node N`` the N processes share the samples and every one gets the
     calibration of all of them; rank 0 alone writes the files and reports."""
     scheduler = _targets.scheduler_for(model, scheduler, reference_model)
+    if lookahead is None:
+        lookahead = min(DEFAULT_LOOKAHEAD, steps - 1)
     if lookahead >= steps:
         fail(f"--lookahead {lookahead} must be below --steps {steps}: a reuse run fits in one generation.")
     if sensitivity > steps:

@@ -13,7 +13,7 @@ from ..calibration import Calibration
 from ..errors import StepCacheError
 from ..memory import output_bytes
 from ..policies import check_fraction
-from ..policies.tuned import objective_function
+from ..policies.tuned import DEFAULT_MAX_REPLAYS, objective_function
 from ..policies.tuned import tune as run_tune
 from . import _targets
 from ._common import MemoryBudgetOpt, check_outputs, checked, choice, fail, memory_line
@@ -92,10 +92,22 @@ def tune(
         ),
     ] = "full",
     refine: Annotated[int, typer.Option(min=0, max=100, help="Rounds of local search (0: none).")] = 1,
+    max_replays: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=100_000,
+            help=f"Most replays of the --samples generations, the uncached one included (>= 3; "
+            f"0: no budget, the whole family and every refinement move: 40-150). [default: {DEFAULT_MAX_REPLAYS}]",
+            show_default=False,
+        ),
+    ] = DEFAULT_MAX_REPLAYS,
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached
     (by --objective over the samples, chosen among the top candidates on held-out samples)."""
     scheduler = _targets.scheduler_for(model, scheduler, reference_model)
+    if 0 < max_replays < 3:
+        fail(f"--max-replays {max_replays} leaves no replay to compare: give 3 or more (0: no budget).")
     check_outputs((out, "schedule file (--out)"), inputs=(calibration,))
     try:
         cal = Calibration.load(calibration) if calibration else None
@@ -125,6 +137,7 @@ def tune(
             top_k=top_k,
             family=family,
             refine=refine,
+            max_replays=max_replays or None,
             **memory,
         )
         typer.echo(sched.render())

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ..auto import auto_handle
 from ..discovery import Component
 from ..errors import StepCacheError
 from ..runtime.config import CacheConfig
@@ -50,19 +51,31 @@ class SmoothCacheConfig(CacheConfig):
     """What :func:`apply_smoothcache` caches, and how: a :class:`~stepcache.CacheConfig` (every option
     of :func:`stepcache.cache`, checked the same way) plus the schedule.
 
+    ``SmoothCacheConfig(compute_fraction=0.5)``, with no schedule, caches the way
+    ``stepcache.cache(pipe, compute_fraction=0.5)`` does: the first generation of each kind is
+    recorded uncached unless a calibration for it is found, and caching starts with the next
+    (:mod:`stepcache.auto`).
+
     Attributes:
         schedule: a :class:`~stepcache.Schedule`, a schedule file, a folder holding
-            ``stepcache_schedule.json`` or a hub repository id (read when the config is made).
+            ``stepcache_schedule.json`` or a hub repository id (read when the config is made); None
+            (default): the cache calibrates itself and remembers.
         guidance: as in :class:`~stepcache.CacheConfig`; a guidance plan file is read when the config
             is made.
 
     The other options are :class:`~stepcache.CacheConfig`'s, given as keywords.
     """
 
-    schedule: Schedule | str | os.PathLike[str]
+    schedule: Schedule | str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "schedule", resolve_schedule(self.schedule))
+        if self.schedule is not None:
+            if self.auto:
+                raise StepCacheError(
+                    "compute_fraction and calibration_runs are for caching without a schedule (the cache "
+                    "then calibrates itself); this config has a schedule: drop one or the other."
+                )
+            object.__setattr__(self, "schedule", resolve_schedule(self.schedule))
         if self.guidance is not None:
             object.__setattr__(self, "guidance", resolve_guidance(self.guidance))
         super().__post_init__()
@@ -185,6 +198,9 @@ def apply_smoothcache(module: nn.Module, config: SmoothCacheConfig) -> CacheHand
 
     installer = DiffusersInstaller(reset) if _is_diffusers_model(module) else None
     schedule = config.schedule
+    if schedule is None:
+        handle = auto_handle(module, config, installer)
+        return handle.open()
     assert isinstance(schedule, Schedule)  # read when the config was made
     handle = CacheHandle(module, schedule, config, installer=installer)
     return handle.open()

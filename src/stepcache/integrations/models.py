@@ -3,7 +3,8 @@
 A :class:`ModelConfig` is a diffusers class name and its constructor's keywords. :data:`TINY` holds
 random-weight members of every supported family, a few layers deep and a few channels wide (for
 tests, smoke runs and the hook-overhead benchmark); :data:`PUBLISHED` the shapes of released
-checkpoints (for the memory planner, which builds them on the meta device). :func:`transformer`
+checkpoints (for the memory planner, which builds them on the meta device, and the GPU check,
+``benchmarks/gpu_check.py``, with random weights). :func:`transformer`
 builds either, with keyword overrides; :func:`tiny_vae` is the one-level VAE the tiny pipelines
 share and :func:`tiny_dit_pipeline` a whole ``DiTPipeline``.
 
@@ -215,6 +216,20 @@ def _wan21(num_layers: int, heads: int, ffn: int) -> ModelConfig:
 
 # Released checkpoints' transformer configs (as in their config.json files).
 PUBLISHED: dict[str, ModelConfig] = {
+    # facebook/DiT-XL-2-256: the constructor's defaults are DiT-XL/2's; learned sigma doubles the output.
+    "dit-xl-2-256": ModelConfig(
+        "DiTTransformer2DModel",
+        {
+            "num_attention_heads": 16,
+            "attention_head_dim": 72,
+            "in_channels": 4,
+            "out_channels": 8,
+            "num_layers": 28,
+            "sample_size": 32,
+            "patch_size": 2,
+            "num_embeds_ada_norm": 1000,
+        },
+    ),
     "wan2.1-t2v-14b": _wan21(40, 40, 13_824),
     "wan2.1-t2v-1.3b": _wan21(30, 12, 8_960),
     "hunyuanvideo": ModelConfig(

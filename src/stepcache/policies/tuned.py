@@ -67,8 +67,10 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
+from .._logging import get_logger
 from ..calibration import Calibration
 from ..discovery import discover
 from ..errors import ScheduleError, StepCacheError
@@ -76,6 +78,7 @@ from ..runtime import cache
 from ..runtime.introspect import final_samples
 from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
 from ._budget import fit_memory
+from ._cost import plan_cost
 from ._plan import (
     budget_calls,
     check_fraction,
@@ -89,9 +92,12 @@ from ._replay import DEFAULT_OBJECTIVE, db, objective_function, rows, split
 from ._replay import held_out as held_out_count
 from .optimal import optimal_schedule
 
-__all__ = ["DEFAULT_OBJECTIVE", "objective_function", "tune"]
+__all__ = ["DEFAULT_MAX_REPLAYS", "DEFAULT_OBJECTIVE", "objective_function", "tune"]
 
+_log = get_logger(__name__)
 FAMILIES = ("full", "classic")
+#: Calls of ``run`` ``tune`` makes at most unless told otherwise (the uncached one included).
+DEFAULT_MAX_REPLAYS = 24
 
 
 def _moves(plans: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, tuple[int, ...]]]:
@@ -177,6 +183,7 @@ def tune(
     validation: float | int | None = None,
     top_k: int = 3,
     family: str = "full",
+    max_replays: int | None = DEFAULT_MAX_REPLAYS,
     progress: bool = True,
     memory_budget: int | str | None = None,
     sizes: Mapping[str, int] | None = None,
@@ -204,6 +211,12 @@ def tune(
             0 chooses and refines on all samples.
         top_k: the best candidates on the fit samples among which validation chooses.
         family: ``"full"`` (default) or ``"classic"`` (no TaylorSeer placements, no forced last steps).
+        max_replays: the most calls of ``run`` tuning makes, the uncached one included (default 24;
+            None: every candidate and every refinement move, 40-150 calls). Within the budget, about
+            two thirds go to candidates and the rest to refinement; when the family has more
+            candidates than that, the calibration's predicted error (when given) keeps half of them
+            and an even spread over the family the other half (the prediction alone misranks
+            placements: docs/policies.md). The cost is logged before the first replay.
         progress: show a progress bar over the evaluations.
         memory_budget, sizes, branches: fit every candidate (and every local move) to this many
             bytes of stored outputs before it is replayed (:func:`~stepcache.policies._budget.fit_memory`;
@@ -262,6 +275,31 @@ def tune(
             candidates["optimal (type)"] = optimal_schedule(calibration, fraction)
     if not candidates:
         raise ScheduleError(f"no candidate schedule fits {computes} computations in {n} steps.")
+    if max_replays is not None and (
+        isinstance(max_replays, bool) or not isinstance(max_replays, int) or max_replays < 3
+    ):
+        raise ScheduleError(
+            f"max_replays must be a whole number of calls of run >= 3 (or None: no budget), got {max_replays!r}."
+        )
+    # The budget: one call for the uncached samples, one for the copy variant, about two thirds of
+    # the rest for candidates and what is left for refinement moves.
+    left = None if max_replays is None else max_replays - 2
+    if left is not None:
+        slots = max(1, (2 * left) // 3) if refine else left
+        candidates = _shortlist(candidates, slots, calibration)
+        left -= len(candidates)
+    calls = max_replays if max_replays is not None else len(candidates) + 2 + (2 * n * len(per_type) * refine)
+    moves = (
+        "no refinement" if not refine else f"{left} refinement moves" if left is not None else "refinement"
+    )
+    _log.info(
+        "tune: %s %d calls of run, each one generation of its samples (1 uncached, %d candidates, "
+        "the copy variant, %s)",
+        "at most" if max_replays is not None else "about",
+        calls,
+        len(candidates),
+        moves,
+    )
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -299,7 +337,13 @@ def tune(
         return fit_score if val_score is None else val_score
 
     refinement: list[dict[str, Any]] = []
-    bar = tqdm(desc="tuning", unit="replay", disable=not progress, leave=False)
+    bar = tqdm(
+        total=calls - 1,
+        desc=f"tuning ({calls} replays at most)",
+        unit="replay",
+        disable=not progress,
+        leave=False,
+    )
     try:
         for label, sched in list(candidates.items()):
             score(label, sched)
@@ -315,8 +359,12 @@ def tune(
             base = candidates[chosen_label]
             labels = []
             for i, plans in enumerate(_moves(base.plans)):
+                if left is not None and left <= 0:
+                    break  # the budget is spent: the best move so far decides
                 labels.append(f"{chosen_label}; refined {r + 1}.{i}")
                 score(labels[-1], Schedule(n, plans, base.counts))
+                if left is not None:
+                    left -= 1
             if not labels:
                 break
             move = by_fit(labels)[0]
@@ -353,6 +401,7 @@ def tune(
             "refinement": refinement,
             "evaluations": len(scores),
             "runs": len(scores) + 1,
+            "max_replays": max_replays,
             "seconds": round(time.perf_counter() - start, 2),
             "score_unit": "dB of per-sample MSE (PSNR = 10 log10(range^2) - score), lower is better",
             "scores": {k: {"fit": _r(f), "validation": _r(v)} for k, (f, v) in scores.items()},
@@ -379,3 +428,37 @@ def _type_layers(target: Any, calibration: Calibration | None) -> dict[str, int]
         except StepCacheError:
             return {"*": 1}
     return {t: names.count(t) for t in dict.fromkeys(names)} or {"*": 1}
+
+
+def _shortlist(
+    candidates: dict[str, Schedule], slots: int, calibration: Calibration | None
+) -> dict[str, Schedule]:
+    """At most ``slots`` of ``candidates``, in their order: the optimal policy's schedule, then half
+    by the calibration's predicted error (when there is one) and the rest an even spread over the
+    family (placements the prediction misranks stay in the race)."""
+    if len(candidates) <= slots:
+        return candidates
+    labels = list(candidates)
+    keep: list[str] = [k for k in labels if k.startswith("optimal")][:slots]
+    if calibration is not None:
+        predicted = {k: _predicted(candidates[k], calibration) for k in labels}
+        by_prediction = sorted((k for k in labels if k not in keep), key=lambda k: predicted[k])
+        keep += by_prediction[: max(0, (slots - len(keep)) // 2)]
+    rest = [k for k in labels if k not in keep]
+    want = slots - len(keep)
+    if want > 0 and rest:
+        picks = np.unique(np.round(np.linspace(0, len(rest) - 1, want)).astype(int))
+        keep += [rest[i] for i in picks]
+    return {k: candidates[k] for k in labels if k in keep}
+
+
+def _predicted(schedule: Schedule, calibration: Calibration) -> float:
+    """The calibrated cost of a schedule (the optimal policy's cost model), summed over types."""
+    errors, forecasts = calibration.type_errors(), calibration.type_forecast_errors()
+    total = 0.0
+    for kind, table in errors.items():
+        plan = schedule.plans.get(kind, schedule.plans.get("*"))
+        if plan is None:
+            continue
+        total += plan_cost(plan, table, forecasts.get(kind))
+    return total

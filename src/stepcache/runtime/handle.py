@@ -3,7 +3,9 @@
 The handle binds a :class:`~stepcache.Schedule` and a :class:`~.config.CacheConfig` (values) to a
 target: it checks the schedule against the model, makes one :class:`~.slot.Slot` per cached
 component when the session installs its interception, follows generations and steps through the
-:class:`~.steps.StepTracker`, and reports what the slots did (:attr:`CacheHandle.stats`).
+:class:`~.steps.StepTracker`, and reports what the slots did (:attr:`CacheHandle.stats`). Given a
+:class:`~.generation.GenerationPlanner` instead of a schedule, it asks the planner for each
+generation's schedule when that generation starts (:mod:`stepcache.auto`: caching without a schedule).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import ScheduleError, ScheduleLengthError, StepCacheError, StepCac
 from ..schedule import Schedule, liveness
 from . import headroom
 from .config import CacheConfig, configure
+from .generation import OPEN_STEPS, GenerationPlanner, GenerationStart, compute_all
 from .guided import Guide, guidance_batch, guided_steps
 from .introspect import DIGEST_PREFIX, fingerprint, model_class, weights_state
 from .offload import Offloader, OffloadStats
@@ -50,38 +53,63 @@ class CacheHandle:
     components it covers, the guidance plan's step count), so a bad schedule fails before anything
     is installed. ``installer`` puts the hooks in place (diffusers' ``HookRegistry`` for
     :func:`~stepcache.integrations.diffusers_hooks.apply_smoothcache`; plain torch hooks by default).
+
+    ``schedule`` may be a :class:`~.generation.GenerationPlanner` instead: every discovered component
+    is cached, and each generation follows the schedule the planner chooses when it starts
+    (:attr:`running_schedule`; every component computes when it chooses none). The planner is
+    :attr:`planner` (None for a fixed schedule).
     """
 
     def __init__(
         self,
         target: Any,
-        schedule: Schedule,
+        schedule: Schedule | GenerationPlanner,
         config: CacheConfig | None = None,
         *,
         installer: Installer | None = None,
     ) -> None:
-        if not isinstance(schedule, Schedule):
+        planner = schedule if isinstance(schedule, GenerationPlanner) else None
+        if planner is None and not isinstance(schedule, Schedule):
             raise ScheduleError(
                 f"CacheHandle takes a stepcache.Schedule, got {type(schedule).__name__}: stepcache.cache "
                 "reads one from a schedule file, a folder or a hub repository id."
             )
         self.config = config = configure(config, {})
+        if planner is not None and config.guidance is not None:
+            raise StepCacheError(
+                "guidance= is a plan for one schedule's steps: give the schedule too, or drop guidance=."
+            )
+        self.planner = planner
+        self._open: Schedule | None = None  # every component computing, for a generation of open length
+        self._call: tuple[nn.Module, tuple, dict] | None = None  # the call starting a generation
         self._storage = resolve_storage_dtype(config.storage_dtype)
         self._offloader: Offloader | None = None
         self.models = [m for _, m in denoisers_of(target)]
         self.model = self.models[0]
-        want = schedule.meta.get("fingerprint")
-        if config.strict and want and want != fingerprint(target):
-            raise ScheduleError(
-                f"this schedule was calibrated on {schedule.meta.get('model_class')} (fingerprint {want}), not on "
-                f"this {model_class(target)} (fingerprint {fingerprint(target)}). Calibrate this model, "
-                "or pass strict=False to apply it anyway."
-            )
-        _warn_if_changed(schedule, target)
+        if isinstance(schedule, Schedule):
+            if config.auto:
+                raise StepCacheError(
+                    "compute_fraction and calibration_runs are for caching without a schedule (the cache "
+                    "then calibrates itself); this schedule fixes its own compute fraction "
+                    f"({schedule.compute_fraction:.3f}): drop one or the other."
+                )
+            want = schedule.meta.get("fingerprint")
+            if config.strict and want and want != fingerprint(target):
+                raise ScheduleError(
+                    f"this schedule was calibrated on {schedule.meta.get('model_class')} (fingerprint {want}), not on "
+                    f"this {model_class(target)} (fingerprint {fingerprint(target)}). Calibrate this model, "
+                    "or pass strict=False to apply it anyway."
+                )
         types = config.types
-        if types is None:
-            types = ("block",) if "block" in schedule.plans else DEFAULT_TYPES
-        found = discover(target, blocks=config.blocks, components=config.components, types=types)
+        if planner is not None:
+            found = discover(target, blocks=config.blocks, components=config.components, types=types)
+            schedule = compute_all(found, 1)  # until the first generation starts
+        else:
+            assert isinstance(schedule, Schedule)
+            _warn_if_changed(schedule, target)
+            if types is None:
+                types = ("block",) if "block" in schedule.plans else DEFAULT_TYPES
+            found = discover(target, blocks=config.blocks, components=config.components, types=types)
         plans = schedule.resolve(found)
         if not plans:
             raise ScheduleError(
@@ -100,7 +128,7 @@ class CacheHandle:
         self.schedule = schedule  # always the schedule given: resampling never replaces it
         self._running = schedule  # the one the current generation follows (resampled if need be)
         self._pipeline = None if isinstance(target, nn.Module) else target
-        self.tracker = StepTracker(num_steps=schedule.num_steps)
+        self.tracker = StepTracker(num_steps=None if planner else schedule.num_steps)
         self._boundary = SchedulerWatch(self._pipeline, self._relocate, guard=self.tracker.check_free)
         self.tracker.boundary = self._boundary.new_generation
         self.tracker.position = self._boundary.position
@@ -130,6 +158,10 @@ class CacheHandle:
         self._warned_unguided = False
         if self._guides and self.guidance.layout != "split":
             self._session.inspect = self._check_guidance_batch
+        if planner is not None:
+            self._session.probe = self._probe
+            self.tracker.on_call_begin.append(self._forget_call)
+            planner.bind(self)
 
     # ---------------------------------------------------------------- life cycle
     def _make_forward(self, comp: Component, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,6 +171,8 @@ class CacheHandle:
             g = self.guidance
             guide = Guide(self._guides[comp.name], g.mode, g.layout, g.uncond_branch)
             self._guide_objects.append(guide)
+        if self.planner is not None:
+            original = self.planner.wrap(comp, original)
         slot = Slot(
             comp,
             self._plans[comp.name],
@@ -159,9 +193,10 @@ class CacheHandle:
         if self._session.open:
             return self
         check_schedule_agreement(self._plans, self.schedule.num_steps)  # ranks agree, or all raise
-        message = (
-            f"cache enabled on {len(self.components)} components "
-            f"(compute fraction {self.schedule.compute_fraction:.3f})"
+        message = f"cache enabled on {len(self.components)} components " + (
+            "(a schedule per generation)"
+            if self.planner is not None
+            else f"(compute fraction {self.schedule.compute_fraction:.3f})"
         )
         self.tracker.reset()
         try:
@@ -199,12 +234,19 @@ class CacheHandle:
             stats = self.stats
             for model in self.models:
                 LAST_STATS[model] = stats
+        if self.planner is not None:
+            self.planner.close()
 
     @property
     def running_schedule(self) -> Schedule:
         """The schedule the current generation follows: :attr:`schedule`, or (with
         ``on_length_mismatch="resample"``) it resampled to the run's step count."""
         return self._running
+
+    @property
+    def pipeline(self) -> Any:
+        """The pipeline this cache is on (None: it is on a module)."""
+        return self._pipeline
 
     @property
     def offload_stats(self) -> OffloadStats | None:
@@ -313,8 +355,42 @@ class CacheHandle:
         for slot in self._slots.values():
             slot.start_step(step)
 
+    def _probe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._call = (module, args, kwargs)  # held until the call begins (_forget_call)
+
+    def _forget_call(self) -> None:
+        self._call = None
+
+    def _planned(self) -> None:
+        """A generation starts: follow the schedule the planner chooses for it."""
+        assert self.planner is not None
+        module, args, kwargs = self._call or (self.model, (), {})
+        start = GenerationStart(
+            self._pipeline or self.model, self._pipeline, module, args, kwargs, pipeline_steps(self._pipeline)
+        )
+        schedule = self.planner.plan(start)
+        self.tracker.num_steps = None if schedule is None else schedule.num_steps
+        if schedule is None:  # uncached, of open length: one such schedule, its plans set once
+            if self._open is None:
+                self._open = compute_all(self.components, OPEN_STEPS)
+            schedule = self._open
+        if schedule is self._running:
+            return
+        self._running = schedule
+        plans = schedule.resolve(self.components)
+        everything = (1,) * schedule.num_steps
+        for name, slot in self._slots.items():
+            slot.set_plan(plans.get(name, everything))
+
     def _on_generation(self) -> None:
         self._clear()
+        if self.planner is not None:
+            self._planned()
+            if self._offloader is not None:
+                self._offloader.set_plans([s.plan for s in self._offloader.slots])
+                self._offloader.reset()
+            self._generations += 1
+            return
         # A cache on the transformer itself (apply_smoothcache) finds the pipeline calling it, so it
         # resamples (or refuses) from the pipeline's step count exactly as a cache on the pipeline.
         pipeline = self._pipeline if self._pipeline is not None else calling_pipeline(self.models)

@@ -179,6 +179,9 @@ class Session:
         self._slots = {id(m): timestep_slot(m, timestep_arg) for m in self.models}
         self.hooked: list[tuple[int, Any]] = []
         self.owner: Any = None  # the CacheHandle (or other object) that manages this session
+        # Shown each denoiser call's arguments before its step is tracked (a cache that chooses its
+        # schedule when a generation starts reads the latents there); None: nothing is shown them.
+        self.probe: PreCall | None = None
         self.installer: Installer = installer if installer is not None else TorchInstaller()
         self._undo: list[Undo] = []
         self._undo_denoisers: list[Undo] = []
@@ -278,6 +281,8 @@ class Session:
         self._post_eager(module, args, output)
 
     def _pre_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.probe is not None:
+            self.probe(module, args, kwargs)
         self._begin(module, args, kwargs)
         if self.inspect is not None:
             self.inspect(args, kwargs)
