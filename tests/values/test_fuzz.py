@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -364,6 +365,11 @@ def stubbed(places, monkeypatch):
         def as_dict(self):
             return {"title": "stub"}
 
+    generate_cmd = importlib.import_module("stepcache.cli.generate")
+    image = torch.zeros(1, 3, 4, 4)
+    monkeypatch.setattr(generate_cmd, "_cached", lambda *a, **k: (1.0, image))
+    monkeypatch.setattr(generate_cmd, "_timed", lambda run: (1.0, image))
+    monkeypatch.setattr(generate_cmd, "_save", lambda path, panels: None)
     plan_cmd = importlib.import_module("stepcache.cli.plan_memory")
     monkeypatch.setattr(plan_cmd, "plan_rows", lambda name, **kw: Row())
     monkeypatch.setattr(plan_cmd, "render_plans", lambda rows: "table")
@@ -392,13 +398,17 @@ def test_command_lines_of_the_commands_that_run_models(stubbed, data):
         "tune": (True, {**run_opts, "--compute-fraction": numbers,
                         "--calibration": st.sampled_from([str(t / "cal.json"), str(t / "corrupt.json")]),
                         "--memory-budget": budgets, "--validation": numbers, "--top-k": numbers,
-                        "--refine": numbers,
+                        "--refine": numbers, "--max-replays": numbers,
                         "--objective": st.sampled_from(["mean", "worst-25%", "worst-0", "quantile-2", "x"])}),
         "demo": (False, {"-o": folders, "--scheduler": st.sampled_from(["ddim", "dpm", "x"]), "--steps": numbers,
                          "--per-class": numbers, "--classes": st.sampled_from(["0,1", "1,1", "x", "", "12"]),
                          "--alpha": numbers, "--compute-fraction": numbers, "--guidance-scale": numbers,
                          "--seed": numbers, "--calibration-samples": numbers}),
         "info": (True, {"--types": st.sampled_from(["attn,ff", "mlp", ",", "block"]), "--no-macs": None}),
+        "generate": (True, {"--compute-fraction": numbers, "-o": files, "--compare": None, "--steps": numbers,
+                             "--calibration-runs": numbers, "--seed": numbers, "--guidance-scale": numbers,
+                             "--prompt": st.sampled_from(["a cat", ""]),
+                             "--scheduler": st.sampled_from(["ddim", "dpm", "euler"])}),
         "plan-memory": (False, {"--memory-budget": budgets, "--compute-fraction": numbers, "--bandwidth": numbers,
                                 "--tflops": numbers, "--utilisation": numbers, "--json": files}),
     }  # fmt: skip
