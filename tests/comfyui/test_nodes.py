@@ -98,8 +98,11 @@ def test_calibrate_then_schedule_file_nodes(registry, stepcache_folder):
     family = "wan"
     model = _tiny.build(family)
     recording = run_node(registry["StepCacheCalibrate"], model=model)
-    for samples in (1, 2):  # each run is one more sample of the key's calibration
-        _tiny.sample(recording, family)
+    for samples in (
+        1,
+        2,
+    ):  # each run (another seed: other generations) is one more sample of the key's calibration
+        _tiny.sample(recording, family, seed=samples)
         report = _last(recording)
         assert report.action == "calibrated" and report.calibration.num_samples == samples
     cal = stepcache.Calibration.load(report.file)
