@@ -251,7 +251,7 @@ class Runner:
         if predicted is not None:
             row["predicted_fraction"] = round(predicted, 4)
         t0 = time.perf_counter()
-        where = f"{len(self.entry['points']) + 1}. {family} ({knob})"
+        where = f"{len(self.entry['points']) + len(self.entry['skipped']) + 1}. {family} ({knob})"
         try:
             try:
                 ctx, info = make()

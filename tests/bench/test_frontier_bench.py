@@ -240,6 +240,7 @@ def test_config_specs():
     for spec in protocol["development"] + protocol["heldout"]:
         frontier.parse_config(spec)
     assert not set(protocol["development"]) & set(protocol["heldout"])
+    assert protocol["fractions"] == list(frontier_sweep.TARGETS)
 
 
 @pytest.mark.parametrize(
