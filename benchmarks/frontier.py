@@ -58,9 +58,15 @@ SETS = ("development", "heldout")
 TARGETS = sweep.TARGETS
 QUICK_CONFIG = "dpm-20-g1"
 CALIBRATION_SAMPLES, MAGCACHE_IMAGES, MAGCACHE_SEED = 8, 10, 10_000
-#: seconds per denoising step per batch row on a quiet 2-core machine with 2 torch threads (the uncached
-#: runs of the committed frontier, 1.29-1.37 ms): what the up-front estimate multiplies
+#: seconds per denoising step per batch row of an uncached run on a quiet 2-core machine with 2 torch threads
+#: (the committed frontier's uncached runs: 1.29-1.37 ms at 48 rows); what the up-front estimate multiplies
 SECONDS_PER_STEP_ROW = 1.35e-3
+#: a cached run at 0.25-0.5 (and the searches' probes) costs about this share of an uncached one
+#: (measured 0.3-0.5: 0.8-1.1 ms per step and row against 2.3-2.7 uncached, on a shared machine)
+CACHED_SHARE = 0.5
+#: the threshold searches took 43-52 % of their bound (every reachable target hit; dpm-20-g1, ddim-50-g1,
+#: flow-euler-20-g4, 8 images)
+SEARCH_SHARE = 0.55
 UNBUDGETED_REPLAYS = 160  # tune's replays without a budget, at most (measured 36-157 on these configurations)
 
 NOTES = [
@@ -158,30 +164,29 @@ def plan_size(
     approx = 0
     if available.get("diffusers"):
         exact += len(sweep.taylorseer_settings(n, TARGETS, grid))
-        approx += len(grid.mag_max_skip) * len(grid.mag_retention) * len(TARGETS) + (
-            2 if grid.attention_skips else 0
-        )
+        # MagCache: distinct placements near a target, measured 20-47 at 20 steps, 76 at 25, 126 at 50
+        approx += (len(TARGETS) if grid.per_target else round(2.5 * n)) + (2 if grid.attention_skips else 0)
     if available.get("cache-dit"):
         exact += len(sweep.foca_mask_settings(n, depth, TARGETS, grid))
-    if available.get("dit-smoothcache"):
-        approx += (1 if grid.per_target else 2) * len(TARGETS)
+    if available.get("dit-smoothcache"):  # distinct schedules near a target: 4-5 at 20 steps, 26-42 at 50
+        approx += len(TARGETS) if grid.per_target else round(0.8 * n)
     dyn = sweep.dynamic_settings(n, depth, available, grid)
     bound = sum(sweep.dynamic_bound(d, TARGETS, grid) for d in dyn)
     ours = 4 * len(TARGETS) if not args.quick else 3 * len(TARGETS) + 1
     if not args.quick:
         ours += len(TARGETS)
-    replays = 24 * (1 if args.quick else len(TARGETS)) + (
-        0 if args.quick else UNBUDGETED_REPLAYS * len(TARGETS)
-    )
+    budgeted = 24 * (1 if args.quick else len(TARGETS))
+    unbudgeted = 0 if args.quick else len(TARGETS) * min(UNBUDGETED_REPLAYS, 3 * n)  # measured ~1.8-4 n
+    replays = budgeted + (0 if args.quick else UNBUDGETED_REPLAYS * len(TARGETS))
     rows = 2 if g != 1.0 else 1
     runs = exact + approx + bound + ours
-    cal = 0 if g == 1.0 else CALIBRATION_SAMPLES * 10
-    seconds = (
-        n
-        * rows
-        * SECONDS_PER_STEP_ROW
-        * ((runs + 1) * args.samples + replays * args.tuning + cal + MAGCACHE_IMAGES)
-    )
+    expected = exact + approx + round(SEARCH_SHARE * bound) + ours
+    uncached = args.samples + (0 if g == 1.0 else CALIBRATION_SAMPLES * 10) + MAGCACHE_IMAGES  # images
+
+    def seconds(runs: int, replays: int, share: float) -> float:
+        cached = (runs * args.samples + replays * args.tuning) * share
+        return n * rows * SECONDS_PER_STEP_ROW * (uncached + cached)
+
     return {
         "config": spec,
         "static": exact,
@@ -191,31 +196,36 @@ def plan_size(
         "stepcache": ours,
         "replays": replays,
         "runs": runs,
-        "seconds": seconds,
+        "expected_runs": expected,
+        "seconds": seconds(expected, budgeted + unbudgeted, CACHED_SHARE),
+        "seconds_bound": seconds(runs, replays, 1.0),
     }
 
 
 def print_plan(sizes: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    total = sum(s["seconds"] for s in sizes)
+    total, bound = sum(s["seconds"] for s in sizes), sum(s["seconds_bound"] for s in sizes)
     print(
-        f"plan: {len(sizes)} configuration(s) x (settings below); {args.samples} evaluation images per run, "
-        f"tune on {args.tuning}",
+        f"plan: {len(sizes)} configuration(s); {args.samples} evaluation images per run, tune on {args.tuning}; "
+        "time on a quiet 2-core machine: expected (searches at about half their bound, cached runs at half "
+        "the cost of an uncached one) and at most (every probe, cached runs as dear as uncached ones)",
         flush=True,
     )
     print(
-        "  configuration        static  ~approx  dynamic<=(comb.)  stepcache  replays<=  runs<=  ~time (quiet 2 cores)",
+        "  configuration        static  ~approx  dynamic<=(comb.)  stepcache  replays<=    runs: ~expected <=bound"
+        "     ~time  <=time",
         flush=True,
     )
     for s in sizes:
         print(
             f"  {s['config']:<20} {s['static']:>6}  {s['approx']:>7}  {s['dynamic_bound']:>8} ({s['dynamic_combinations']:>3})"
-            f"  {s['stepcache']:>9}  {s['replays']:>9}  {s['runs']:>6}  {s['seconds'] / 60:6.1f} min",
+            f"  {s['stepcache']:>9}  {s['replays']:>9}  {s['expected_runs']:>16} {s['runs']:>6}"
+            f"  {s['seconds'] / 60:5.0f} min {s['seconds_bound'] / 60:4.0f} min",
             flush=True,
         )
     print(
-        f"  total runs <= {sum(s['runs'] for s in sizes)}, replays <= {sum(s['replays'] for s in sizes)}; "
-        f"~{total / 3600:.1f} h at {SECONDS_PER_STEP_ROW * 1e3:.2f} ms per step and batch row (a quiet machine; "
-        "threshold searches usually stop well before their bound)",
+        f"  total: ~{sum(s['expected_runs'] for s in sizes)} runs (<= {sum(s['runs'] for s in sizes)}), replays <= "
+        f"{sum(s['replays'] for s in sizes)}; ~{total / 3600:.1f} h (<= {bound / 3600:.1f} h) at "
+        f"{SECONDS_PER_STEP_ROW * 1e3:.2f} ms per step and batch row uncached",
         flush=True,
     )
 

@@ -263,7 +263,7 @@ def test_plan_runs_nothing_and_sizes_the_sets(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(frontier, "run_config", lambda *a, **k: pytest.fail("--plan ran a configuration"))
     frontier.main(["--set", "heldout", "--plan", "--out", str(tmp_path / "f")])
     out = capsys.readouterr().out
-    assert "unipc-15-g1.5" in out and "total runs <=" in out
+    assert "unipc-15-g1.5" in out and "flow-euler-15-g2.5" in out and "total: ~" in out
     assert not (tmp_path / "f.json").exists()
 
 
