@@ -1,36 +1,37 @@
-"""The frontier where users live (issue 15): stepcache vs every peer at matched compute fractions.
+"""The frontier at matched compute (issues 15 and 21): stepcache vs every peer setting that lands on a target.
 
-On the shipped reference DiTs (DDPM model: DDIM / DPM-Solver++; flow model: flow-Euler), for each
-configuration (sampler, steps, guidance scale), every method is swept over its knob and each point is
-measured the same way: the compute fraction counted by ``peers.count_component_calls`` (attention and
-feed-forward computations that really ran, weighted by the batch rows they ran on), and per-image PSNR
-of ``--samples`` evaluation images (seed 0, labels ``arange(n) % 10``) against the uncached image of the
-same seed, summarised as mean, 5th percentile and worst.
+On the shipped reference DiTs (DDPM model: DDIM, DPM-Solver++, UniPC, DEIS, Euler; flow model: flow-Euler),
+for each configuration ``<sampler>-<steps>-g<guidance>``, every method runs on the same evaluation images
+and each point is measured the same way: the compute fraction counted by ``peers.count_component_calls``
+(attention and feed-forward computations that really ran, weighted by the batch rows they ran on), and
+per-image PSNR against the uncached image of the same seed, as mean, 5th percentile (p5) and worst.
 
-Methods: stepcache's ``tune`` (on ``--tuning`` images of seed 20 000), ``optimal_schedule`` (type and
-layer granularity), ``for_compute_fraction`` (SmoothCache by fraction), FORA+forecast as a
-non-peer baseline; the installed peers: diffusers (TaylorSeer orders 1 and 2, MagCache calibrated on a
-seed-10 000 run, FirstBlockCache, PAB, FasterCache), cache-dit (DBCache, DBCache+TaylorSeer,
-DBCache+FoCa, and FoCa on a static step mask) and dit-smoothcache (running our SmoothCache schedules).
-stepcache's policies use the shipped calibration when the guidance scale is 1 and one ships, otherwise
-``calibrate_reference(..., samples=8, seed=1000, guidance_scale=g)``: what a user with those settings does.
+Methods: stepcache's ``tune`` (at its default ``max_replays``, and unbudgeted for the budget check),
+``optimal_schedule`` (type and layer granularity) and ``for_compute_fraction``, each asked for exactly the
+target fraction; the FORA baselines; and every installed peer over its knob space, where it can land
+within 0.02 of a target (``frontier_sweep``): diffusers TaylorSeer (interval 2-8 x warm-up 1..n/2 x order
+1, 2, with and without the last step), MagCache (threshold x K x retention), FirstBlockCache, PAB and
+FasterCache; cache-dit DBCache (Fn/Bn x threshold x warm-up x max continuous cached steps) alone and with
+its TaylorSeer (orders 1, 2) and FoCa calibrators, and FoCa on static step masks; dit-smoothcache (alpha).
+Comparison (``frontier_match``): per target and family, the best measured point within 0.02; "no point"
+where a family has none. Nothing is interpolated.
 
-Each family's Pareto frontier (lower fraction, higher mean PSNR) is interpolated linearly at the target
-fractions 0.25, 0.35 and 0.5 (mean and p5 with the same weight; no extrapolation beyond 0.01), and the
-best stepcache family is compared with the best peer family there.
+The held-out protocol (issue 21) is ``benchmarks/configs/heldout.json``: ``--set development`` (the
+default) runs its development configurations into ``results/frontier-development.{md,json}``;
+``--set heldout`` runs the held-out ones into ``results/frontier-heldout.*``, once, at the end, and refuses
+to run without ``--final``.
 
-    python benchmarks/frontier.py                                  # the committed results (~1 h on 2 cores)
-    python benchmarks/frontier.py --quick                          # 1 configuration, 8 images, few points
-    python benchmarks/frontier.py --configs dpm-20-g4 flow-euler-50-g2:0.25,0.35 --samples 16 --out /tmp/frontier
+    python benchmarks/frontier.py --plan                          # the size of the development run; runs nothing
+    python benchmarks/frontier.py                                 # the development set (resumable: --resume)
+    python benchmarks/frontier.py --set heldout --final           # the held-out set, once
+    python benchmarks/frontier.py --quick                         # 1 configuration, 8 images, thin sweeps
+    python benchmarks/frontier.py --configs dpm-20-g4 --samples 16 --out /tmp/frontier
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -42,813 +43,580 @@ from typing import Any
 
 import torch
 
-from stepcache.policies import for_compute_fraction, fora, optimal_schedule
-
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import frontier_sweep as sweep
+from benchmarks.frontier_match import TUNED, UNBUDGETED, match
+from benchmarks.frontier_report import write_all, write_json
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+PROTOCOL = HERE / "configs" / "heldout.json"
+SETS = ("development", "heldout")
+TARGETS = sweep.TARGETS
+QUICK_CONFIG = "dpm-20-g1"
+CALIBRATION_SAMPLES, MAGCACHE_IMAGES, MAGCACHE_SEED = 8, 10, 10_000
+#: seconds per denoising step per batch row of an uncached run on a quiet 2-core machine with 2 torch threads
+#: (the committed frontier's uncached runs: 1.29-1.37 ms at 48 rows); what the up-front estimate multiplies
+SECONDS_PER_STEP_ROW = 1.35e-3
+#: a cached run at 0.25-0.5 (and the searches' probes) costs about this share of an uncached one
+#: (measured 0.3-0.5: 0.8-1.1 ms per step and row against 2.3-2.7 uncached, on a shared machine)
+CACHED_SHARE = 0.5
+#: the threshold searches took 43-52 % of their bound (every reachable target hit; dpm-20-g1, ddim-50-g1,
+#: flow-euler-20-g4, 8 images)
+SEARCH_SHARE = 0.55
+UNBUDGETED_REPLAYS = 160  # tune's replays without a budget, at most (measured 36-157 on these configurations)
 
-CONFIGS = (
-    "ddim-50-g1",
-    "ddim-25-g4",
-    "dpm-20-g1",
-    "dpm-20-g2",
-    "dpm-20-g4",
-    "flow-euler-20-g1",
-    "flow-euler-20-g4",
-    "flow-euler-50-g2",
-)
-TARGETS = (0.25, 0.35, 0.5)
-TUNED_FRACTIONS = (0.25, 0.35, 0.5)
-OPTIMAL_FRACTIONS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
-SMOOTH_FRACTIONS = (0.25, 0.35, 0.5, 0.6)
-SMOOTHCACHE_PKG_FRACTIONS = (0.35, 0.5)  # dit-smoothcache runs these SmoothCache-by-fraction schedules
-FORA_INTERVALS = (2, 3, 4)
-FOCA_MASK_INTERVALS = (2, 3, 4)  # cache-dit FoCa on a static step mask (no adaptive DBCache decision)
-#: extra second-order TaylorSeer settings (interval, warm-up) beyond peer_sweeps' (3, 3) and (4, 3)
-TAYLORSEER_ORDER2 = ((2, 3), (5, 3), (6, 3))
-TOLERANCE = 0.01  # a frontier point this close to a target fraction counts there (no other extrapolation)
-EPS = 1e-9  # fractions are rounded to 4 decimals: 0.25 - 0.24 must count as within 0.01
-GOAL_DB = 1.0
-
-EVAL_SEED, TUNING_SEED, CALIBRATION_SEED, MAGCACHE_SEED = 0, 20_000, 1000, 10_000
-CALIBRATION_SAMPLES, MAGCACHE_IMAGES = 8, 10
-
-STEPCACHE, BASELINE = "stepcache", "baseline"
-PEER_LIBRARIES = ("diffusers", "cache-dit", "dit-smoothcache")
-
-
-# ------------------------------------------------------------------------------------------ frontier
-def frontier(points: Sequence[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
-    """The Pareto-optimal ``(fraction, mean, p5)`` points: no other point has a lower or equal fraction
-    and a higher or equal mean (with one of them strictly better); sorted by fraction."""
-    out: list[tuple[float, float, float]] = []
-    for p in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not out or p[1] > out[-1][1]:  # sorted by fraction: it must beat every cheaper point
-            out.append(p)
-    return out
+NOTES = [
+    "Peers are swept only where they can land within 0.02 of a target: static settings (TaylorSeer, "
+    "MagCache, FoCa on a static mask, PAB, FasterCache, dit-smoothcache, the FORA baselines) have their "
+    "fraction replayed from the library's own rule (or a dry count) before running; dynamic ones "
+    "(FirstBlockCache, DBCache with or without its calibrators) have their threshold bisected toward "
+    "each target (`benchmarks/frontier_sweep.py`). `predicted_fraction` in the JSON is the replayed one.",
+    "diffusers TaylorSeer: orders 1 and 2 form one family (a user picks any setting); 'last step "
+    "computed' is its `disable_cache_after_step = n - 1`.",
+    "cache-dit ships FoCa only as a calibrator of its DBCache. `cache-dit/DBCache+FoCa` is the adaptive "
+    "DBCache with FoCa forecasts; `cache-dit/FoCa (static mask)` is DBCache's `steps_computation_mask` with "
+    "`steps_computation_policy='static'` (warm-up, every i-th step, the last step), F1B0 (the first block "
+    "runs at every step). cache-dit's `max_cached_steps` (a cap on all cached steps) is left at -1: the "
+    "sweep varies `max_continuous_cached_steps`.",
+    "diffusers FasterCache runs with `is_guidance_distilled=True` (attention reuse only): its CFG cache "
+    "assumes an [uncond; cond] batch and splits neither DiT's class labels nor the reference loop's "
+    "[cond; uncond] batch.",
+    "MagCache's ratios come from diffusers' calibration mode on one uncached run of the same sampler, steps "
+    "and guidance; its decisions depend only on them, so its fraction is known before running.",
+    "dit-smoothcache runs SmoothCache schedules of every alpha whose fraction lands near a target; "
+    "`bit_identical_to_stepcache` says whether its images equal stepcache's SmoothCache-by-fraction "
+    "images where both ran the same schedule.",
+]
 
 
-def interpolate(
-    points: Sequence[tuple[float, float, float]], f: float, tolerance: float = TOLERANCE
-) -> tuple[float, float] | None:
-    """``(mean, p5)`` of a family's frontier at compute fraction ``f``, or ``None`` outside its range.
-
-    ``points`` are ``(fraction, mean, p5)``; dominated points are dropped first. Between two frontier
-    points both values are interpolated linearly with the same weight; outside the frontier's fraction
-    range only a point within ``tolerance`` of ``f`` counts (its own values), nothing is extrapolated.
-    """
-    found = locate(points, f, tolerance)
-    return None if found is None else (found[0], found[1])
+# ------------------------------------------------------------------------------------------ protocol
+def load_protocol() -> dict[str, Any]:
+    return json.loads(PROTOCOL.read_text())
 
 
-def locate(
-    points: Sequence[tuple[float, float, float]], f: float, tolerance: float = TOLERANCE
-) -> tuple[float, float, float, float] | None:
-    """:func:`interpolate` plus the fractions of the two frontier points it used: ``(mean, p5, lo, hi)``."""
-    front = frontier(points)
-    if not front:
-        return None
-    first, last = front[0], front[-1]
-    if f < first[0]:
-        return (first[1], first[2], first[0], first[0]) if first[0] - f <= tolerance + EPS else None
-    if f > last[0]:
-        return (last[1], last[2], last[0], last[0]) if f - last[0] <= tolerance + EPS else None
-    for a, b in itertools.pairwise(front):
-        if a[0] <= f <= b[0]:
-            if f == a[0] or f == b[0]:
-                hit = a if f == a[0] else b
-                return (hit[1], hit[2], hit[0], hit[0])
-            w = (f - a[0]) / (b[0] - a[0])
-            return (a[1] + w * (b[1] - a[1]), a[2] + w * (b[2] - a[2]), a[0], b[0])
-    return (last[1], last[2], last[0], last[0])  # f equals the single frontier point
+def parse_config(spec: str) -> tuple[str, str, int, float]:
+    """``"flow-euler-50-g2"`` -> ``("flow", "flow-euler", 50, 2.0)``; ``"unipc-15-g1.5"`` -> ``("ddpm",
+    "unipc", 15, 1.5)`` (the model is the one the sampler belongs to)."""
+    from stepcache import reference
+
+    try:
+        scheduler, steps_s, g = spec.rsplit("-", 2)
+        if not g.startswith("g"):
+            raise ValueError
+        steps, guidance = int(steps_s), float(g[1:])
+    except ValueError:
+        raise SystemExit(
+            f"bad configuration {spec!r}: expected SAMPLER-STEPS-gGUIDANCE, e.g. dpm-20-g4 or unipc-15-g1.5"
+        ) from None
+    model = next((m for m, names in reference.MODEL_SCHEDULERS.items() if scheduler in names), None)
+    if model is None:
+        known = ", ".join(n for names in reference.MODEL_SCHEDULERS.values() for n in names)
+        raise SystemExit(f"bad configuration {spec!r}: unknown sampler {scheduler!r} (one of {known})")
+    return model, scheduler, steps, guidance
 
 
-def is_peer(family: str) -> bool:
-    return family.split("/", 1)[0] in PEER_LIBRARIES
-
-
-def matched_rows(points: list[dict[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
-    """Per target fraction: every family's interpolated (mean, p5), the best stepcache and best peer
-    family, margins and whether the goal (stepcache mean >= best peer mean + 1 dB and stepcache p5 >=
-    that peer's p5) holds."""
-    by_family: dict[str, list[tuple[float, float, float]]] = {}
-    for p in points:
-        if "error" not in p:
-            by_family.setdefault(p["family"], []).append((p["compute_fraction"], p["mean_db"], p["p5_db"]))
-    rows = []
-    for f in targets:
-        located = {fam: locate(pts, f) for fam, pts in by_family.items()}
-        values = {fam: v for fam, v in located.items() if v is not None}
-        ours = {fam: v for fam, v in values.items() if fam.startswith(STEPCACHE + "/")}
-        theirs = {fam: v for fam, v in values.items() if is_peer(fam)}
-        row: dict[str, Any] = {
-            "target": f,
-            "families": {
-                fam: {"mean_db": r2(v[0]), "p5_db": r2(v[1]), "between": [v[2], v[3]]}
-                for fam, v in sorted(values.items())
-            },
-        }
-        best = max(ours, key=lambda k: ours[k][0]) if ours else None
-        peer = max(theirs, key=lambda k: theirs[k][0]) if theirs else None
-        peer_p5 = max(theirs, key=lambda k: theirs[k][1]) if theirs else None
-        row["stepcache"] = best and {
-            "family": best,
-            "mean_db": r2(ours[best][0]),
-            "p5_db": r2(ours[best][1]),
-            "between": [ours[best][2], ours[best][3]],
-        }
-        row["peer"] = peer and {
-            "family": peer,
-            "mean_db": r2(theirs[peer][0]),
-            "p5_db": r2(theirs[peer][1]),
-            "between": [theirs[peer][2], theirs[peer][3]],
-        }
-        row["peer_best_p5"] = peer_p5 and {"family": peer_p5, "p5_db": r2(theirs[peer_p5][1])}
-        if best and peer and peer_p5:
-            m, p = ours[best], theirs[peer]
-            row["margin_mean_db"] = r2(m[0] - p[0])
-            row["margin_p5_db"] = r2(m[1] - p[1])
-            row["margin_p5_vs_best_p5_db"] = r2(m[1] - theirs[peer_p5][1])
-            row["goal_met"] = bool(m[0] >= p[0] + GOAL_DB and m[1] >= p[1])
-            row["goal_met_vs_best_p5"] = bool(m[0] >= p[0] + GOAL_DB and m[1] >= theirs[peer_p5][1])
-        else:
-            row["goal_met"] = row["goal_met_vs_best_p5"] = None
-        row["at_most"] = at_most_row(points, f)
-        rows.append(row)
-    return rows
-
-
-def best_at_most(
-    points: list[dict[str, Any]], f: float, keep: Callable[[str], bool], tolerance: float = TOLERANCE
-) -> dict[str, Any] | None:
-    """The measured point (no interpolation) with the highest mean among the families ``keep`` accepts
-    whose compute fraction is at most ``f`` (+ ``tolerance``): what a user gets for that budget."""
-    ok = [
-        p
-        for p in points
-        if "error" not in p and keep(p["family"]) and p["compute_fraction"] <= f + tolerance + EPS
-    ]
-    if not ok:
-        return None
-    best = max(ok, key=lambda p: p["mean_db"])
-    return {k: best[k] for k in ("family", "knob", "compute_fraction", "mean_db", "p5_db")}
-
-
-def at_most_row(points: list[dict[str, Any]], f: float) -> dict[str, Any]:
-    ours = best_at_most(points, f, lambda fam: fam.startswith(STEPCACHE + "/"))
-    theirs = best_at_most(points, f, is_peer)
-    out: dict[str, Any] = {"stepcache": ours, "peer": theirs}
-    if ours and theirs:
-        out["margin_mean_db"] = r2(ours["mean_db"] - theirs["mean_db"])
-        out["margin_p5_db"] = r2(ours["p5_db"] - theirs["p5_db"])
-        out["goal_met"] = bool(
-            ours["mean_db"] >= theirs["mean_db"] + GOAL_DB and ours["p5_db"] >= theirs["p5_db"]
+def guard_heldout(specs: Sequence[str], protocol: dict[str, Any], *, final: bool, quick: bool) -> None:
+    """The held-out configurations run once, at the end: only with ``--final``, never quick."""
+    held = [s for s in specs if s in protocol["heldout"]]
+    if held and (quick or not final):
+        raise SystemExit(
+            f"refusing to run held-out configuration(s) {', '.join(held)}: the held-out set "
+            f"({PROTOCOL.relative_to(HERE.parent)}) is run once, at the end, with --set heldout --final "
+            "(never --quick). Develop on --set development."
         )
-    else:
-        out["goal_met"] = None
+
+
+# ------------------------------------------------------------------------------------------ plan
+def stepcache_methods(
+    model: torch.nn.Module, calibration: Any, tuning_run: Callable[[], torch.Tensor], *, quick: bool
+) -> list[tuple[str, Callable[[float], Any], Sequence[float]]]:
+    """``(family, build(fraction) -> Schedule, fractions)``: stepcache's policies, each asked for
+    exactly the target fraction (the one rounding rule, ``stepcache.policies._plan.budget_calls``)."""
+    from stepcache.policies import for_compute_fraction, optimal_schedule, tune
+
+    every = TARGETS
+    out: list[tuple[str, Callable[[float], Any], Sequence[float]]] = [
+        (TUNED, lambda f: tune(model, tuning_run, f, calibration=calibration, progress=False), (0.35,) if quick else every),
+        (f"{sweep.STEPCACHE}/optimal (type)", lambda f: optimal_schedule(calibration, f), every),
+        (f"{sweep.STEPCACHE}/optimal (layer)", lambda f: optimal_schedule(calibration, f, granularity="layer"), every),
+        (f"{sweep.STEPCACHE}/SmoothCache by fraction", lambda f: for_compute_fraction(calibration, f), every),
+    ]  # fmt: skip
+    if not quick:  # item 4's check: the default budget against none (40-150 replays per fraction)
+        out.insert(
+            1,
+            (UNBUDGETED, lambda f: tune(model, tuning_run, f, calibration=calibration, progress=False, max_replays=None), every),
+        )  # fmt: skip
     return out
 
 
-def r2(x: float) -> float:
-    return round(float(x), 2)
+def plan_size(
+    spec: str, depth: int, grid: sweep.Grid, available: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The runs a configuration makes, before any model runs: exact where the fraction is analytic,
+    estimated (``~``) for MagCache / dit-smoothcache / PAB (they need a calibration or a dry count) and
+    bounded (``<=``) for the threshold searches; and an estimate of its time on a quiet machine."""
+    _, _, n, g = parse_config(spec)
+    exact = len(sweep.fora_settings(n, TARGETS, grid))
+    approx = 0
+    if available.get("diffusers"):
+        exact += len(sweep.taylorseer_settings(n, TARGETS, grid))
+        # MagCache: distinct placements near a target, measured 20-47 at 20 steps, 76 at 25, 126 at 50
+        approx += (len(TARGETS) if grid.per_target else round(2.5 * n)) + (2 if grid.attention_skips else 0)
+    if available.get("cache-dit"):
+        exact += len(sweep.foca_mask_settings(n, depth, TARGETS, grid))
+    if available.get("dit-smoothcache"):  # distinct schedules near a target: 4-5 at 20 steps, 26-42 at 50
+        approx += len(TARGETS) if grid.per_target else round(0.8 * n)
+    dyn = sweep.dynamic_settings(n, depth, available, grid)
+    bound = sum(sweep.dynamic_bound(d, TARGETS, grid) for d in dyn)
+    ours = 4 * len(TARGETS) if not args.quick else 3 * len(TARGETS) + 1
+    if not args.quick:
+        ours += len(TARGETS)
+    budgeted = 24 * (1 if args.quick else len(TARGETS))
+    unbudgeted = 0 if args.quick else len(TARGETS) * min(UNBUDGETED_REPLAYS, 3 * n)  # measured ~1.8-4 n
+    replays = budgeted + (0 if args.quick else UNBUDGETED_REPLAYS * len(TARGETS))
+    rows = 2 if g != 1.0 else 1
+    runs = exact + approx + bound + ours
+    expected = exact + approx + round(SEARCH_SHARE * bound) + ours
+    uncached = args.samples + (0 if g == 1.0 else CALIBRATION_SAMPLES * 10) + MAGCACHE_IMAGES  # images
+
+    def seconds(runs: int, replays: int, share: float) -> float:
+        cached = (runs * args.samples + replays * args.tuning) * share
+        return n * rows * SECONDS_PER_STEP_ROW * (uncached + cached)
+
+    return {
+        "config": spec,
+        "static": exact,
+        "approx": approx,
+        "dynamic_combinations": sum(1 for d in dyn if sweep.dynamic_bound(d, TARGETS, grid)),
+        "dynamic_bound": bound,
+        "stepcache": ours,
+        "replays": replays,
+        "runs": runs,
+        "expected_runs": expected,
+        "seconds": seconds(expected, budgeted + unbudgeted, CACHED_SHARE),
+        "seconds_bound": seconds(runs, replays, 1.0),
+    }
+
+
+def print_plan(sizes: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    total, bound = sum(s["seconds"] for s in sizes), sum(s["seconds_bound"] for s in sizes)
+    print(
+        f"plan: {len(sizes)} configuration(s); {args.samples} evaluation images per run, tune on {args.tuning}; "
+        "time on a quiet 2-core machine: expected (searches at about half their bound, cached runs at half "
+        "the cost of an uncached one) and at most (every probe, cached runs as dear as uncached ones)",
+        flush=True,
+    )
+    print(
+        "  configuration        static  ~approx  dynamic<=(comb.)  stepcache  replays<=    runs: ~expected <=bound"
+        "     ~time  <=time",
+        flush=True,
+    )
+    for s in sizes:
+        print(
+            f"  {s['config']:<20} {s['static']:>6}  {s['approx']:>7}  {s['dynamic_bound']:>8} ({s['dynamic_combinations']:>3})"
+            f"  {s['stepcache']:>9}  {s['replays']:>9}  {s['expected_runs']:>16} {s['runs']:>6}"
+            f"  {s['seconds'] / 60:5.0f} min {s['seconds_bound'] / 60:4.0f} min",
+            flush=True,
+        )
+    print(
+        f"  total: ~{sum(s['expected_runs'] for s in sizes)} runs (<= {sum(s['runs'] for s in sizes)}), replays <= "
+        f"{sum(s['replays'] for s in sizes)}; ~{total / 3600:.1f} h (<= {bound / 3600:.1f} h) at "
+        f"{SECONDS_PER_STEP_ROW * 1e3:.2f} ms per step and batch row uncached",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def parse_config(spec: str) -> tuple[str, str, int, float]:
-    """``"flow-euler-50-g2"`` -> ``("flow", "flow-euler", 50, 2.0)`` (a ``:fractions`` suffix is ignored)."""
-    scheduler, steps_s, g = spec.partition(":")[0].rsplit("-", 2)
-    if not g.startswith("g"):
-        raise SystemExit(f"bad configuration {spec!r}: expected scheduler-steps-gGUIDANCE, e.g. dpm-20-g4")
-    return ("flow" if scheduler == "flow-euler" else "ddpm"), scheduler, int(steps_s), float(g[1:])
+class Runner:
+    """Measures one configuration's points into ``entry["points"]``, reusing those a resumed run has."""
 
+    def __init__(self, model: torch.nn.Module, entry: dict[str, Any], eval_run: Callable[[], torch.Tensor],
+                 base: torch.Tensor, progress: Callable[[str], None], saved: Callable[[], None]) -> None:  # fmt: skip
+        self.model, self.entry, self.eval_run, self.base = model, entry, eval_run, base
+        self.progress, self.saved = progress, saved
+        self.before = {(p["family"], p["knob"]): p for p in entry.get("points", [])}
+        self.before_skipped = {(x["family"], x["knob"]): x for x in entry.get("skipped", [])}
+        entry["points"], entry["skipped"] = [], []
+        self.images: dict[Any, torch.Tensor] = {}  # SmoothCache schedules' images, by plans
 
-def thin(items: list[Any], k: int) -> list[Any]:
-    """``k`` evenly spaced items (the ends included)."""
-    if len(items) <= k:
-        return items
-    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else items[:1]
+    def run(self, family: str, knob: str, make: Callable[[], tuple[Any, dict[str, Any]]], *,
+            predicted: float | None = None, same: Any = None) -> dict[str, Any] | None:  # fmt: skip
+        """Measure ``make()``'s context (and info) on the evaluation images; ``None`` when it was
+        skipped (a stepcache policy's ScheduleError)."""
+        from benchmarks.harness import peers
+        from stepcache.errors import ScheduleError
 
-
-def peer_points(
-    model: torch.nn.Module, steps: int, mag_run: Callable[[], torch.Tensor], quick: bool
-) -> list[tuple[str, str, Callable[[], Any], dict[str, Any]]]:
-    """``(family, knob, enter, info)`` of every installed peer setting run here."""
-    from benchmarks.harness import peers
-    from benchmarks.harness.quality import QualityConfig, _keep
-
-    have = peers.available_peers()
-    depth = len(model.transformer_blocks)
-    lean = QualityConfig(lean=True)  # suite A's trim: cache-dit's F1B0 split, two PAB / FasterCache points
-    sweep = [pm for pm in peers.peer_sweeps(steps, depth) if _keep(pm, lean)]
-    for interval, warm in (*TAYLORSEER_ORDER2, (2, max(3, round(0.4 * steps)))):
-        knob = f"interval={interval}" + (f", warm-up={warm}" if warm != 3 else "") + ", order 2"
-        sweep.append(peers.taylorseer(interval, warm, 2, knob=knob))
-    warm = max(1, round(0.06 * steps))
-    for interval in FOCA_MASK_INTERVALS:
-        mask = [int(s < warm or (s - warm) % interval == 0 or s == steps - 1) for s in range(steps)]
-        params = {
-            "Fn_compute_blocks": 1,
-            "Bn_compute_blocks": 0,
-            "residual_diff_threshold": 0.08,
-            "max_warmup_steps": warm,
-            "max_continuous_cached_steps": -1,
-            "steps_computation_mask": mask,
-            "steps_computation_policy": "static",
-        }
-        pm = peers.PeerMethod(peers.CACHE_DIT, "DBCache+FoCa", f"F1B0, static mask every {interval}", params)
-        sweep.append(pm)
-    out = []
-    by_family: dict[str, list[Any]] = {}
-    for pm in sweep:
-        family = f"{pm.library}/{pm.name}"
-        if "steps_computation_mask" in pm.params:
-            family = f"{pm.library}/FoCa (static mask)"
-        by_family.setdefault(family, []).append(pm)
-    for family, pms in by_family.items():
-        if not have.get(pms[0].library):
-            continue
-        for pm in thin(pms, 2) if quick else pms:
-            out.append(
-                (
-                    family,
-                    pm.knob,
-                    lambda pm=pm: peers.apply_peer(
-                        pm, model, num_inference_steps=steps, calibration_run=mag_run
-                    ),
-                    {"params": {k: v for k, v in pm.params.items() if k != "steps_computation_mask"}},
-                )
-            )
-    return out
-
-
-def run_config(
-    spec: str,
-    models: dict[str, torch.nn.Module],
-    args: argparse.Namespace,
-    progress: Callable[[str], None],
-) -> dict[str, Any]:
-    from benchmarks.harness import peers
-    from stepcache import Schedule, reference
-    from stepcache.errors import ScheduleError
-    from stepcache.policies import tune
-    from stepcache.runtime import cache
-
-    name, scheduler, steps, guidance = parse_config(spec)
-    spec, _, only = spec.partition(":")  # "ddim-50-g1:0.25,0.35": tune at these fractions only
-    tuned_fractions = (
-        tuple(float(x) for x in only.split(",")) if only else (0.35,) if args.quick else TUNED_FRACTIONS
-    )
-    model = models[name]
-    t0 = time.perf_counter()
-    cal = reference.shipped_calibration(scheduler, steps) if guidance == 1.0 else None
-    if cal is not None:
-        cal_source = f"shipped ({scheduler}-{steps}.json)"
-    else:
-        cal = reference.calibrate_reference(
-            scheduler,
-            steps,
-            samples=CALIBRATION_SAMPLES,
-            seed=CALIBRATION_SEED,
-            guidance_scale=guidance,
-            progress=False,
-            model=name,
-        )
-        cal_source = (
-            f"calibrate_reference(samples={CALIBRATION_SAMPLES}, seed={CALIBRATION_SEED}, "
-            f"guidance_scale={guidance:g})"
-        )
-    cal_s = time.perf_counter() - t0
-    progress(f"[{spec}] calibration: {cal_source} ({cal_s:.1f} s)")
-
-    def eval_run() -> torch.Tensor:
-        return generate(model, scheduler, steps, args.samples, EVAL_SEED, guidance)
-
-    def tuning_run() -> torch.Tensor:
-        return generate(model, scheduler, steps, args.tuning, TUNING_SEED, guidance)
-
-    def mag_run() -> torch.Tensor:  # MagCache's calibration run (kept alive: its ratios are memoised on it)
-        return generate(model, scheduler, steps, MAGCACHE_IMAGES, MAGCACHE_SEED, guidance)
-
-    t0 = time.perf_counter()
-    base = eval_run()
-    base_s = time.perf_counter() - t0
-    progress(f"[{spec}] uncached: {args.samples} images in {base_s:.1f} s")
-
-    quick = args.quick
-    methods: list[tuple[str, str, Callable[[], Any] | None, dict[str, Any]]] = []
-
-    def add_schedule(family: str, knob: str, build: Callable[[], Schedule]) -> None:
-        methods.append((family, knob, None, {"build": build}))
-
-    for i in FORA_INTERVALS if not quick else FORA_INTERVALS[:1]:
-        add_schedule(
-            f"{BASELINE}/FORA+forecast",
-            f"interval={i}",
-            lambda i=i: fora(steps, i, forecast=True),
-        )
-    for f in thin(list(OPTIMAL_FRACTIONS), 2) if quick else OPTIMAL_FRACTIONS:
-        for gran in ("type", "layer"):
-            add_schedule(
-                f"{STEPCACHE}/optimal ({gran})",
-                f"fraction={f:g}",
-                lambda f=f, gran=gran: optimal_schedule(cal, f, granularity=gran),
-            )
-    for f in SMOOTH_FRACTIONS[1:3] if quick else SMOOTH_FRACTIONS:
-        add_schedule(
-            f"{STEPCACHE}/SmoothCache by fraction",
-            f"fraction={f:g}",
-            lambda f=f: for_compute_fraction(cal, f),
-        )
-    tuned_info: dict[str, dict[str, Any]] = {}
-    for f in tuned_fractions:
-
-        def build(f=f) -> Schedule:
-            t = time.perf_counter()
-            sched = tune(model, tuning_run, f, calibration=cal, progress=False)
-            tuned_info[f"fraction={f:g}"] = {
-                "tuning_s": round(time.perf_counter() - t, 1),
-                "tuning_replays": sched.meta["tuning"]["runs"],
-                "candidate": sched.meta["candidate"],
-                "schedule_compute_fraction": round(sched.compute_fraction, 4),
-            }
-            return sched
-
-        add_schedule(f"{STEPCACHE}/tuned", f"fraction={f:g}", build)
-    methods += peer_points(model, steps, mag_run, quick)
-    if peers.available_peers().get(peers.SMOOTHCACHE):
-        for f in SMOOTHCACHE_PKG_FRACTIONS[:1] if quick else SMOOTHCACHE_PKG_FRACTIONS:
-            with contextlib.suppress(ScheduleError):
-                sched = for_compute_fraction(cal, f)
-                pm = peers.PeerMethod(
-                    peers.SMOOTHCACHE,
-                    "SmoothCacheHelper",
-                    f"SmoothCache by fraction={f:g}",
-                    {"schedule": sched.to_smoothcache()},
-                )
-                methods.append(
-                    (
-                        f"{pm.library}/{pm.name}",
-                        pm.knob,
-                        lambda pm=pm: peers.apply_peer(pm, model, num_inference_steps=steps),
-                        {"same_schedule_as": f"{STEPCACHE}/SmoothCache by fraction fraction={f:g}"},
-                    )
-                )
-
-    points: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    images_of: dict[str, torch.Tensor] = {}
-    for k, (family, knob, enter, info) in enumerate(methods):
+        key = (family, knob)
+        if key in self.before:
+            self.entry["points"].append(self.before[key])
+            return self.before[key]
+        if key in self.before_skipped:
+            self.entry["skipped"].append(self.before_skipped[key])
+            return None
         row: dict[str, Any] = {"family": family, "knob": knob}
+        if predicted is not None:
+            row["predicted_fraction"] = round(predicted, 4)
         t0 = time.perf_counter()
+        where = f"{len(self.entry['points']) + len(self.entry['skipped']) + 1}. {family} ({knob})"
         try:
-            if "build" in info:  # a stepcache schedule: build it first (tune replays the tuning run)
-                try:
-                    sched = info["build"]()
-                except ScheduleError as e:
-                    skipped.append({"family": family, "knob": knob, "reason": str(e)})
-                    progress(f"[{spec}] {k + 1}/{len(methods)} {family} ({knob}): skipped ({e})")
-                    continue
-                row["schedule_compute_fraction"] = round(sched.compute_fraction, 4)
-                row.update(tuned_info.get(knob, {}) if family.endswith("/tuned") else {})
-                ctx: Any = cache(model, sched, count_macs=False)
-            else:
-                row.update(info)
-                assert enter is not None
-                ctx = enter()
-            with peers.count_component_calls(model) as counts:
+            try:
+                ctx, info = make()
+            except ScheduleError as e:
+                self.entry["skipped"].append({"family": family, "knob": knob, "reason": str(e)})
+                self.progress(f"{where}: skipped ({e})")
+                return None
+            row.update(info)
+            with peers.count_component_calls(self.model) as counts:
                 with ctx:
                     t1 = time.perf_counter()
-                    images = eval_run()
+                    images = self.eval_run()
                     seconds = time.perf_counter() - t1
                 frac = float(counts()["fraction"])
         except Exception as e:  # a failing point is recorded, never allowed to stop the run
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            points.append(row)
-            progress(f"[{spec}] {k + 1}/{len(methods)} {family} ({knob}): FAILED {row['error']}")
-            continue
-        row.update({"compute_fraction": round(frac, 4), **summary(per_image_psnr(images, base))})
+            self.entry["points"].append(row)
+            self.progress(f"{where}: FAILED {row['error']}")
+            self.saved()
+            return row
+        row.update({"compute_fraction": round(frac, 4), **summary(per_image_psnr(images, self.base))})
         row["seconds"] = round(seconds, 2)
-        if family == f"{STEPCACHE}/SmoothCache by fraction":
-            images_of[f"{family} {knob}"] = images
-        same = info.get("same_schedule_as")
-        if same in images_of:
-            row["bit_identical_to_stepcache"] = bool(torch.equal(images, images_of[same]))
-        points.append(row)
-        progress(
-            f"[{spec}] {k + 1}/{len(methods)} {family} ({knob}): fraction {frac:.3f}, mean "
-            f"{row['mean_db']:.2f} dB, p5 {row['p5_db']:.2f}, worst {row['worst_db']:.2f} "
-            f"({time.perf_counter() - t0:.1f} s)"
+        if same is not None:
+            if family == f"{sweep.STEPCACHE}/SmoothCache by fraction":
+                self.images[same] = images
+            elif same in self.images:
+                row["bit_identical_to_stepcache"] = bool(torch.equal(images, self.images[same]))
+        self.entry["points"].append(row)
+        self.progress(
+            f"{where}: fraction {frac:.3f}, mean {row['mean_db']:.2f} dB, p5 {row['p5_db']:.2f}, "
+            f"worst {row['worst_db']:.2f} ({time.perf_counter() - t0:.1f} s)"
         )
-    return {
-        "config": spec,
-        "model": name,
-        "scheduler": scheduler,
-        "steps": steps,
-        "guidance_scale": guidance,
-        "calibration": cal_source,
-        "tuned_fractions": list(tuned_fractions),
-        "calibration_s": round(cal_s, 1),
-        "uncached_s": round(base_s, 2),
-        "points": points,
-        "skipped": skipped,
-        "matched": matched_rows(points, TARGETS),
-    }
+        self.saved()
+        return row
 
 
-# ------------------------------------------------------------------------------------------ output
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def calibration_for(model_name: str, scheduler: str, steps: int, guidance: float) -> tuple[Any, str]:
+    from stepcache import reference
 
-
-WIDE = 0.15  # an interpolation between frontier points further apart than this is flagged in the tables
-
-
-def wide(v: dict[str, Any] | None) -> str:
-    return "*" if v and v["between"][1] - v["between"][0] > WIDE else ""
-
-
-def fmt(x: float | None, signed: bool = False) -> str:
-    if x is None:
-        return "-"
-    return f"{x:+.2f}" if signed else f"{x:.2f}"
-
-
-def yes_no(x: bool | None) -> str:
-    return "-" if x is None else ("yes" if x else "no")
-
-
-def markdown(report: dict[str, Any]) -> str:
-    s = report["settings"]
-    lines = [
-        "# The frontier where users live: stepcache vs peers at matched compute fractions",
-        "",
-        "Generated by "
-        + " then ".join(f"`{cmd}`" for cmd in s.get("commands", [s["command"]]))
-        + f" in {report.get('seconds', 0):.0f} s in all "
-        f"({'complete' if report.get('complete') else 'PARTIAL: ' + str(len(report['configs'])) + ' configurations so far'})"
-        + (f" (matched tables recomputed by `{s['rematched']}`)" if s.get("rematched") else "")
-        + f", on {s['platform']}, Python {s['python']}, torch {s['torch']} (torch threads: per configuration below); "
-        f"peers: {', '.join(f'{k} {v}' for k, v in s['peers'].items())}.",
-        "",
-        f"Per configuration: {s['samples']} evaluation images (one `sample()` call, seed {s['eval_seed']}, "
-        f"labels `arange(n) % 10`), per-image PSNR against the uncached image of the same seed (range 2, "
-        f"clamped at 100 dB), summarised as mean and 5th percentile (p5). `tune` replays {s['tuning']} "
-        f"images of seed {s['tuning_seed']}; stepcache's calibration is the shipped one at guidance 1, else "
-        f"`calibrate_reference(samples={CALIBRATION_SAMPLES}, seed={s['calibration_seed']}, guidance_scale=g)`; "
-        f"MagCache calibrates on {MAGCACHE_IMAGES} images of seed {s['magcache_seed']}. Compute fraction: "
-        "`peers.count_component_calls` (attention and feed-forward computations that ran, weighted by batch "
-        "rows), the same counter for every method.",
-        "",
-        "Matched fractions: each family's Pareto frontier (lower fraction, higher mean PSNR) is interpolated "
-        f"linearly at the target (mean and p5 with the same weight); a family whose frontier does not span "
-        f"the target (within {TOLERANCE}) has no value there. Best stepcache = highest mean among "
-        "`stepcache/*`; best peer = highest mean among `diffusers/*`, `cache-dit/*`, `dit-smoothcache/*` "
-        "(`baseline/FORA+forecast` is neither). Goal: stepcache mean >= best peer mean + 1 dB and "
-        "stepcache p5 >= that peer's p5 ('goal vs best p5': against the highest p5 of any peer instead). "
-        f"`*`: interpolated between frontier points more than {WIDE} apart in fraction (e.g. a low-fraction "
-        "point and a threshold that computes every step at 100 dB): such values flatter the family; the "
-        "JSON gives the two fractions (`between`).",
-        "",
-    ]
-    for target in TARGETS:
-        lines += [
-            f"## Compute fraction {target:g}",
-            "",
-            "| configuration | best stepcache | mean | p5 | best peer | mean | p5 | margin mean | margin p5 "
-            "| best peer p5 (family) | margin vs best p5 | goal | goal vs best p5 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for c in report["configs"]:
-            m = next(r for r in c["matched"] if r["target"] == target)
-            sc, pe, bp = m.get("stepcache") or {}, m.get("peer") or {}, m.get("peer_best_p5") or {}
-            lines.append(
-                f"| {c['config']} | {sc.get('family', '-')}{wide(sc or None)} | {fmt(sc.get('mean_db'))} "
-                f"| {fmt(sc.get('p5_db'))} | {pe.get('family', '-')}{wide(pe or None)} | {fmt(pe.get('mean_db'))} "
-                f"| {fmt(pe.get('p5_db'))} "
-                f"| {fmt(m.get('margin_mean_db'), True)} | {fmt(m.get('margin_p5_db'), True)} "
-                f"| {fmt(bp.get('p5_db'))} ({bp.get('family', '-')}) | {fmt(m.get('margin_p5_vs_best_p5_db'), True)} "
-                f"| {yes_no(m.get('goal_met'))} | {yes_no(m.get('goal_met_vs_best_p5'))} |"
-            )
-        lines.append("")
-    lines += [
-        "## Cross-check without interpolation: the best measured point within each budget",
-        "",
-        f"Per target f: the measured point with the highest mean PSNR among stepcache's families and among "
-        f"the peers' whose compute fraction is at most f + {TOLERANCE} (no interpolation, so no credit for "
-        "a wide gap between sweep points); same goal test.",
-        "",
-        "| configuration | f | stepcache point | fraction | mean | p5 | peer point | fraction | mean | p5 "
-        "| margin mean | margin p5 | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in report["configs"]:
-        for m in c["matched"]:
-            a = m.get("at_most") or {}
-            sc, pe = a.get("stepcache") or {}, a.get("peer") or {}
-
-            def cell(x: dict[str, Any]) -> str:
-                if not x:
-                    return "- | - | - | -"
-                return (
-                    f"{x['family']} ({x['knob']}) | {x['compute_fraction']:.3f} | {x['mean_db']:.2f} "
-                    f"| {x['p5_db']:.2f}"
-                )
-
-            lines.append(
-                f"| {c['config']} | {m['target']:g} | {cell(sc)} | {cell(pe)} | "
-                f"{fmt(a.get('margin_mean_db'), True)} | {fmt(a.get('margin_p5_db'), True)} "
-                f"| {yes_no(a.get('goal_met'))} |"
-            )
-    lines.append("")
-    lines += ["## Per configuration: every family at the target fractions (mean / p5 dB)", ""]
-    for c in report["configs"]:
-        fams = sorted({f for m in c["matched"] for f in m["families"]} | {p["family"] for p in c["points"]})
-        lines += [
-            f"### {c['config']}",
-            "",
-            f"Calibration: {c['calibration']}; `tune` at fractions {', '.join(f'{x:g}' for x in c['tuned_fractions'])}; "
-            f"uncached {c['uncached_s']:.1f} s for {s['samples']} images; "
-            f"{c.get('threads', s['threads'])} torch thread(s).",
-            "",
-            "| family | points | fraction range | " + " | ".join(f"f={t:g}" for t in TARGETS) + " |",
-            "|---|---|---|" + "---|" * len(TARGETS),
-        ]
-        for fam in fams:
-            ok = [p for p in c["points"] if p["family"] == fam and "error" not in p]
-            rng = (
-                f"{min(p['compute_fraction'] for p in ok):.3f}..{max(p['compute_fraction'] for p in ok):.3f}"
-                if ok
-                else "-"
-            )
-            cells = []
-            for m in c["matched"]:
-                v = m["families"].get(fam)
-                cells.append(f"{v['mean_db']:.2f} / {v['p5_db']:.2f}{wide(v)}" if v else "-")
-            lines.append(f"| {fam} | {len(ok)} | {rng} | " + " | ".join(cells) + " |")
-        lines.append("")
-    failed = [(c["config"], p) for c in report["configs"] for p in c["points"] if "error" in p]
-    lines += ["## Failed points", ""]
-    if failed:
-        lines += ["| configuration | family | knob | error |", "|---|---|---|---|"]
-        for cfg, p in failed:
-            err = p["error"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {cfg} | {p['family']} | {p['knob']} | {err[:300]} |")
-    else:
-        lines.append("None.")
-    skipped = [(c["config"], x) for c in report["configs"] for x in c.get("skipped", [])]
-    lines += [
-        "",
-        "## Skipped stepcache points (ScheduleError: the fraction is out of the calibration's reach)",
-        "",
-    ]
-    lines += [f"* {cfg}: {x['family']} ({x['knob']}): {x['reason']}" for cfg, x in skipped] or ["None."]
-    lines += ["", "## Notes", ""] + [f"* {n}" for n in report.get("notes", [])]
-    return "\n".join(lines) + "\n"
-
-
-NOTES = [
-    "diffusers TaylorSeer: orders 1 and 2 form one family (a user picks any setting), so its frontier is "
-    "the best of both.",
-    "cache-dit ships FoCa only as a calibrator of its DBCache (`calibrator_config=FoCaCalibratorConfig()` "
-    "next to a `DBCacheConfig`); there is no FoCa-only entry point. `cache-dit/DBCache+FoCa` is the adaptive "
-    "DBCache (F1B0, residual-diff thresholds) with FoCa forecasts; `cache-dit/FoCa (static mask)` is the "
-    "closest thing to FoCa alone: DBCache's `steps_computation_mask` with `steps_computation_policy='static'` "
-    "(compute the warm-up steps, every i-th step and the last, forecast the rest with FoCa), where the "
-    "first block (F1) still runs at every step.",
-    "diffusers FasterCache runs through the harness adapter with `is_guidance_distilled=True`, i.e. only its "
-    "attention reuse (extrapolated attn1 outputs); its CFG cache (unconditional-branch skipping) is refused "
-    "by the adapter because the hook splits hidden_states/timestep but not DiT's class_labels and assumes an "
-    "[uncond; cond] batch, whereas the reference `sample()` batches [cond; uncond] in one call.",
-    "MagCache is calibrated once per configuration (diffusers' calibration mode on one uncached run of "
-    "the same sampler, steps and guidance), then swept over its thresholds.",
-    "dit-smoothcache (`SmoothCacheHelper`) runs stepcache's SmoothCache-by-fraction schedules; "
-    "`bit_identical_to_stepcache` in the JSON says whether its images equal stepcache's for the same schedule.",
-]
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    configs = report["configs"]
-    if not configs:
-        return
-    cols = min(4, len(configs))
-    rows = (len(configs) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    names = sorted({p["family"] for c in configs for p in c["points"]})
-    colors = {fam: plt.get_cmap("tab20")(i % 20) for i, fam in enumerate(names)}
-    for ax, c in zip(axes.flat, configs, strict=False):
-        fams: dict[str, list[tuple[float, float, float]]] = {}
-        for p in c["points"]:
-            if "error" not in p:
-                fams.setdefault(p["family"], []).append((p["compute_fraction"], p["mean_db"], p["p5_db"]))
-        for fam, pts in sorted(fams.items()):
-            front = frontier(pts)
-            style = "-" if fam.startswith(STEPCACHE) else (":" if fam.startswith(BASELINE) else "--")
-            lw = 2.0 if fam.startswith(STEPCACHE) else 1.0
-            ax.plot(
-                [p[0] for p in front],
-                [p[1] for p in front],
-                style,
-                marker=".",
-                lw=lw,
-                color=colors[fam],
-                label=fam,
-            )
-        for t in TARGETS:
-            ax.axvline(t, color="0.85", lw=0.8, zorder=0)
-        ax.set_title(c["config"])
-        ax.set_xlim(0.1, 0.8)
-        shown = [p["mean_db"] for p in c["points"] if "error" not in p and p["compute_fraction"] <= 0.8]
-        if shown:
-            ax.set_ylim(min(shown) - 2, min(max(shown), 80) + 3)
-        ax.set_xlabel("compute fraction")
-        ax.set_ylabel("mean PSNR (dB)")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(configs) :]:
-        ax.axis("off")
-    seen: dict[str, Any] = {}
-    for ax in axes.flat:
-        h, lab = ax.get_legend_handles_labels()
-        seen.update(dict(zip(lab, h, strict=False)))
-    fig.legend(
-        list(seen.values()), list(seen.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8
+    cal = reference.shipped_calibration(scheduler, steps) if guidance == 1.0 else None
+    if cal is not None:
+        return cal, f"shipped ({scheduler}-{steps}.json)"
+    cal = reference.calibrate_reference(
+        scheduler, steps, samples=CALIBRATION_SAMPLES, seed=SEEDS["calibration"], guidance_scale=guidance,
+        progress=False, model=model_name,
+    )  # fmt: skip
+    return cal, (
+        f"calibrate_reference(samples={CALIBRATION_SAMPLES}, seed={SEEDS['calibration']}, guidance_scale={guidance:g})"
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
-def write_all(report: dict[str, Any], stem: Path) -> None:
-    write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    write_atomic(stem.with_suffix(".md"), markdown(report))
-    plot(report, stem.with_name(stem.name + "-mean.png"))
+SEEDS: dict[str, int] = dict(load_protocol()["seeds"])
 
 
-def rematch(path: Path) -> None:
+def run_config(
+    spec: str,
+    model: torch.nn.Module,
+    entry: dict[str, Any],
+    args: argparse.Namespace,
+    grid: sweep.Grid,
+    progress: Callable[[str], None],
+    saved: Callable[[], None],
+) -> None:
+    """Measure one configuration into ``entry`` (which may hold a partial earlier run's points)."""
+    from benchmarks.harness import peers
+    from stepcache.runtime import cache
+
+    model_name, scheduler, steps, guidance = parse_config(spec)
+    say = lambda msg: progress(f"[{spec}] {msg}")  # noqa: E731
+    t0 = time.perf_counter()
+    cal, cal_source = calibration_for(model_name, scheduler, steps, guidance)
+    entry.update(
+        {"config": spec, "model": model_name, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
+         "calibration": cal_source, "calibration_s": round(time.perf_counter() - t0, 1), "complete": False}
+    )  # fmt: skip
+    say(f"calibration: {cal_source} ({entry['calibration_s']:.1f} s)")
+
+    def eval_run() -> torch.Tensor:
+        return generate(model, scheduler, steps, args.samples, SEEDS["evaluation"], guidance)
+
+    def tuning_run() -> torch.Tensor:
+        return generate(model, scheduler, steps, args.tuning, SEEDS["tuning"], guidance)
+
+    def mag_run() -> torch.Tensor:
+        return generate(model, scheduler, steps, MAGCACHE_IMAGES, MAGCACHE_SEED, guidance)
+
+    def dry(pm: peers.PeerMethod) -> float:  # one single-image generation, counted
+        try:
+            with (
+                peers.count_component_calls(model) as counts,
+                peers.apply_peer(pm, model, num_inference_steps=steps),
+            ):
+                generate(model, scheduler, steps, 1, SEEDS["evaluation"], guidance)
+            return float(counts()["fraction"])
+        except Exception:  # the real run records the error, if it gets that far
+            return float("nan")
+
+    t0 = time.perf_counter()
+    base = eval_run()
+    entry["uncached_s"] = round(time.perf_counter() - t0, 2)
+    say(f"uncached: {args.samples} images in {entry['uncached_s']:.1f} s")
+    runner = Runner(model, entry, eval_run, base, say, saved)
+
+    for family, build, fractions in stepcache_methods(model, cal, tuning_run, quick=args.quick):
+        for f in fractions:
+
+            def make(
+                build: Callable[[float], Any] = build, f: float = f, family: str = family
+            ) -> tuple[Any, dict[str, Any]]:
+                t = time.perf_counter()
+                sched = build(f)
+                info: dict[str, Any] = {"schedule_compute_fraction": round(sched.compute_fraction, 4)}
+                if "tuning" in sched.meta:
+                    info.update(
+                        tuning_s=round(time.perf_counter() - t, 1),
+                        tuning_replays=sched.meta["tuning"]["runs"],
+                        candidate=sched.meta.get("candidate"),
+                    )
+                return cache(model, sched, count_macs=False), info
+
+            smooth = family.endswith("SmoothCache by fraction")
+            key = None
+            if smooth:  # the plans, so dit-smoothcache running the same schedule can be compared
+                from stepcache.errors import ScheduleError
+                from stepcache.policies import for_compute_fraction
+
+                try:
+                    key = tuple(sorted(for_compute_fraction(cal, f).plans.items()))
+                except ScheduleError:
+                    key = None
+            runner.run(family, f"fraction={f:g}", make, same=key)
+
+    available = peers.available_peers()
+    depth = len(model.transformer_blocks)
+    ratios: list[float] = []
+
+    def mag_ratios() -> list[float]:
+        if not ratios:
+            ratios.extend(peers.calibrate_mag_ratios(model, mag_run, steps))
+        return ratios
+
+    static = sweep.static_settings(
+        steps, depth, TARGETS, calibration=cal, mag_ratios=mag_ratios, dry=dry, available=available, grid=grid
+    )
+    counts: dict[str, int] = {}
+    for s in static:
+        counts[s.family] = counts.get(s.family, 0) + 1
+    dynamic = sweep.dynamic_settings(steps, depth, available, grid)
+    say(
+        f"static settings within {sweep.TOLERANCE} of a target: {len(static)} "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items())}); dynamic combinations: {len(dynamic)} "
+        f"(<= {sum(sweep.dynamic_bound(d, TARGETS, grid) for d in dynamic)} probes)"
+    )
+    for s in static:
+        if s.schedule is not None:
+            make = lambda s=s: (cache(model, s.schedule, count_macs=False), {})  # noqa: E731
+        else:
+            make = lambda s=s: (peers.apply_peer(s.method, model, num_inference_steps=steps), {})  # noqa: E731
+        same = s.key if s.family.startswith(peers.SMOOTHCACHE) else None
+        runner.run(s.family, s.knob, make, predicted=s.predicted, same=same)
+    probes = 0
+    for d in dynamic:
+
+        def measure(th: float, d: sweep.Dynamic = d) -> float | None:
+            pm = d.method(th)
+            row = runner.run(
+                d.family, pm.knob, lambda: (peers.apply_peer(pm, model, num_inference_steps=steps), {})
+            )
+            return None if row is None or "error" in row else row["compute_fraction"]
+
+        lo, hi = grid.threshold_range
+        probes += len(
+            sweep.search(measure, TARGETS, floor=d.floor, coarse=d.coarse, lo=lo, hi=hi, refine=grid.refine)
+        )
+    entry["sweep"] = {"static": counts, "dynamic_combinations": len(dynamic), "dynamic_probes": probes}
+    entry["matched"] = match(entry["points"], TARGETS)
+    entry["complete"] = True
+
+
+# ------------------------------------------------------------------------------------------ main
+def rematch(path: Path, out: Path | None) -> None:
     """Recompute every configuration's matched table from its recorded points (this script's rules)."""
     report = json.loads(path.read_text())
     for c in report["configs"]:
-        c["matched"] = matched_rows(c["points"], TARGETS)
+        c["matched"] = match(c["points"], TARGETS)
     report["settings"]["rematched"] = f"python benchmarks/frontier.py --rematch {path.name}"
     report["notes"] = NOTES
-    write_all(report, path.with_suffix(""))
-    print(f"rewrote {path.with_suffix('.md')}, .json and -mean.png", flush=True)
+    stem = (out or path).with_suffix("")
+    write_all(report, stem)
+    print(f"wrote {stem.with_suffix('.md')}, .json and -mean.png", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", choices=SETS, default=None, help="the protocol's set (default: development)")
+    p.add_argument("--final", action="store_true", help="allow the held-out set (run once, at the end)")
+    p.add_argument("--configs", nargs="+", default=None, help="SAMPLER-STEPS-gGUIDANCE, instead of a set")
+    p.add_argument(
+        "--samples", type=int, default=None, help="evaluation images per point (default: the protocol's 48)"
     )
-    parser.add_argument(
-        "--configs",
-        nargs="+",
-        default=list(CONFIGS),
-        help="scheduler-steps-gGUIDANCE[:f1,f2,...] (the suffix: tune at these fractions only)",
+    p.add_argument("--tuning", type=int, default=12, help="images tune replays")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_CONFIG}, 8 + 4 images, thin sweeps (a smoke test)"
     )
-    parser.add_argument("--samples", type=int, default=32, help="evaluation images per point")
-    parser.add_argument("--tuning", type=int, default=12, help="images tune replays")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--quick", action="store_true", help="1 configuration, 8 + 4 images, two points per family"
+    p.add_argument(
+        "--plan", action="store_true", help="print the size of the run and its estimated time; run nothing"
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output stem (default benchmarks/results/frontier)"
+    p.add_argument("--out", type=Path, default=None, help="output stem (default results/frontier-<set>)")
+    p.add_argument(
+        "--resume", action="store_true", help="keep what the output JSON has (configurations and points)"
     )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the configurations already in the output JSON (same sizes and seeds) and run the rest",
+    p.add_argument(
+        "--redo", nargs="+", default=[], help="with --resume: run these configurations again from scratch"
     )
-    parser.add_argument(
-        "--redo",
-        nargs="+",
-        default=[],
-        help="with --resume: run these configurations (scheduler-steps-gGUIDANCE) again, replacing their results",
+    p.add_argument(
+        "--rematch", type=Path, default=None, help="recompute the tables of a results JSON; no generation"
     )
-    parser.add_argument(
-        "--rematch",
-        type=Path,
-        default=None,
-        help="recompute the matched tables of a results JSON (no generation) and rewrite its .json/.md/.png",
-    )
-    args = parser.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.rematch is not None:
-        rematch(args.rematch)
+        rematch(args.rematch, args.out)
         return
+    protocol = load_protocol()
+    if args.configs is not None and args.set is not None:
+        raise SystemExit("--configs and --set are exclusive")
+    set_name = None if args.configs is not None else (args.set or "development")
+    specs = list(args.configs) if args.configs is not None else list(protocol[set_name])
+    if args.quick and set_name == "development":
+        specs = [QUICK_CONFIG]
+    if (set_name == "heldout" or args.configs is not None) and not args.plan:
+        guard_heldout(specs, protocol, final=args.final, quick=args.quick)
+    if args.samples is None:
+        args.samples = 8 if args.quick else int(protocol["seeds"]["evaluation_images"])
     if args.quick:
-        args.samples, args.tuning = 8, 4
-        if args.configs == list(CONFIGS):
-            args.configs = ["dpm-20-g4"]
-    if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "frontier-quick" if args.quick else RESULTS / "frontier"
-    for spec in args.configs:
+        args.tuning = min(args.tuning, 4)
+    for spec in specs:
         parse_config(spec)
+    if args.quick:  # a smoke test: never a set's result
+        set_name = None
+    if args.out is None:
+        if set_name is not None:
+            args.out = RESULTS / f"frontier-{set_name}"
+        else:
+            args.out = Path(tempfile.gettempdir()) / ("frontier-quick" if args.quick else "frontier-adhoc")
+    grid = sweep.QUICK if args.quick else sweep.FULL
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
     from benchmarks.harness import peers
     from stepcache import reference
 
+    available = peers.available_peers()
+    models = {name: reference.load_model(model=name) for name in {parse_config(c)[0] for c in specs}}
+    sizes = [
+        plan_size(s, len(models[parse_config(s)[0]].transformer_blocks), grid, available, args) for s in specs
+    ]
+    print_plan(sizes, args)
+    if args.plan:
+        return
     started = time.perf_counter()
-    models = {name: reference.load_model(model=name) for name in {parse_config(c)[0] for c in args.configs}}
-    argv = " ".join(sys.argv[1:])
-    command = "python benchmarks/frontier.py" + (f" {argv}" if argv else "")
-    report: dict[str, Any] = {
-        "settings": {
-            "command": command,
-            "configs": args.configs,
-            "samples": args.samples,
-            "tuning": args.tuning,
-            "eval_seed": EVAL_SEED,
-            "tuning_seed": TUNING_SEED,
-            "calibration_seed": CALIBRATION_SEED,
-            "calibration_samples": CALIBRATION_SAMPLES,
-            "magcache_seed": MAGCACHE_SEED,
-            "magcache_images": MAGCACHE_IMAGES,
-            "targets": list(TARGETS),
-            "tolerance": TOLERANCE,
-            "goal_db": GOAL_DB,
-            "tuned_fractions": list(TUNED_FRACTIONS),
-            "optimal_fractions": list(OPTIMAL_FRACTIONS),
-            "smoothcache_fractions": list(SMOOTH_FRACTIONS),
-            "quick": args.quick,
-            "threads": args.threads,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "peers": {k: v or "not installed" for k, v in peers.available_peers().items()},
-        },
-        "notes": NOTES,
-        "configs": [],
-        "complete": False,
+    argv_s = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
+    command = "python benchmarks/frontier.py" + (f" {argv_s}" if argv_s else "")
+    settings: dict[str, Any] = {
+        "command": command,
+        "set": set_name,
+        "final": bool(args.final and set_name == "heldout"),
+        "protocol": (
+            f"the {set_name} set of benchmarks/configs/heldout.json"
+            if set_name
+            else "given on the command line"
+        ),
+        "configs": specs,
+        "samples": args.samples,
+        "tuning": args.tuning,
+        "eval_seed": SEEDS["evaluation"],
+        "tuning_seed": SEEDS["tuning"],
+        "calibration_seed": SEEDS["calibration"],
+        "calibration_samples": CALIBRATION_SAMPLES,
+        "magcache_seed": MAGCACHE_SEED,
+        "magcache_images": MAGCACHE_IMAGES,
+        "targets": list(TARGETS),
+        "tolerance": sweep.TOLERANCE,
+        "grid": "quick" if args.quick else "full",
+        "plan": sizes,
+        "quick": args.quick,
+        "threads": args.threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peers": {k: v or "not installed" for k, v in available.items()},
     }
+    report: dict[str, Any] = {"settings": settings, "notes": NOTES, "configs": [], "complete": False}
     earlier = 0.0
-    if args.resume and args.out.with_suffix(".json").is_file():
-        prev = json.loads(args.out.with_suffix(".json").read_text())
-        for key in ("samples", "tuning", "eval_seed", "tuning_seed", "calibration_seed", "magcache_seed"):
-            if prev["settings"][key] != report["settings"][key]:
+    path = args.out.with_suffix(".json")
+    if args.resume and path.is_file():
+        prev = json.loads(path.read_text())
+        for key in (
+            "samples",
+            "tuning",
+            "eval_seed",
+            "tuning_seed",
+            "calibration_seed",
+            "magcache_seed",
+            "grid",
+        ):
+            if prev["settings"].get(key) != settings[key]:
                 raise SystemExit(
                     f"--resume: {key} differs from the earlier run's; start a fresh run instead."
                 )
-        report["configs"] = prev["configs"]
-        for c in report["configs"]:
-            c.setdefault("threads", prev["settings"]["threads"])
-        report["settings"]["commands"] = [
-            *prev["settings"].get("commands", [prev["settings"]["command"]]),
-            command,
-        ]
-        report["settings"]["command"] = prev["settings"]["command"]
+        report["configs"] = [c for c in prev["configs"] if c["config"] not in args.redo]
+        settings["commands"] = [*prev["settings"].get("commands", [prev["settings"]["command"]]), command]
+        settings["command"] = prev["settings"]["command"]
         earlier = float(prev.get("seconds", 0.0))
-    done = {c["config"] for c in report["configs"]}
+    last_save = [time.perf_counter()]
+    current: dict[
+        str, Any
+    ] = {}  # the configuration being run: its entry, when it started, its earlier seconds
 
     def progress(msg: str) -> None:
         print(f"{time.perf_counter() - started:7.0f}s {msg}", flush=True)
 
-    def save() -> None:
+    def save(full: bool = False) -> None:
         report["seconds"] = round(earlier + time.perf_counter() - started, 1)
-        write_all(report, args.out)
+        if current:
+            current["entry"]["seconds"] = round(current["before"] + time.perf_counter() - current["t0"], 1)
+        (write_all if full else write_json)(report, args.out)
+        last_save[0] = time.perf_counter()
 
-    for spec in args.configs:
-        if spec.partition(":")[0] in args.redo:  # replaced in place, so the table order stays
-            slot = next(
-                (i for i, c in enumerate(report["configs"]) if c["config"] == spec.partition(":")[0]), None
-            )
-            if slot is not None:
-                report["configs"][slot] = {
-                    **run_config(spec, models, args, progress),
-                    "threads": args.threads,
-                }
-                save()
-                progress(f"[{spec}] re-run; wrote {args.out.with_suffix('.json')}")
-                continue
-        if spec.partition(":")[0] in done:
-            progress(f"[{spec}] already in {args.out.with_suffix('.json')} (--resume): skipped")
+    def saved() -> None:  # after each point: the JSON, at most every 20 s (what --resume reads)
+        if time.perf_counter() - last_save[0] > 20:
+            save()
+
+    for spec in specs:
+        entry = next((c for c in report["configs"] if c["config"] == spec), None)
+        if entry is not None and entry.get("complete"):
+            progress(f"[{spec}] already in {path} (--resume): skipped")
             continue
-        report["configs"].append({**run_config(spec, models, args, progress), "threads": args.threads})
-        save()
-        progress(f"[{spec}] done; wrote {args.out.with_suffix('.json')}")
+        if entry is None:
+            entry = {"config": spec}
+            report["configs"].append(entry)
+        else:
+            progress(f"[{spec}] resuming: {len(entry.get('points', []))} points already measured")
+        current.update(entry=entry, t0=time.perf_counter(), before=float(entry.get("seconds", 0.0)))
+        run_config(spec, models[parse_config(spec)[0]], entry, args, grid, progress, saved)
+        save(full=True)
+        current.clear()
+        progress(f"[{spec}] done; wrote {path}")
     report["complete"] = True
-    save()
+    save(full=True)
     print(f"wrote {args.out.with_suffix('.md')}, .json and {args.out.name}-mean.png", flush=True)
 
 

@@ -310,21 +310,22 @@ def peer_sweeps(num_inference_steps: int, depth: int) -> list[PeerMethod]:
     return out
 
 
-def taylorseer(interval: int, warm: int, order: int = 1, *, knob: str | None = None) -> PeerMethod:
-    """diffusers TaylorSeer computing every ``interval``-th step after ``warm`` full steps, on the
-    attention and feed-forward outputs (float32 Taylor factors, as the reference model runs)."""
-    return PeerMethod(
-        DIFFUSERS,
-        "TaylorSeer",
-        knob or f"interval={interval}, warm-up={warm}",
-        {
-            "cache_interval": interval,
-            "max_order": order,
-            "disable_cache_before_step": warm,
-            "taylor_factors_dtype": "float32",
-            "cache_identifiers": list(_TAYLORSEER_TARGETS),
-        },
-    )
+def taylorseer(
+    interval: int, warm: int, order: int = 1, *, knob: str | None = None, cooldown: int | None = None
+) -> PeerMethod:
+    """diffusers TaylorSeer computing every ``interval``-th step after ``warm`` full steps (and every step
+    from ``cooldown`` on, its ``disable_cache_after_step``), on the attention and feed-forward outputs
+    (float32 Taylor factors, as the reference model runs)."""
+    params: dict[str, Any] = {
+        "cache_interval": interval,
+        "max_order": order,
+        "disable_cache_before_step": warm,
+        "taylor_factors_dtype": "float32",
+        "cache_identifiers": list(_TAYLORSEER_TARGETS),
+    }
+    if cooldown is not None:
+        params["disable_cache_after_step"] = cooldown
+    return PeerMethod(DIFFUSERS, "TaylorSeer", knob or f"interval={interval}, warm-up={warm}", params)
 
 
 def _check_positive_int(value: Any, name: str) -> int:
