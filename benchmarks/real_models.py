@@ -16,7 +16,7 @@ Per model, in one process, on the same pipeline, prompts and seeds:
    percentile, worst), LPIPS and CLIP score when their weights are already on disk (never downloaded:
    the report says what was skipped and why), seconds per output (the whole pipeline call: text
    encoders and decoder included, the same for every method) and peak memory;
-6. each method family's frontier interpolated at the three fractions (``benchmarks/frontier.py``'s),
+6. at each of the three fractions, each family's best point within 0.02 (``benchmarks/frontier_match.py``),
    best stepcache family against best peer family.
 
 The pipelines come from their hub ids (``MODELS``; ``--path KEY=FOLDER`` for a local copy) in bf16;
@@ -57,7 +57,7 @@ from stepcache.policies import optimal_schedule, tune
 if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.frontier import matched_rows, thin
+from benchmarks.frontier_match import match
 from benchmarks.harness import peers
 from benchmarks.harness.images import describe, per_sample_psnr, per_sample_ssim, perceptual_metrics
 from benchmarks.harness.peers.pipelines import apply_to_pipeline, pipeline_sweeps
@@ -422,12 +422,19 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, dtype: t
             for pm in thin(pms, args.peer_points) if args.peer_points else pms:
                 points.append(run.measure(family, pm.knob, _peer(pm, pipe, n, mag_run)))
     report["points"] = points
-    report["matched"] = matched_rows(points, args.fractions)
+    report["matched"] = match(points, args.fractions)
     return report
 
 
 def _peer(pm: peers.PeerMethod, pipe: Any, n: int, mag_run: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: apply_to_pipeline(pm, pipe, num_inference_steps=n, calibration_run=mag_run)
+
+
+def thin(items: list[Any], k: int) -> list[Any]:
+    """``k`` evenly spaced items (the ends included)."""
+    if len(items) <= k:
+        return items
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else items[:1]
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -480,7 +487,7 @@ def markdown(report: dict[str, Any]) -> str:
         if m.get("matched"):
             lines += [
                 "",
-                "Each family's frontier at matched compute fractions (PSNR mean / p5, dB; interpolated, never extrapolated):",
+                "At each compute fraction, the best measured point within 0.02 of it (PSNR mean / p5, dB; nothing interpolated):",
                 "",
                 "| fraction | best stepcache | best peer | margin (mean / p5) |",
                 "|---|---|---|---|",
@@ -489,7 +496,7 @@ def markdown(report: dict[str, Any]) -> str:
                 ours, theirs = row.get("stepcache"), row.get("peer")
                 margin = (
                     f"{row['margin_mean_db']:+.2f} / {row['margin_p5_db']:+.2f}"
-                    if "margin_mean_db" in row
+                    if row.get("margin_mean_db") is not None
                     else ""
                 )
                 lines.append(f"| {row['target']} | {_cell(ours)} | {_cell(theirs)} | {margin} |")
