@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ._io import CALIBRATION_FILE, SCHEDULE_FILE
 from .calibration import DEFAULT_LOOKAHEAD, Calibration
@@ -52,7 +50,7 @@ from .runtime.config import DEFAULT_COMPUTE_FRACTION, CacheConfig
 from .runtime.generation import GenerationPlanner, GenerationStart, compute_all
 from .runtime.handle import CacheHandle
 from .runtime.introspect import fingerprint, model_class, weights_state
-from .runtime.steps import pipeline_steps
+from .runtime.steps import calling_frame, drives, pipeline_steps
 from .schedule import Schedule
 from .store import Store, describe, key_id
 
@@ -86,39 +84,6 @@ def _latents(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
         if isinstance(value, torch.Tensor):
             return value
     return None
-
-
-def _calling(owner_matches: Callable[[Any], bool]) -> tuple[Any, dict[str, Any]] | None:
-    """The innermost ``__call__`` up the stack whose ``self`` matches: (that object, its locals).
-
-    A pipeline's ``__call__`` holds what a generation was asked for (``guidance_scale``) and, for a
-    cache on its transformer alone, the pipeline itself (whose scheduler knows the step count)."""
-    frame = sys._getframe(1)
-    for _ in range(_FRAME_DEPTH):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if code.co_name == "__call__" and code.co_varnames[:1] == ("self",):
-            local = frame.f_locals
-            owner = local.get("self")
-            if owner is not None and not isinstance(owner, nn.Module) and owner_matches(owner):
-                return owner, dict(local)
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-def _drives(module: nn.Module) -> Callable[[Any], bool]:
-    """Whether an object is a pipeline whose denoiser is ``module``."""
-    target = unwrap(module)
-
-    def check(owner: Any) -> bool:
-        for name in ("transformer", "transformer_2"):
-            value = getattr(owner, name, None)
-            if isinstance(value, nn.Module) and unwrap(value) is target:
-                return True
-        return False
-
-    return check
 
 
 def generation_key(
@@ -294,7 +259,14 @@ class AutoPlanner(GenerationPlanner):
 
     def _key(self, start: GenerationStart) -> tuple[dict[str, Any], int | None]:
         pipeline, steps = start.pipeline, start.steps
-        found = _calling((lambda owner: owner is pipeline) if pipeline is not None else _drives(start.module))
+        # The pipeline's __call__ holds what the generation was asked for (guidance_scale) and, for a
+        # cache on its transformer alone, the pipeline itself (whose scheduler knows the step count).
+        matches = (
+            (lambda owner: owner is pipeline)
+            if pipeline is not None
+            else (lambda owner: drives(owner, [start.module]))
+        )
+        found = calling_frame(matches, method="__call__", depth=_FRAME_DEPTH)
         call: dict[str, Any] = found[1] if found is not None else {}
         if pipeline is None and found is not None:
             pipeline = found[0]

@@ -402,17 +402,37 @@ def pipeline_steps(pipeline: Any) -> int | None:
     return 1 + int((timesteps[1:] != timesteps[:-1]).sum())
 
 
-def _drives(owner: Any, wanted: set[int]) -> bool:
-    """Whether ``owner`` looks like a pipeline (a scheduler that sets up timesteps) of one of the
-    models whose ids are ``wanted``; any object up the stack may be asked, so nothing it raises counts."""
+def drives(owner: Any, models: list[nn.Module]) -> bool:
+    """Whether ``owner`` looks like a pipeline (a scheduler that sets up timesteps) of one of
+    ``models``; any object up the stack may be asked, so nothing it raises counts."""
+    wanted = {id(unwrap(m)) for m in models}
     try:
         scheduler = getattr(owner, "scheduler", None)
         if not callable(getattr(scheduler, "set_timesteps", None)):
             return False
-        models = (getattr(owner, a, None) for a in ("transformer", "transformer_2"))
-        return any(isinstance(m, nn.Module) and id(unwrap(m)) in wanted for m in models)
+        found = (getattr(owner, a, None) for a in ("transformer", "transformer_2"))
+        return any(isinstance(m, nn.Module) and id(unwrap(m)) in wanted for m in found)
     except Exception:
         return False
+
+
+def calling_frame(
+    matches: Callable[[Any], bool], *, method: str | None = None, depth: int = 48
+) -> tuple[Any, dict[str, Any]] | None:
+    """The innermost method call up the stack whose ``self`` (not a module) ``matches``: that object
+    and the call's locals, or None. ``method``: only calls of that name (``"__call__"``: the
+    pipeline call itself, whose locals hold what a generation was asked for)."""
+    frame: Any = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self" and method in (None, code.co_name):
+            owner = frame.f_locals.get("self")
+            if owner is not None and not isinstance(owner, nn.Module) and matches(owner):
+                return owner, dict(frame.f_locals)
+        frame = frame.f_back
+    return None
 
 
 def calling_pipeline(models: list[nn.Module], depth: int = 48) -> Any:
@@ -422,15 +442,5 @@ def calling_pipeline(models: list[nn.Module], depth: int = 48) -> Any:
     For a cache put on the transformer itself (``apply_smoothcache(pipe.transformer, ...)``), which is
     not told the pipeline: with it, each generation learns the step count the pipeline's scheduler
     is set up for, exactly as ``stepcache.cache(pipe, ...)`` does. Asked once per generation."""
-    wanted = {id(unwrap(m)) for m in models}
-    frame: Any = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            break
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            owner = frame.f_locals.get("self")
-            if owner is not None and not isinstance(owner, nn.Module) and _drives(owner, wanted):
-                return owner
-        frame = frame.f_back
-    return None
+    found = calling_frame(lambda owner: drives(owner, models), depth=depth)
+    return None if found is None else found[0]
