@@ -26,7 +26,7 @@ from ..runtime.introspect import fingerprint, model_class
 from ..runtime.steps import StepTracker
 from .harness import flatten, generations, intercepted
 from .harness import progress as progress_bar
-from .value import _check_array, _table
+from .value import _check_array, _table, check_sizes
 
 __all__ = ["GuidanceCalibration", "calibrate_guidance"]
 
@@ -53,13 +53,7 @@ class GuidanceCalibration(HubValue):
     _default_file: ClassVar[str] = "stepcache_guidance_calibration.json"
 
     def __post_init__(self) -> None:
-        for label, value, least in (
-            ("num_steps", self.num_steps, 2),
-            ("lookahead", self.lookahead, 1),
-            ("num_samples", self.num_samples, 1),
-        ):
-            if not is_int(value) or value < least:
-                raise CalibrationError(f"{label} must be an integer >= {least}, got {value!r}.")
+        check_sizes(self.num_steps, self.lookahead, self.num_samples)
         try:
             check_layout(self.layout)
         except StepCacheError as e:

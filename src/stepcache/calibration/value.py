@@ -90,13 +90,7 @@ class Calibration(HubValue):
     forecast2_errors: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for label, value, least in (
-            ("num_steps", self.num_steps, 2),
-            ("lookahead", self.lookahead, 1),
-            ("num_samples", self.num_samples, 1),
-        ):
-            if not is_int(value) or value < least:
-                raise CalibrationError(f"{label} must be an integer >= {least}, got {value!r}.")
+        check_sizes(self.num_steps, self.lookahead, self.num_samples)
         if not isinstance(self.components, Mapping) or not self.components:
             raise CalibrationError("a calibration needs at least one component (name -> type).")
         for name, kind in self.components.items():
@@ -536,6 +530,17 @@ def _refuse_duplicates(cals: list[Calibration], sources: list[str | None]) -> No
                     f"cannot merge: calibration {i} is calibration {j} again ({how[key[0]]}): the same "
                     "generations twice would count twice. Merge each calibration once."
                 )
+
+
+def check_sizes(num_steps: Any, lookahead: Any, num_samples: Any) -> None:
+    """The sizes every calibration value has (this one and the guidance calibration), checked alike."""
+    for label, value, least in (
+        ("num_steps", num_steps, 2),
+        ("lookahead", lookahead, 1),
+        ("num_samples", num_samples, 1),
+    ):
+        if not is_int(value) or value < least:
+            raise CalibrationError(f"{label} must be an integer >= {least}, got {value!r}.")
 
 
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "lookahead", "num_samples"}
