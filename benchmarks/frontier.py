@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import frontier_sweep as sweep
-from benchmarks.frontier_match import TUNED, UNBUDGETED, match
+from benchmarks.frontier_match import TUNED, TUNED_FIT, UNBUDGETED, match
 from benchmarks.frontier_report import write_all, write_json
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
 
@@ -136,11 +136,17 @@ def stepcache_methods(
 ) -> list[tuple[str, Callable[[float], Any], Sequence[float]]]:
     """``(family, build(fraction) -> Schedule, fractions)``: stepcache's policies, each asked for
     exactly the target fraction (the one rounding rule, ``stepcache.policies._plan.budget_calls``)."""
-    from stepcache.policies import for_compute_fraction, optimal_schedule, tune
+    from stepcache.policies import fit_forecasts, for_compute_fraction, optimal_schedule, tune
 
     every = TARGETS
+
+    def fitted(schedule: Any) -> Any:  # item 2: forecast gains chosen on the tuning images' final samples
+        return fit_forecasts(model, tuning_run, schedule, progress=False)
+
     out: list[tuple[str, Callable[[float], Any], Sequence[float]]] = [
         (TUNED, lambda f: tune(model, tuning_run, f, calibration=calibration, progress=False), (0.35,) if quick else every),
+        (TUNED_FIT, lambda f: fitted(tune(model, tuning_run, f, calibration=calibration, progress=False)), (0.35,) if quick else every),
+        (f"{sweep.STEPCACHE}/optimal (type)+fit", lambda f: fitted(optimal_schedule(calibration, f)), every),
         (f"{sweep.STEPCACHE}/optimal (type)", lambda f: optimal_schedule(calibration, f), every),
         (f"{sweep.STEPCACHE}/optimal (layer)", lambda f: optimal_schedule(calibration, f, granularity="layer"), every),
         (f"{sweep.STEPCACHE}/SmoothCache by fraction", lambda f: for_compute_fraction(calibration, f), every),
@@ -344,8 +350,8 @@ def run_config(
     def eval_run() -> torch.Tensor:
         return generate(model, scheduler, steps, args.samples, SEEDS["evaluation"], guidance)
 
-    def tuning_run() -> torch.Tensor:
-        return generate(model, scheduler, steps, args.tuning, SEEDS["tuning"], guidance)
+    def tuning_run() -> torch.Tensor:  # differentiable where gradients are on: fit_forecasts needs its graph
+        return generate(model, scheduler, steps, args.tuning, SEEDS["tuning"], guidance, differentiable=True)
 
     def mag_run() -> torch.Tensor:
         return generate(model, scheduler, steps, MAGCACHE_IMAGES, MAGCACHE_SEED, guidance)
@@ -381,6 +387,14 @@ def run_config(
                         tuning_s=round(time.perf_counter() - t, 1),
                         tuning_replays=sched.meta["tuning"]["runs"],
                         candidate=sched.meta.get("candidate"),
+                    )
+                if "forecast_fit" in sched.meta:
+                    fit = sched.meta["forecast_fit"]
+                    info.update(
+                        tuning_s=round(time.perf_counter() - t, 1),
+                        fit_generations=fit["generations"],
+                        fit_forecast=fit["forecast"],
+                        fit_seconds=fit["seconds"],
                     )
                 return cache(model, sched, count_macs=False), info
 

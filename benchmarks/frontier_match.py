@@ -25,6 +25,7 @@ OPEN_LOOP_DB = 1.0  # the open loop may be at most this far below the best compe
 BUDGET_GAP_DB = 0.3  # budgeted tune within this of the unbudgeted one
 
 TUNED = f"{STEPCACHE}/tuned"
+TUNED_FIT = f"{STEPCACHE}/tuned+fit"  # tune at its default budget, then fit_forecasts (item 2)
 UNBUDGETED = f"{STEPCACHE}/tuned (unbudgeted)"
 REFERENCE_ONLY = frozenset({UNBUDGETED})
 OPEN_LOOP = frozenset(

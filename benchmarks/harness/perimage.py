@@ -11,12 +11,25 @@ __all__ = ["generate", "per_image_psnr", "summary"]
 
 
 def generate(
-    model: torch.nn.Module, scheduler: str, steps: int, n: int, seed: int, guidance: float = 1.0
+    model: torch.nn.Module,
+    scheduler: str,
+    steps: int,
+    n: int,
+    seed: int,
+    guidance: float = 1.0,
+    differentiable: bool = False,
 ) -> torch.Tensor:
-    """``n`` images of all classes in turn (labels ``i % 10``) in one ``reference.sample`` call."""
+    """``n`` images of all classes in turn (labels ``i % 10``) in one ``reference.sample`` call
+    (``differentiable``: with its autograd graph where gradients are enabled)."""
     labels = torch.arange(n) % reference.NUM_CLASSES
     return reference.sample(
-        model, labels, scheduler=scheduler, num_inference_steps=steps, seed=seed, guidance_scale=guidance
+        model,
+        labels,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        seed=seed,
+        guidance_scale=guidance,
+        differentiable=differentiable,
     )
 
 

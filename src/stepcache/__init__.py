@@ -33,7 +33,15 @@ from .errors import (
 from .guidance import GuidanceReuse
 from .integrations.diffusers_hooks import SmoothCacheConfig, apply_smoothcache, remove_smoothcache
 from .layouts import BlockLayout
-from .policies import for_compute_fraction, fora, from_calibration, optimal_schedule, tune, tune_guidance
+from .policies import (
+    fit_forecasts,
+    for_compute_fraction,
+    fora,
+    from_calibration,
+    optimal_schedule,
+    tune,
+    tune_guidance,
+)
 from .runtime import CacheHandle, CacheStats, TypeStats, disable, summary
 from .schedule import PlanValue, Schedule
 
@@ -65,6 +73,7 @@ __all__ = [
     "calibrate_guidance",
     "disable",
     "discover",
+    "fit_forecasts",
     "for_compute_fraction",
     "fora",
     "from_calibration",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import itertools
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -153,9 +154,29 @@ def forecast_coefficients(
     raise ScheduleError(f"{value!r} is not a plan value.")
 
 
+def _check_gains(gains: Any, num_steps: int) -> tuple[tuple[float, float], ...] | None:
+    """``gains`` as a tuple of ``num_steps`` pairs of finite floats (None stays None)."""
+    if gains is None:
+        return None
+    want = f"gains must be {num_steps} pairs (g_alpha, g_beta) of finite numbers, one per step"
+    if isinstance(gains, (str, bytes, Mapping)) or not isinstance(gains, Iterable):
+        raise ScheduleError(f"{want}; got {kind_of(gains)}.")
+    out = []
+    for pair in gains:
+        if isinstance(pair, (str, bytes, Mapping)) or not isinstance(pair, Iterable):
+            raise ScheduleError(f"{want}; got {pair!r}.")
+        pair = tuple(pair)
+        if len(pair) != 2 or not all(is_number(g) and math.isfinite(g) for g in pair):
+            raise ScheduleError(f"{want}; got {pair!r}.")
+        out.append((float(pair[0]), float(pair[1])))
+    if len(out) != num_steps:
+        raise ScheduleError(f"{want}; got {len(out)}.")
+    return tuple(out)
+
+
 _FORMAT = "stepcache.schedule"
-_FORMAT_VERSION = 2  # 2: plans may hold second-order forecasts (3, 4); files without them are written as 1
-_FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta"}
+_FORMAT_VERSION = 3  # 2: plans may hold second-order forecasts (3, 4); 3: forecast gains. Older files: 1
+_FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta", "gains"}
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
 _SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>\d+))?$")
 # Our type -> the child name the original package uses for diffusers' BasicTransformerBlock.
@@ -174,6 +195,10 @@ class Schedule(HubValue):
         counts: selector -> number of components it stood for when it was made; weights
             :attr:`compute_fraction`. Missing selectors count once.
         meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
+        gains: per step, ``(g_alpha, g_beta)`` multiplying the forecast weights ``(alpha, beta)`` of
+            :func:`forecast_coefficients` at that step, for every component (``None``: all 1). Chosen
+            on final samples by :func:`stepcache.fit_forecasts`; the fixed Taylor/Lagrange weights
+            predict features, not what a forecast does to the image (docs/policies.md).
     """
 
     _what: ClassVar[str] = "schedule"
@@ -184,6 +209,7 @@ class Schedule(HubValue):
     plans: Mapping[str, tuple[int, ...]]
     counts: Mapping[str, int] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    gains: Sequence[Sequence[float]] | None = None
 
     def __post_init__(self) -> None:
         if not is_int(self.num_steps) or self.num_steps < 1:
@@ -218,6 +244,7 @@ class Schedule(HubValue):
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "meta", dict(self.meta))
+        object.__setattr__(self, "gains", _check_gains(self.gains, self.num_steps))
 
     # ---------------------------------------------------------------- properties
     @property
@@ -245,7 +272,7 @@ class Schedule(HubValue):
             raise ScheduleError(f"method must be one of {[*METHODS, 'copy']}, got {method!r}.")
         fill = REUSE if method == "copy" else METHODS[method]
         plans = {k: tuple(v if v == COMPUTE else fill for v in plan) for k, plan in self.plans.items()}
-        return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": method})
+        return Schedule(self.num_steps, plans, self.counts, {**self.meta, "forecast": method}, self.gains)
 
     def resample(self, num_steps: int) -> Schedule:
         """The same schedule stretched or squeezed to ``num_steps`` steps.
@@ -265,6 +292,7 @@ class Schedule(HubValue):
             bound = int(self.meta.get("lookahead") or max(longest, round(longest * scale)))
             plans[key] = _resample_plan(plan, num_steps, scale, bound)
         meta = {**self.meta, "resampled_from": self.num_steps}
+        # Gains were chosen for the steps they name: a stretched schedule runs the plain weights.
         return Schedule(num_steps, plans, self.counts, meta)
 
     def resolve(self, components: Iterable[Component]) -> dict[str, tuple[int, ...]]:
@@ -316,12 +344,17 @@ class Schedule(HubValue):
         return {
             "format": _FORMAT,
             # Files older readers can read stay version 1; second-order values make them say "upgrade".
-            "format_version": _FORMAT_VERSION if any(max(p) > FORECAST for p in self.plans.values()) else 1,
+            "format_version": 3
+            if self.gains is not None
+            else 2
+            if any(max(p) > FORECAST for p in self.plans.values())
+            else 1,
             "stepcache_version": __version__,
             "num_steps": self.num_steps,
             "plans": {k: list(v) for k, v in self.plans.items()},
             "counts": dict(self.counts),
             "meta": dict(self.meta),
+            **({} if self.gains is None else {"gains": [list(g) for g in self.gains]}),
         }
 
     @classmethod
@@ -351,7 +384,10 @@ class Schedule(HubValue):
                 want = "a JSON object" if kind is dict else "a string"
                 raise ScheduleError(f"{source}: field {name!r} must be {want}, got {kind_of(data[name])}.")
         try:
-            return cls(data["num_steps"], data["plans"], data.get("counts", {}), data.get("meta", {}))
+            gains = data.get("gains")
+            if gains is not None and not isinstance(gains, list):
+                raise ScheduleError(f"field 'gains' must be a JSON array, got {kind_of(gains)}.")
+            return cls(data["num_steps"], data["plans"], data.get("counts", {}), data.get("meta", {}), gains)
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None
 

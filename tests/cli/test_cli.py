@@ -110,6 +110,18 @@ def test_sensitivity_optimal_and_tune_from_the_command_line(tmp_path):
     result = runner.invoke(app, [*args, "--calibration", str(cal_path), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "chosen:" in result.output and Schedule.load(out).meta["rule"] == "tuned"
+    result = runner.invoke(app, [*args, "--fit", "2"])
+    assert result.exit_code == 2 and "MODEL=reference only" in result.output
+
+
+def test_tune_with_fitted_forecasts(tmp_path):
+    out = tmp_path / "fitted.json"
+    args = ["tune", "reference", "--model", "flow", "--compute-fraction", "0.5", "--steps", "8", "--samples", "1"]
+    result = runner.invoke(app, [*args, "--max-replays", "4", "--fit", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "forecast gains fitted" in result.output
+    sched = Schedule.load(out)
+    assert sched.gains is not None and sched.meta["forecast_fit"]["iterations"] == 2
 
 
 def test_plan_memory_table(tmp_path):

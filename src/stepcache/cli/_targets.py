@@ -140,14 +140,21 @@ def inputs_for(
     return out
 
 
-def replay(target: Any, inputs: list[dict], seed: int, steps: int) -> Any:
+def replay(target: Any, inputs: list[dict], seed: int, steps: int, differentiable: bool = False) -> Any:
     """A no-argument callable generating ``inputs`` with fresh generators (the same noise every call)
-    and returning the final samples as one tensor: what sensitivity() and tune() replay."""
+    and returning the final samples as one tensor: what sensitivity() and tune() replay
+    (``differentiable``: with their autograd graph, for fit_forecasts; the reference pipeline only)."""
+    extra = {"differentiable": True} if differentiable else {}
 
     def run() -> Any:
         outs = []
         for i, kw in enumerate(inputs):
-            kw = {**kw, "generator": torch.Generator().manual_seed(seed + i), "num_inference_steps": steps}
+            kw = {
+                **kw,
+                **extra,
+                "generator": torch.Generator().manual_seed(seed + i),
+                "num_inference_steps": steps,
+            }
             outs.append(target(**kw))
         return torch.cat([torch.as_tensor(getattr(o, "images", o)) for o in outs])
 

@@ -12,7 +12,7 @@ import typer
 from ..calibration import Calibration
 from ..errors import StepCacheError
 from ..memory import output_bytes
-from ..policies import check_fraction
+from ..policies import check_fraction, fit_forecasts
 from ..policies.tuned import DEFAULT_MAX_REPLAYS, objective_function
 from ..policies.tuned import tune as run_tune
 from . import _targets
@@ -102,6 +102,15 @@ def tune(
             show_default=False,
         ),
     ] = DEFAULT_MAX_REPLAYS,
+    fit: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=1000,
+            help="After tuning, choose the forecast gains on the final samples: this many replays with "
+            "gradients (about 3 generations each; 0: none). MODEL=reference only (docs/policies.md).",
+        ),
+    ] = 0,
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached
     (by --objective over the samples, chosen among the top candidates on held-out samples)."""
@@ -140,7 +149,24 @@ def tune(
             max_replays=max_replays or None,
             **memory,
         )
+        if fit:
+            from ..reference import ReferencePipeline
+
+            if not isinstance(target, ReferencePipeline):
+                fail(
+                    f"--fit differentiates the replays through the sampler, which this CLI does for "
+                    f"MODEL=reference only; for {model} use stepcache.fit_forecasts with a run that builds "
+                    "the graph (docs/policies.md)."
+                )
+            grads = _targets.replay(target, inputs, seed, steps, differentiable=True)
+            sched = fit_forecasts(target, grads, sched, iterations=fit)
         typer.echo(sched.render())
+        if "forecast_fit" in sched.meta:
+            f = sched.meta["forecast_fit"]
+            typer.echo(
+                f"forecast gains fitted ({f['forecast']}): {f['scores'][0]} -> {min(f['scores'])} dB mean "
+                f"error on the samples, about {f['generations']} generations"
+            )
         if "memory" in sched.meta:
             typer.echo(memory_line(sched.meta["memory"]))
         info = sched.meta.get("tuning", {})

@@ -7,6 +7,7 @@ One module per policy, all returning a plain Schedule and sharing the plan build
 * :mod:`.uniform`: calibration-free FORA and evenly spaced schedules;
 * :mod:`.optimal`: the exact least-error schedule for a budget (dynamic programming + knapsack);
 * :mod:`.tuned`: closed loop, the candidate whose final samples stay closest to uncached;
+* :mod:`.fitted`: forecast weights chosen on the final samples by gradient descent through the sampler;
 * :mod:`.auto`: :func:`open_loop_schedule`, the open-loop policy caching without a schedule uses;
 * :mod:`.guidance`: where to stand in for the unconditional guidance branch (threshold, fraction,
   or closed loop).
@@ -18,6 +19,7 @@ of a plan), :mod:`._budget` (fitting a schedule to a memory budget), :mod:`._rep
 from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, PlanValue
 from ._plan import check_alpha, check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
 from .auto import open_loop_schedule
+from .fitted import fit_forecasts
 from .guidance import guidance_for_compute_fraction, guidance_from_calibration, tune_guidance
 from .optimal import optimal_schedule
 from .smoothcache import for_compute_fraction, from_calibration, smoothcache_rule
@@ -33,6 +35,7 @@ __all__ = [
     "PlanValue",
     "check_alpha",
     "check_fraction",
+    "fit_forecasts",
     "for_compute_fraction",
     "fora",
     "fora_plan",

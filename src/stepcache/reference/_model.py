@@ -340,6 +340,7 @@ def sample(
     seed: int = 0,
     progress: bool = False,
     callback: Callable[[int], None] | None = None,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Generate one image per label with a plain denoising loop.
 
@@ -363,6 +364,9 @@ def sample(
             any device.
         progress: show a tqdm bar.
         callback: called as ``callback(step_index)`` after each step.
+        differentiable: build the autograd graph of the loop when gradients are enabled where it is
+            called (what :func:`stepcache.fit_forecasts` differentiates); by default the loop runs
+            without gradients whatever the caller's mode.
 
     Returns:
         ``(N, 1, 16, 16)`` images in ``[-1, 1]`` (float32, on the model's device).
@@ -410,7 +414,7 @@ def sample(
         from tqdm.auto import tqdm
 
         iterator = tqdm(timesteps, desc="sampling", leave=False)
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         for i, t in enumerate(iterator):
             x_in = torch.cat([x, x]) if use_cfg else x
             if hasattr(sched, "scale_model_input"):

@@ -83,6 +83,7 @@ class ReferencePipeline:
         generator: torch.Generator | None = None,
         progress: bool = False,
         output_type: str = "pt",
+        differentiable: bool = False,
     ) -> torch.Tensor:
         if generator is not None:
             seed = int(generator.initial_seed())
@@ -96,6 +97,7 @@ class ReferencePipeline:
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
             seed=seed,
             progress=progress,
+            differentiable=differentiable,
         )
 
 

@@ -183,6 +183,7 @@ class CacheHandle:
             self._bytes_all,
             storage=self._storage,
             guide=guide,
+            gains=self._running.gains,
         )
         self._slots[comp.name] = slot
         return slot.forward
@@ -323,6 +324,20 @@ class CacheHandle:
         """Forget the current generation: the next call starts the schedule afresh."""
         self.tracker.reset()
 
+    def set_forecast_gains(self, gains: Any) -> None:
+        """Scale every forecast weight of the running plans by per-step ``gains`` (``num_steps`` rows of
+        ``(g_alpha, g_beta)``; None: the schedule's own). A tensor may carry gradients: this is how
+        :func:`stepcache.fit_forecasts` differentiates the final samples with respect to the gains
+        (eager calls only; compiled graphs read the weights as plain numbers)."""
+        if gains is None:
+            gains = self._running.gains
+        elif len(gains) != self._running.num_steps:
+            raise ScheduleError(
+                f"gains has {len(gains)} rows but the running schedule has {self._running.num_steps} steps."
+            )
+        for slot in self._slots.values():
+            slot.set_plan(slot.plan, gains)
+
     # ---------------------------------------------------------------- stats
     @property
     def stats(self) -> CacheStats:
@@ -380,7 +395,7 @@ class CacheHandle:
         plans = schedule.resolve(self.components)
         everything = (1,) * schedule.num_steps
         for name, slot in self._slots.items():
-            slot.set_plan(plans.get(name, everything))
+            slot.set_plan(plans.get(name, everything), schedule.gains)
 
     def _on_generation(self) -> None:
         self._clear()
@@ -419,7 +434,7 @@ class CacheHandle:
             self.tracker.num_steps = want
             plans = self._running.resolve(self.components)
             for name, slot in self._slots.items():
-                slot.set_plan(plans[name])
+                slot.set_plan(plans[name], self._running.gains)
         if self._offloader is not None:
             self._offloader.set_plans([s.plan for s in self._offloader.slots])
             self._offloader.reset()

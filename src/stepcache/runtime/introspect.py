@@ -133,8 +133,11 @@ def first_tensor_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
     return None
 
 
-def final_samples(out: Any, error: type[StepCacheError] = StepCacheError) -> torch.Tensor:
-    """The final samples a replay callable returned (a tensor, or a pipeline output holding one)."""
+def final_samples(
+    out: Any, error: type[StepCacheError] = StepCacheError, *, detach: bool = True
+) -> torch.Tensor:
+    """The final samples a replay callable returned (a tensor, or a pipeline output holding one);
+    ``detach=False`` keeps their autograd graph."""
     for attr in ("images", "sample", "frames", "audios"):
         out = getattr(out, attr, out)
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -144,7 +147,7 @@ def final_samples(out: Any, error: type[StepCacheError] = StepCacheError) -> tor
             "`run` must return the final samples as a tensor (e.g. a pipeline called with "
             f"output_type='pt'), got {type(out).__name__}."
         )
-    return out.detach().float()
+    return (out.detach() if detach else out).float()
 
 
 @dataclass(frozen=True)

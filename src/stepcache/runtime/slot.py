@@ -96,6 +96,7 @@ class Slot:
         *,
         storage: torch.dtype | None = None,
         guide: Guide | None = None,
+        gains: Any = None,
     ):
         self.name, self.type, self.module = comp.name, comp.type, comp.module
         self.original, self.tracker, self.count = original, tracker, count
@@ -104,7 +105,7 @@ class Slot:
         self.offload: Offloader | None = None  # moves kept outputs to host memory and back
         self.bytes_type = Bytes() if bytes_type is None else bytes_type
         self.bytes_all = Bytes() if bytes_all is None else bytes_all
-        self.set_plan(plan)
+        self.set_plan(plan, gains)
         self.mode, self.coef = COMPUTE, (0.0, 0.0)
         self.store: list[tuple[tuple[int, ...] | None, Any, Any, Any] | None] = [None, None]
         self.computed = self.reused = self.halved = 0
@@ -112,7 +113,9 @@ class Slot:
         self.macs: float | None = None
         self.traced = Traced()  # the compiled path
 
-    def set_plan(self, plan: tuple[int, ...]) -> None:
+    def set_plan(self, plan: tuple[int, ...], gains: Any = None) -> None:
+        """Follow ``plan``; ``gains`` (per step ``(g_alpha, g_beta)``, floats or rows of a tensor, which
+        may carry gradients for :func:`stepcache.fit_forecasts`) scale its forecast weights."""
         self.plan = plan
         self.keep, self.history = liveness(plan)
         # Extrapolation weights per step, from the last computes a > b > c before it (0 where none):
@@ -124,8 +127,13 @@ class Slot:
             if v == COMPUTE:
                 a, b, c = s, a, b
             elif v in FORECASTS and a is not None:
-                self.coefs[s] = forecast_coefficients(v, s, a, b, c)
-                self.coefs1[s] = forecast_coefficients(REUSE if b is None else 2, s, a, b)[0]
+                alpha, beta = forecast_coefficients(v, s, a, b, c)
+                alpha1 = forecast_coefficients(REUSE if b is None else 2, s, a, b)[0]
+                if gains is not None:
+                    g_alpha, g_beta = gains[s][0], gains[s][1]
+                    alpha, beta, alpha1 = g_alpha * alpha, g_beta * beta, g_alpha * alpha1
+                self.coefs[s] = (alpha, beta)
+                self.coefs1[s] = alpha1
 
     def start_step(self, step: int) -> None:
         """Compiled graphs read the step's plan from tensors: fill them (eager calls read the plan)."""

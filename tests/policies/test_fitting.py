@@ -1,0 +1,103 @@
+"""fit_forecasts: per-step forecast gains chosen on the final samples, stored in the schedule, applied
+by the runtime; a run without a graph is refused and the model comes back as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stepcache
+from stepcache import Schedule, ScheduleError, reference
+from stepcache.policies import FORECAST, fit_forecasts
+from tests._helpers.model_state import model_state
+
+STEPS = 8
+PLAN = (1, 1, FORECAST, FORECAST, 1, FORECAST, FORECAST, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference.load_model(model="flow")
+
+
+def run_of(model, differentiable=True):
+    def run():
+        return reference.sample(
+            model, torch.arange(4), num_inference_steps=STEPS, seed=3, differentiable=differentiable
+        )
+
+    return run
+
+
+def test_fit_lowers_the_error_on_its_samples_and_the_runtime_applies_the_gains(model, tmp_path):
+    run = run_of(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    plain = Schedule(STEPS, {"*": PLAN})
+    fitted = fit_forecasts(model, run, plain, iterations=4, progress=False)
+    fit = fitted.meta["forecast_fit"]
+    assert fitted.gains is not None and len(fitted.gains) == STEPS
+    assert [p == 1 for p in fitted.plans["*"]] == [p == 1 for p in PLAN]  # the placement is kept
+    assert fit["forecast"] in ("first-order", "taylor2") and len(fit["scores"]) == 4
+    assert min(fit["scores"]) == fit["scores"][fit["chosen"]] <= fit["scores"][0]
+    assert fit["generations"] == 4 * 3 + 2 + 1
+    # The model is as it was: its flags restored, no gradients left on it.
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    # What the fit scored is what the runtime does with the stored gains.
+    reference_samples = run_of(model, False)()
+
+    def error(schedule):
+        with stepcache.cache(model, schedule):
+            out = run_of(model, False)()
+        return float((10 * torch.log10((out - reference_samples).pow(2).flatten(1).mean(1))).mean())
+
+    assert error(fitted) == pytest.approx(min(fit["scores"]), abs=1e-3)
+    unfitted = Schedule(STEPS, fitted.plans)
+    assert error(unfitted) == pytest.approx(fit["scores"][0], abs=1e-3)
+    # Files keep the gains (format 3); all-zero gains forecast nothing: the copy schedule's samples.
+    path = fitted.save(tmp_path / "fitted.json")
+    again = Schedule.load(path)
+    assert again.gains == fitted.gains and again.to_dict()["format_version"] == 3
+    zero = Schedule(STEPS, fitted.plans, gains=[(0.0, 0.0)] * STEPS)
+    with stepcache.cache(model, zero):
+        a = run_of(model, False)()
+    with stepcache.cache(model, fitted.with_forecast("copy")):
+        b = run_of(model, False)()
+    assert torch.equal(a, b)
+
+
+def test_a_run_without_a_graph_is_refused_and_the_model_comes_back_unchanged(model):
+    flags = [p.requires_grad for p in model.parameters()]
+    before = model_state(model)
+    with pytest.raises(ScheduleError, match="without an autograd graph"):
+        fit_forecasts(model, run_of(model, False), Schedule(STEPS, {"*": PLAN}), iterations=2, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model_state(model) == before
+
+
+@pytest.mark.parametrize(
+    ("gains", "match"),
+    [
+        ([(1.0, 1.0)] * 3, "got 3"),
+        ([(1.0, float("nan"))] * STEPS, "finite"),
+        ("1,1", "pairs"),
+        ([(1.0,)] * STEPS, "pairs"),
+    ],
+)
+def test_bad_gains_are_refused(gains, match):
+    with pytest.raises(ScheduleError, match=match):
+        Schedule(STEPS, {"*": PLAN}, gains=gains)
+
+
+def test_bad_arguments_are_refused(model):
+    run = run_of(model)
+    copy = Schedule(STEPS, {"*": PLAN}).with_forecast("copy")
+    for kwargs, match in [
+        ({"iterations": 0}, "iterations"),
+        ({"lr": -1.0}, "lr"),
+        ({"forecast": "cubic"}, "forecast"),
+    ]:
+        with pytest.raises(ScheduleError, match=match):
+            fit_forecasts(model, run, copy, progress=False, **kwargs)
+    with pytest.raises(ScheduleError, match="no forecast steps"):
+        fit_forecasts(model, run, copy, forecast=None, progress=False)
