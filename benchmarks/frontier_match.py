@@ -25,7 +25,10 @@ OPEN_LOOP_DB = 1.0  # the open loop may be at most this far below the best compe
 BUDGET_GAP_DB = 0.3  # budgeted tune within this of the unbudgeted one
 
 TUNED = f"{STEPCACHE}/tuned"
-TUNED_FIT = f"{STEPCACHE}/tuned+fit"  # tune at its default budget, then fit_forecasts (item 2)
+#: item 2: fit_forecasts racing tune's choice (default budget) and the optimal schedules (type, layer)
+TUNED_FIT = f"{STEPCACHE}/tuned+fit (raced)"
+#: fit_forecasts racing the optimal schedules only: no tune replays
+OPTIMAL_FIT = f"{STEPCACHE}/optimal+fit (raced)"
 UNBUDGETED = f"{STEPCACHE}/tuned (unbudgeted)"
 REFERENCE_ONLY = frozenset({UNBUDGETED})
 OPEN_LOOP = frozenset(

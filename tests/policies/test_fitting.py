@@ -101,3 +101,23 @@ def test_bad_arguments_are_refused(model):
             fit_forecasts(model, run, copy, progress=False, **kwargs)
     with pytest.raises(ScheduleError, match="no forecast steps"):
         fit_forecasts(model, run, copy, forecast=None, progress=False)
+
+
+def test_several_placements_race_and_the_leader_continues(model):
+    other = (1, FORECAST, 1, FORECAST, FORECAST, 1, FORECAST, 1)
+    a, b = Schedule(STEPS, {"*": PLAN}), Schedule(STEPS, {"*": other})
+    fitted = fit_forecasts(model, run_of(model), [a, b], iterations=4, forecast="first-order", progress=False)
+    fit = fitted.meta["forecast_fit"]
+    first, second = fit["placements"]
+    assert first["calls"] + second["calls"] == 2 + 2 + 2  # half each, then the leader the rest
+    leader = fit["placements"][fit["placement"]]
+    assert leader["calls"] == 4 and leader["scores"] == fit["scores"]
+    # The leader is the placement whose gains scored best in the race.
+    raced = [min(p["scores"][:2]) for p in (first, second)]
+    assert fit["placement"] == raced.index(min(raced))
+    assert [v == 1 for v in fitted.plans["*"]] == [v == 1 for v in (PLAN, other)[fit["placement"]]]
+    assert fit["generations"] == 6 * 3 + 1  # no order choice: one uncached call
+    with pytest.raises(ScheduleError, match="different step counts"):
+        fit_forecasts(model, run_of(model), [a, Schedule(4, {"*": (1, FORECAST, 1, 1)})], progress=False)
+    with pytest.raises(ScheduleError, match="iterations >= 2"):
+        fit_forecasts(model, run_of(model), [a, b], iterations=1, progress=False)
