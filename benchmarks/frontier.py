@@ -31,6 +31,7 @@ to run without ``--final``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -136,12 +137,17 @@ def stepcache_methods(
 ) -> list[tuple[str, Callable[[float], Any], Sequence[float]]]:
     """``(family, build(fraction) -> Schedule, fractions)``: stepcache's policies, each asked for
     exactly the target fraction (the one rounding rule, ``stepcache.policies._plan.budget_calls``)."""
+    from stepcache.errors import ScheduleError
     from stepcache.policies import fit_forecasts, for_compute_fraction, optimal_schedule, tune
 
     every = TARGETS
 
-    def optimal_both(f: float) -> list[Any]:
-        return [optimal_schedule(calibration, f), optimal_schedule(calibration, f, granularity="layer")]
+    def optimal_both(f: float) -> list[Any]:  # those within the calibration's reach (lookahead)
+        out = []
+        for granularity in ("type", "layer"):
+            with contextlib.suppress(ScheduleError):
+                out.append(optimal_schedule(calibration, f, granularity=granularity))
+        return out
 
     def raced(
         schedules: list[Any],
