@@ -254,3 +254,24 @@ def test_wan22_two_stage_calibration_round_trip() -> None:
         out = generate(WAN, pipe)
     assert torch.equal(out, reference)
     assert cal.num_steps == STEPS
+
+
+def test_fit_forecasts_through_a_diffusers_pipeline():
+    """The recipe docs/policies.md gives for pipelines: their __call__ without its no_grad wrapper,
+    latents out, differentiates through the scheduler and the guidance arithmetic."""
+    from stepcache.policies import fit_forecasts, fora
+    from tests._helpers.pipelines import pixart_pipeline
+
+    pipe = pixart_pipeline()
+    call = type(pipe).__call__.__wrapped__
+
+    def run():
+        kw = {"height": 16, "width": 16, "use_resolution_binning": False, "output_type": "latent"}
+        gen = torch.Generator().manual_seed(0)
+        return call(
+            pipe, prompt=["a cat"], num_inference_steps=6, generator=gen, guidance_scale=2.0, **kw
+        ).images
+
+    fitted = fit_forecasts(pipe, run, fora(6, 2), iterations=2, forecast="first-order", progress=False)
+    assert len(fitted.meta["forecast_fit"]["scores"]) == 2 and fitted.gains is not None
+    assert all(not p.requires_grad or p.grad is None for p in pipe.transformer.parameters())

@@ -121,3 +121,10 @@ def test_several_placements_race_and_the_leader_continues(model):
         fit_forecasts(model, run_of(model), [a, Schedule(4, {"*": (1, FORECAST, 1, 1)})], progress=False)
     with pytest.raises(ScheduleError, match="iterations >= 2"):
         fit_forecasts(model, run_of(model), [a, b], iterations=1, progress=False)
+
+
+def test_forecasts_without_history_leave_nothing_to_move(model):
+    # Step 1 forecasts from one computed output: a copy, which no gain moves; the fit runs and keeps 1.
+    early = Schedule(STEPS, {"*": (1, FORECAST, 1, 1, 1, 1, 1, 1)})
+    fitted = fit_forecasts(model, run_of(model), early, iterations=2, forecast="first-order", progress=False)
+    assert fitted.gains == ((1.0, 1.0),) * STEPS

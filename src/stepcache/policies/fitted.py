@@ -88,9 +88,11 @@ class _Fit:
         if score < self.best_score:
             self.best_score, self.best = score, self.gains.detach().clone()
         if step:
-            (grad,) = torch.autograd.grad(loss, [self.gains])
-            self.gains.grad = grad
-            self.optimizer.step()
+            # allow_unused: forecasts with too little history yet are copies, which no gain moves.
+            (grad,) = torch.autograd.grad(loss, [self.gains], allow_unused=True)
+            if grad is not None:
+                self.gains.grad = grad
+                self.optimizer.step()
 
     def record(self, iterations: int) -> dict[str, Any]:
         return {
