@@ -123,8 +123,8 @@ def test_several_placements_race_and_the_leader_continues(model):
         fit_forecasts(model, run_of(model), [a, b], iterations=1, progress=False)
 
 
-def test_forecasts_without_history_leave_nothing_to_move(model):
-    # Step 1 forecasts from one computed output: a copy, which no gain moves; the fit runs and keeps 1.
+def test_forecasts_without_history_are_refused_up_front(model):
+    # Step 1 forecasts from one computed output: a copy, which no weight changes.
     early = Schedule(STEPS, {"*": (1, FORECAST, 1, 1, 1, 1, 1, 1)})
-    fitted = fit_forecasts(model, run_of(model), early, iterations=2, forecast="first-order", progress=False)
-    assert fitted.gains == ((1.0, 1.0),) * STEPS
+    with pytest.raises(ScheduleError, match="two computed outputs"):
+        fit_forecasts(model, run_of(model), early, iterations=2, forecast="first-order", progress=False)

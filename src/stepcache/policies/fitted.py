@@ -43,7 +43,7 @@ from ..discovery import denoisers_of
 from ..errors import ScheduleError
 from ..runtime import cache
 from ..runtime.introspect import final_samples
-from ..schedule import FORECASTS, METHODS, Schedule
+from ..schedule import COMPUTE, FORECASTS, METHODS, Schedule
 from ._replay import rows
 
 __all__ = ["DEFAULT_FIT_ITERATIONS", "FIT_CALL_COST", "fit_forecasts"]
@@ -170,6 +170,11 @@ def fit_forecasts(
                 "a schedule has no forecast steps, so there are no forecast weights to fit; pass forecast="
                 "'auto' (the default) or schedules that forecast."
             )
+        if not _movable(vs[0]):
+            raise ScheduleError(
+                "no forecast step of the schedule has two computed outputs before it: each extrapolates "
+                "from one output, a copy, which no weight changes. Compute more of the early steps."
+            )
     half = iterations // 2 if len(schedules) > 1 else iterations
     calls = len(schedules) * half + (iterations - half)
     plain = len(schedules) * (len(orders) if len(orders) > 1 else 0) + (reference is None)
@@ -241,3 +246,14 @@ def fit_forecasts(
 def _score(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """The mean over samples of 10 log10(per-sample MSE): minus the mean PSNR, up to a constant."""
     return (10 * torch.log10((out - reference).pow(2).mean(dim=1).clamp_min(1e-30))).mean()
+
+
+def _movable(schedule: Schedule) -> bool:
+    """Whether some forecast step has two computed steps before it (an extrapolation, not a copy)."""
+    for plan in schedule.plans.values():
+        computed = 0
+        for v in plan:
+            if v in FORECASTS and computed >= 2:
+                return True
+            computed += v == COMPUTE
+    return False
