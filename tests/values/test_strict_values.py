@@ -104,7 +104,7 @@ def edited(base: dict, path: tuple, value=None, *, drop: bool = False) -> dict:
         (("format_version",), "1", "format_version must be a positive integer"),
         (("format_version",), 1.0, "format_version must be a positive integer"),
         (("format_version",), [1], "format_version must be a positive integer"),
-        (("format_version",), 3, "upgrade stepcache"),
+        (("format_version",), 4, "upgrade stepcache"),
         (("stepcache_version",), 1, "field 'stepcache_version' must be a string"),
         (("extra",), 1, r"unknown field\(s\) \['extra'\]"),
     ],
