@@ -116,7 +116,18 @@ def test_sensitivity_optimal_and_tune_from_the_command_line(tmp_path):
 
 def test_tune_with_fitted_forecasts(tmp_path):
     out = tmp_path / "fitted.json"
-    args = ["tune", "reference", "--model", "flow", "--compute-fraction", "0.5", "--steps", "8", "--samples", "1"]
+    args = [
+        "tune",
+        "reference",
+        "--model",
+        "flow",
+        "--compute-fraction",
+        "0.5",
+        "--steps",
+        "8",
+        "--samples",
+        "1",
+    ]
     result = runner.invoke(app, [*args, "--max-replays", "4", "--fit", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "forecast gains fitted" in result.output
