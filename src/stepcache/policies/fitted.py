@@ -94,7 +94,7 @@ class _Fit:
                 self.gains.grad = grad
                 self.optimizer.step()
 
-    def record(self, iterations: int) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         return {
             "forecast": self.schedule.meta.get("forecast"),
             "start_scores": dict(zip(("first-order", "taylor2"), self.start_scores, strict=False)),
@@ -176,7 +176,8 @@ def fit_forecasts(
                 "from one output, a copy, which no weight changes. Compute more of the early steps."
             )
     half = iterations // 2 if len(schedules) > 1 else iterations
-    calls = len(schedules) * half + (iterations - half)
+    rest = iterations - half  # the leader's calls after the race
+    calls = len(schedules) * half + rest
     plain = len(schedules) * (len(orders) if len(orders) > 1 else 0) + (reference is None)
     _log.info(
         "fit_forecasts: %d calls of run with gradients over %d placement(s) and %d plain calls "
@@ -208,7 +209,6 @@ def fit_forecasts(
     try:
         for p in weights:  # only the gains move; the weights get no .grad and save no activations
             p.requires_grad_(False)
-        rest = iterations - half
         for fit in fits:  # the race: half the calls each (the last call of a lone fit only scores)
             for i in range(half):
                 fit.call(target, run, reference, step=bool(rest) or i + 1 < half)
@@ -229,10 +229,10 @@ def fit_forecasts(
             "lr": float(lr),
             "samples": int(reference.shape[0]),
             "forecast": chosen.meta.get("forecast"),
-            "start_scores": leader.record(iterations)["start_scores"],
+            "start_scores": leader.record()["start_scores"],
             "scores": leader.scores,
             "chosen": leader.scores.index(round(leader.best_score, 4)),
-            "placements": [f.record(iterations) for f in fits],
+            "placements": [f.record() for f in fits],
             "placement": fits.index(leader),
             "score_unit": "mean dB of the per-sample MSE against the uncached samples, lower is better",
             "generations": calls * FIT_CALL_COST + plain,
