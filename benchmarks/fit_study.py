@@ -21,7 +21,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.frontier import load_protocol, parse_config
+from benchmarks.frontier import heldout_configs, load_protocol, parse_config
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
 from stepcache.policies import fit_forecasts, tune
 from stepcache.reference import load_model
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("config", help="a development configuration, e.g. dpm-20-g1")
     p.add_argument("fractions", help="comma-separated, e.g. 0.25,0.35,0.5")
     args = p.parse_args()
-    if args.config in load_protocol()["heldout"]:
+    if args.config in heldout_configs(load_protocol()):
         p.error(f"{args.config} is a held-out configuration: study on the development set only.")
     torch.set_num_threads(2)
     model_name, scheduler, steps, guidance = parse_config(args.config)

@@ -15,6 +15,7 @@ goal, which asks for ``tune`` at <= 24 replays.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,10 +30,21 @@ TUNED = f"{STEPCACHE}/tuned"
 TUNED_FIT = f"{STEPCACHE}/tuned+fit (raced)"
 #: fit_forecasts racing the optimal schedules only: no tune replays
 OPTIMAL_FIT = f"{STEPCACHE}/optimal+fit (raced)"
+#: the open loop (calibration and its output response only: stepcache.policies.open_loop_schedule)
+OPEN_LOOP_DEFAULT = f"{STEPCACHE}/open loop"
+#: within 24 generations of the tuning images: tune at 12 replays, then fit_forecasts with 3 calls
+TUNED_FIT_24 = f"{STEPCACHE}/tuned+fit (24 generations)"
+#: within 24 generations: the open loop's placement, then fit_forecasts with 7 calls
+OPEN_FIT_24 = f"{STEPCACHE}/open loop+fit (24 generations)"
 UNBUDGETED = f"{STEPCACHE}/tuned (unbudgeted)"
 REFERENCE_ONLY = frozenset({UNBUDGETED})
 OPEN_LOOP = frozenset(
-    {f"{STEPCACHE}/optimal (type)", f"{STEPCACHE}/optimal (layer)", f"{STEPCACHE}/SmoothCache by fraction"}
+    {
+        OPEN_LOOP_DEFAULT,
+        f"{STEPCACHE}/optimal (type)",
+        f"{STEPCACHE}/optimal (layer)",
+        f"{STEPCACHE}/SmoothCache by fraction",
+    }
 )
 KEEP = ("family", "knob", "compute_fraction", "mean_db", "p5_db", "worst_db")
 
@@ -95,15 +107,17 @@ def match(points: Sequence[dict[str, Any]], targets: Sequence[float] = TARGETS) 
     for t in targets:
         fams = best_per_family(points, t)
         near = [p for p in ok_points(points) if within(p, t)]
-        ours = best(p for p in near if is_stepcache(p["family"]))
         theirs = best(p for p in near if is_competitor(p["family"]))
+        # at no more compute than the competitor's point (all of the window when there is none)
+        cap = theirs["compute_fraction"] + EPS if theirs else float("inf")
+        ours = best(p for p in near if is_stepcache(p["family"]) and p["compute_fraction"] <= cap)
         row: dict[str, Any] = {
             "target": t,
             "families": fams,
             "stepcache": ours,
             "peer": theirs,
             "peer_best_p5": best((p for p in near if is_competitor(p["family"])), key="p5_db"),
-            "open_loop": best(p for p in near if p["family"] in OPEN_LOOP),
+            "open_loop": best(p for p in near if p["family"] in OPEN_LOOP and p["compute_fraction"] <= cap),
         }
         if ours and theirs:
             row["margin_mean_db"] = r2(ours["mean_db"] - theirs["mean_db"])
@@ -126,6 +140,28 @@ def match(points: Sequence[dict[str, Any]], targets: Sequence[float] = TARGETS) 
             row["tune_gap_db"] = row["tune_within"] = None
         rows.append(row)
     return rows
+
+
+def equal_compute_fractions(
+    points: Sequence[dict[str, Any]], targets: Sequence[float], total_calls: int
+) -> dict[float, float]:
+    """Target -> the fraction stepcache should also be asked for so that it is compared at equal counted
+    compute: the largest multiple of ``1 / total_calls`` (the component calls of one generation) at most
+    the best competitor point's fraction, where that differs from every stepcache point measured near the
+    target. Targets without a competitor point, or already matched, are left out."""
+    out: dict[float, float] = {}
+    for t in targets:
+        near = [p for p in ok_points(points) if within(p, t)]
+        theirs = best(p for p in near if is_competitor(p["family"]))
+        if theirs is None:
+            continue
+        q = math.floor(theirs["compute_fraction"] * total_calls + 1e-6) / total_calls
+        if not within({"compute_fraction": q}, t):
+            continue
+        if any(is_stepcache(p["family"]) and abs(p["compute_fraction"] - q) < 1e-4 for p in near):
+            continue
+        out[t] = round(q, 6)
+    return out
 
 
 def tally(configs: Sequence[dict[str, Any]], key: str) -> tuple[int, int]:

@@ -70,6 +70,23 @@ def test_goal_against_the_best_peer_point_and_its_p5():
     assert match(points, [0.35])[0]["goal_met"] is True
 
 
+def test_stepcache_is_compared_at_no_more_compute_than_the_peer_point():
+    # both within 0.02 of 0.25, but the stepcache point at 0.267 spends more than the peer's 0.233
+    points = [
+        _point(TUNED, 0.2667, 45.0, 40.0, "fraction=0.2667"),
+        _point(TUNED, 0.2333, 28.0, 24.0, "fraction=0.25"),
+        _point("stepcache/optimal (type)", 0.2667, 44.0, 40.0, "fraction=0.2667"),
+        _point("diffusers/TaylorSeer", 0.2333, 30.0, 25.0, "interval=6"),
+    ]
+    (row,) = match(points, [0.25])
+    assert row["stepcache"]["compute_fraction"] == 0.2333 and row["goal_met"] is False
+    assert row["open_loop"] is None  # the open-loop point spends more than the peer's
+    # at equal counted compute it is compared
+    points.append(_point("diffusers/TaylorSeer", 0.2667, 31.0, 26.0, "interval=5"))
+    (row,) = match(points, [0.25])
+    assert row["stepcache"]["mean_db"] == 45.0 and row["goal_met"] is True
+
+
 def test_a_baseline_placement_is_a_competitor():
     points = [_point(TUNED, 0.5, 40.0, 35.0), _point("baseline/FORA", 0.5, 41.0, 30.0)]
     (row,) = match(points, [0.5])
@@ -237,9 +254,12 @@ def test_config_specs():
         with pytest.raises(SystemExit, match="bad configuration"):
             frontier.parse_config(bad)
     protocol = frontier.load_protocol()
-    for spec in protocol["development"] + protocol["heldout"]:
+    second = frontier.set_configs(protocol, "heldout2")
+    for spec in protocol["development"] + protocol["heldout"] + second:
         frontier.parse_config(spec)
-    assert not set(protocol["development"]) & set(protocol["heldout"])
+    sets = [set(protocol["development"]), set(protocol["heldout"]), set(second)]
+    assert all(not a & b for i, a in enumerate(sets) for b in sets[i + 1 :])  # disjoint
+    assert frontier.heldout_configs(protocol) == sets[2]  # the first set is spent
     assert protocol["fractions"] == list(frontier_sweep.TARGETS)
 
 
@@ -247,9 +267,11 @@ def test_config_specs():
     "argv",
     [
         ["--set", "heldout"],
-        ["--configs", "dpm-20-g1", "dpm-12-g3"],
+        ["--set", "heldout2"],
+        ["--configs", "dpm-20-g1", "ddim-8-g1.5"],
+        ["--configs", "deis-28-g1"],
         ["--set", "heldout", "--final", "--quick"],
-        ["--configs", "flow-euler-12-g1", "--quick", "--final"],
+        ["--configs", "flow-euler-14-g3.5", "--quick", "--final"],
     ],
 )
 def test_the_heldout_set_refuses_to_run_without_final(argv, tmp_path, monkeypatch):
