@@ -48,14 +48,24 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.harness` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import frontier_sweep as sweep
-from benchmarks.frontier_match import OPTIMAL_FIT, TUNED, TUNED_FIT, UNBUDGETED, match
+from benchmarks.frontier_match import (
+    OPEN_FIT_24,
+    OPEN_LOOP_DEFAULT,
+    REFERENCE_ONLY,
+    TUNED,
+    TUNED_FIT,
+    TUNED_FIT_24,
+    UNBUDGETED,
+    equal_compute_fractions,
+    match,
+)
 from benchmarks.frontier_report import write_all, write_json
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROTOCOL = HERE / "configs" / "heldout.json"
-SETS = ("development", "heldout")
+SETS = ("development", "heldout", "heldout2")
 TARGETS = sweep.TARGETS
 QUICK_CONFIG = "dpm-20-g1"
 CALIBRATION_SAMPLES, MAGCACHE_IMAGES, MAGCACHE_SEED = 8, 10, 10_000
@@ -120,9 +130,24 @@ def parse_config(spec: str) -> tuple[str, str, int, float]:
     return model, scheduler, steps, guidance
 
 
-def guard_heldout(specs: Sequence[str], protocol: dict[str, Any], *, final: bool, quick: bool) -> None:
-    """The held-out configurations run once, at the end: only with ``--final``, never quick."""
-    held = [s for s in specs if s in protocol["heldout"]]
+def set_configs(protocol: dict[str, Any], name: str) -> list[str]:
+    """The configurations of one of the protocol's sets."""
+    value = protocol[name]
+    return list(value["configs"] if isinstance(value, dict) else value)
+
+
+def heldout_configs(protocol: dict[str, Any]) -> set[str]:
+    """The held-out configurations not yet run: the second set's (the first set is spent: its one run is
+    committed, and its configurations may be used for development like the development set's)."""
+    return set(set_configs(protocol, "heldout2"))
+
+
+def guard_heldout(
+    specs: Sequence[str], protocol: dict[str, Any], *, final: bool, quick: bool, whole_set: bool = False
+) -> None:
+    """The held-out configurations run once, at the end: only with ``--final``, never quick (a held-out
+    set's results file, ``whole_set``, is written only so)."""
+    held = list(specs) if whole_set else [s for s in specs if s in heldout_configs(protocol)]
     if held and (quick or not final):
         raise SystemExit(
             f"refusing to run held-out configuration(s) {', '.join(held)}: the held-out set "
@@ -133,12 +158,23 @@ def guard_heldout(specs: Sequence[str], protocol: dict[str, Any], *, final: bool
 
 # ------------------------------------------------------------------------------------------ plan
 def stepcache_methods(
-    model: torch.nn.Module, calibration: Any, tuning_run: Callable[[], torch.Tensor], *, quick: bool
+    model: torch.nn.Module,
+    calibration: Any,
+    tuning_run: Callable[[], torch.Tensor],
+    *,
+    quick: bool,
+    unbudgeted: bool = True,
 ) -> list[tuple[str, Callable[[float], Any], Sequence[float]]]:
     """``(family, build(fraction) -> Schedule, fractions)``: stepcache's policies, each asked for
     exactly the target fraction (the one rounding rule, ``stepcache.policies._plan.budget_calls``)."""
     from stepcache.errors import ScheduleError
-    from stepcache.policies import fit_forecasts, for_compute_fraction, optimal_schedule, tune
+    from stepcache.policies import (
+        fit_forecasts,
+        for_compute_fraction,
+        open_loop_schedule,
+        optimal_schedule,
+        tune,
+    )
 
     every = TARGETS
 
@@ -161,15 +197,26 @@ def stepcache_methods(
             memo[f] = tune(model, tuning_run, f, calibration=calibration, progress=False)
         return memo[f]
 
+    def tuned_fit_24(f: float) -> Any:  # 12 replays + (1 uncached + 2 plain + 3 calls x 3) = 24
+        placed = tune(model, tuning_run, f, calibration=calibration, progress=False, max_replays=12)
+        return fit_forecasts(model, tuning_run, placed, iterations=3, progress=False)
+
+    def open_fit_24(f: float) -> Any:  # 1 uncached + 2 plain + 7 calls x 3 = 24
+        return fit_forecasts(
+            model, tuning_run, open_loop_schedule(calibration, f), iterations=7, progress=False
+        )
+
     out: list[tuple[str, Callable[[float], Any], Sequence[float]]] = [
         (TUNED, tuned, (0.35,) if quick else every),
         (TUNED_FIT, lambda f: raced([tuned(f), *optimal_both(f)]), (0.35,) if quick else every),
-        (OPTIMAL_FIT, lambda f: raced(optimal_both(f)), every),
+        (TUNED_FIT_24, tuned_fit_24, (0.35,) if quick else every),
+        (OPEN_FIT_24, open_fit_24, every),
+        (OPEN_LOOP_DEFAULT, lambda f: open_loop_schedule(calibration, f), every),
         (f"{sweep.STEPCACHE}/optimal (type)", lambda f: optimal_schedule(calibration, f), every),
         (f"{sweep.STEPCACHE}/optimal (layer)", lambda f: optimal_schedule(calibration, f, granularity="layer"), every),
         (f"{sweep.STEPCACHE}/SmoothCache by fraction", lambda f: for_compute_fraction(calibration, f), every),
     ]  # fmt: skip
-    if not quick:  # item 4's check: the default budget against none (40-150 replays per fraction)
+    if unbudgeted and not quick:  # item 4's check: the default budget against none (40-150 replays each)
         out.insert(
             1,
             (UNBUDGETED, lambda f: tune(model, tuning_run, f, calibration=calibration, progress=False, max_replays=None), every),
@@ -196,12 +243,13 @@ def plan_size(
         approx += len(TARGETS) if grid.per_target else round(0.8 * n)
     dyn = sweep.dynamic_settings(n, depth, available, grid)
     bound = sum(sweep.dynamic_bound(d, TARGETS, grid) for d in dyn)
+    skip = args.quick or getattr(args, "skip_unbudgeted", False)
     ours = 4 * len(TARGETS) if not args.quick else 3 * len(TARGETS) + 1
-    if not args.quick:
+    if not skip:
         ours += len(TARGETS)
     budgeted = 24 * (1 if args.quick else len(TARGETS))
-    unbudgeted = 0 if args.quick else len(TARGETS) * min(UNBUDGETED_REPLAYS, 3 * n)  # measured ~1.8-4 n
-    replays = budgeted + (0 if args.quick else UNBUDGETED_REPLAYS * len(TARGETS))
+    unbudgeted = 0 if skip else len(TARGETS) * min(UNBUDGETED_REPLAYS, 3 * n)  # measured ~1.8-4 n
+    replays = budgeted + (0 if skip else UNBUDGETED_REPLAYS * len(TARGETS))
     rows = 2 if g != 1.0 else 1
     runs = exact + approx + bound + ours
     expected = exact + approx + round(SEARCH_SHARE * bound) + ours
@@ -340,6 +388,21 @@ def calibration_for(model_name: str, scheduler: str, steps: int, guidance: float
 
 
 SEEDS: dict[str, int] = dict(load_protocol()["seeds"])
+RESPONSE_SAMPLES = 8  # images of the calibration seed the output response is measured on
+
+
+def with_response(model: torch.nn.Module, cal: Any, scheduler: str, steps: int, guidance: float) -> Any:
+    """The calibration with its output response (``stepcache.response``, 2 projections) measured on
+    ``RESPONSE_SAMPLES`` images of the calibration seed: what the open loop and tune's shortlist rank by."""
+    from stepcache import response
+
+    return response(
+        model,
+        cal,
+        lambda: generate(
+            model, scheduler, steps, RESPONSE_SAMPLES, SEEDS["calibration"], guidance, differentiable=True
+        ),
+    )
 
 
 def run_config(
@@ -364,6 +427,12 @@ def run_config(
          "calibration": cal_source, "calibration_s": round(time.perf_counter() - t0, 1), "complete": False}
     )  # fmt: skip
     say(f"calibration: {cal_source} ({entry['calibration_s']:.1f} s)")
+    t0 = time.perf_counter()
+    cal = with_response(model, cal, scheduler, steps, guidance)
+    entry["response"] = {**cal.meta["response"], "seconds": round(time.perf_counter() - t0, 1)}
+    say(
+        f"output response: {RESPONSE_SAMPLES} images of seed {SEEDS['calibration']} ({entry['response']['seconds']:.1f} s)"
+    )
 
     def eval_run() -> torch.Tensor:
         return generate(model, scheduler, steps, args.samples, SEEDS["evaluation"], guidance)
@@ -391,42 +460,53 @@ def run_config(
     say(f"uncached: {args.samples} images in {entry['uncached_s']:.1f} s")
     runner = Runner(model, entry, eval_run, base, say, saved)
 
-    for family, build, fractions in stepcache_methods(model, cal, tuning_run, quick=args.quick):
-        for f in fractions:
+    methods = stepcache_methods(model, cal, tuning_run, quick=args.quick, unbudgeted=not args.skip_unbudgeted)
 
-            def make(
-                build: Callable[[float], Any] = build, f: float = f, family: str = family
-            ) -> tuple[Any, dict[str, Any]]:
-                t = time.perf_counter()
-                sched = build(f)
-                info: dict[str, Any] = {"schedule_compute_fraction": round(sched.compute_fraction, 4)}
-                if "tuning" in sched.meta:
-                    info.update(
-                        tuning_s=round(time.perf_counter() - t, 1),
-                        tuning_replays=sched.meta["tuning"]["runs"],
-                        candidate=sched.meta.get("candidate"),
-                    )
-                if "forecast_fit" in sched.meta:
-                    fit = sched.meta["forecast_fit"]
-                    info.update(
-                        tuning_s=round(time.perf_counter() - t, 1),
-                        fit_generations=fit["generations"],
-                        fit_forecast=fit["forecast"],
-                        fit_seconds=fit["seconds"],
-                    )
-                return cache(model, sched, count_macs=False), info
+    def ours(asked: dict[float, float], note: str = "") -> None:
+        """stepcache's policies, each at ``asked[target]`` for the targets it runs at."""
+        for family, build, fractions in methods:
+            for t in fractions:
+                if t not in asked or (note and family in REFERENCE_ONLY):
+                    continue
+                f = asked[t]
 
-            smooth = family.endswith("SmoothCache by fraction")
-            key = None
-            if smooth:  # the plans, so dit-smoothcache running the same schedule can be compared
-                from stepcache.errors import ScheduleError
-                from stepcache.policies import for_compute_fraction
+                def make(
+                    build: Callable[[float], Any] = build, f: float = f, family: str = family
+                ) -> tuple[Any, dict[str, Any]]:
+                    t0 = time.perf_counter()
+                    sched = build(f)
+                    info: dict[str, Any] = {"schedule_compute_fraction": round(sched.compute_fraction, 4)}
+                    if "tuning" in sched.meta:
+                        info.update(
+                            tuning_s=round(time.perf_counter() - t0, 1),
+                            tuning_replays=sched.meta["tuning"]["runs"],
+                            candidate=sched.meta.get("candidate"),
+                        )
+                    if "forecast_fit" in sched.meta:
+                        fit = sched.meta["forecast_fit"]
+                        info.update(
+                            tuning_s=round(time.perf_counter() - t0, 1),
+                            fit_generations=fit["generations"],
+                            fit_forecast=fit["forecast"],
+                            fit_seconds=fit["seconds"],
+                        )
+                    if "open_loop" in sched.meta:
+                        info["candidate"] = sched.meta["open_loop"].get("chosen")
+                    return cache(model, sched, count_macs=False), info
 
-                try:
-                    key = tuple(sorted(for_compute_fraction(cal, f).plans.items()))
-                except ScheduleError:
-                    key = None
-            runner.run(family, f"fraction={f:g}", make, same=key)
+                smooth = family.endswith("SmoothCache by fraction")
+                key = None
+                if smooth and not note:  # the plans, so dit-smoothcache running the same schedule compares
+                    from stepcache.errors import ScheduleError
+                    from stepcache.policies import for_compute_fraction
+
+                    try:
+                        key = tuple(sorted(for_compute_fraction(cal, f).plans.items()))
+                    except ScheduleError:
+                        key = None
+                runner.run(family, f"fraction={f:.4g}{note}", make, same=key)
+
+    ours({t: t for t in TARGETS})
 
     available = peers.available_peers()
     depth = len(model.transformer_blocks)
@@ -471,6 +551,15 @@ def run_config(
             sweep.search(measure, TARGETS, floor=d.floor, coarse=d.coarse, lo=lo, hi=hi, refine=grid.refine)
         )
     entry["sweep"] = {"static": counts, "dynamic_combinations": len(dynamic), "dynamic_probes": probes}
+    # equal counted compute: where the best competitor point spends another fraction than stepcache's
+    # rounding of the target (0.267 against 0.233 at 0.25 of 15 steps), stepcache runs at that one too
+    total_calls = steps * len(cal.components)
+    extra = equal_compute_fractions(entry["points"], TARGETS, total_calls)
+    if extra:
+        say(
+            f"stepcache at the best peers' fractions: {', '.join(f'{t:g} -> {q:.4f}' for t, q in extra.items())}"
+        )
+        ours(extra, note=" (the best peer's)")
     entry["matched"] = match(entry["points"], TARGETS)
     entry["complete"] = True
 
@@ -512,6 +601,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--redo", nargs="+", default=[], help="with --resume: run these configurations again from scratch"
     )
     p.add_argument(
+        "--skip-unbudgeted",
+        action="store_true",
+        help="do not run tune unbudgeted (item 4's budget check; 40-150 replays per fraction)",
+    )
+    p.add_argument(
         "--rematch", type=Path, default=None, help="recompute the tables of a results JSON; no generation"
     )
     return p.parse_args(argv)
@@ -526,11 +620,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.configs is not None and args.set is not None:
         raise SystemExit("--configs and --set are exclusive")
     set_name = None if args.configs is not None else (args.set or "development")
-    specs = list(args.configs) if args.configs is not None else list(protocol[set_name])
+    specs = list(args.configs) if args.configs is not None else set_configs(protocol, set_name)
     if args.quick and set_name == "development":
         specs = [QUICK_CONFIG]
-    if (set_name == "heldout" or args.configs is not None) and not args.plan:
-        guard_heldout(specs, protocol, final=args.final, quick=args.quick)
+    if (set_name in ("heldout", "heldout2") or args.configs is not None) and not args.plan:
+        guard_heldout(
+            specs, protocol, final=args.final, quick=args.quick, whole_set=set_name in ("heldout", "heldout2")
+        )
     if args.samples is None:
         args.samples = 8 if args.quick else int(protocol["seeds"]["evaluation_images"])
     if args.quick:
@@ -565,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings: dict[str, Any] = {
         "command": command,
         "set": set_name,
-        "final": bool(args.final and set_name == "heldout"),
+        "final": bool(args.final and set_name in ("heldout", "heldout2")),
         "protocol": (
             f"the {set_name} set of benchmarks/configs/heldout.json"
             if set_name

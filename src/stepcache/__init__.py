@@ -19,7 +19,14 @@ docs/architecture.md.
 from ._logging import set_verbosity
 from ._version import __version__
 from .api import CacheConfig, cache
-from .calibration import Calibration, GuidanceCalibration, calibrate, calibrate_guidance, sensitivity
+from .calibration import (
+    Calibration,
+    GuidanceCalibration,
+    calibrate,
+    calibrate_guidance,
+    response,
+    sensitivity,
+)
 from .discovery import COMPONENT_TYPES, Component, discover, register_layout
 from .errors import (
     CalibrationError,
@@ -80,6 +87,7 @@ __all__ = [
     "optimal_schedule",
     "register_layout",
     "remove_smoothcache",
+    "response",
     "sensitivity",
     "set_verbosity",
     "summary",

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from stepcache import Calibration, Schedule
 from stepcache.cli import app
+from stepcache.policies import open_loop_schedule
 
 runner = CliRunner()
 
@@ -176,3 +177,20 @@ def test_schedule_with_a_memory_budget(tmp_path):
         app, ["schedule", str(cal_path), "--compute-fraction", "0.5", "--sizes", str(sizes)]
     )
     assert result.exit_code == 2 and "--memory-budget" in result.output
+
+
+def test_calibrate_records_the_output_response_on_the_reference_model(tmp_path):
+    cal_path = tmp_path / "cal.json"
+    base = ["calibrate", "reference", "--model", "flow", "--steps", "6", "--samples", "2", "--batch", "2"]
+    result = runner.invoke(app, [*base, "--response", "-o", str(cal_path)])
+    assert result.exit_code == 0, result.output
+    cal = Calibration.load(cal_path)
+    assert cal.meta["response"]["samples"] == 2 and all(
+        a.shape == (2, 6, 6, 2) for a in cal.response.values()
+    )
+    schedule = open_loop_schedule(cal, 0.5)
+    assert schedule.meta["open_loop"]["rule"] == "output response"
+    result = runner.invoke(
+        app, ["calibrate", "tiny-dit", "--steps", "6", "--response", "-o", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "reference model" in " ".join(result.output.split())

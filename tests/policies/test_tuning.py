@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import stepcache
 from stepcache import Schedule, ScheduleError
 from stepcache.policies import COMPUTE, FORECAST, REUSE, _replay, tuned
+from stepcache.policies._family import candidate_plans
 from stepcache.policies._plan import offset_plan, spaced_plan
 
 SAMPLES = 8
@@ -31,7 +32,7 @@ def computed(plan: tuple[int, ...]) -> set[int]:
 @pytest.mark.parametrize(("n", "fraction"), [(20, 0.35), (20, 0.5), (25, 0.36), (50, 0.35), (50, 0.5)])
 def test_family_holds_taylorseer_placements_and_forced_last_steps_within_budget(n, fraction):
     computes = int(fraction * n + 1e-9)
-    plans = tuned.candidate_plans(n, computes, n // 2)
+    plans = candidate_plans(n, computes, n // 2)
     assert all(p.count(COMPUTE) == computes for p in plans.values())  # the budget is spent, exactly
     sets = [computed(p) for p in plans.values()]
     for warmup in (2, 3):
@@ -44,7 +45,7 @@ def test_family_holds_taylorseer_placements_and_forced_last_steps_within_budget(
     last_two = [label for label, p in plans.items() if p[-1] == p[-2] == COMPUTE]
     assert any("even" in label for label in last_two) and any("every i-th" in label for label in last_two)
     assert any("every i-th, last computed" in label and p[-1] == COMPUTE for label, p in plans.items())
-    classic = tuned.candidate_plans(n, computes, n // 2, "classic")
+    classic = candidate_plans(n, computes, n // 2, "classic")
     assert set(classic.values()) < set(plans.values())
 
 
@@ -93,7 +94,7 @@ N, COMPUTES = 12, 6  # fraction 0.5 of 12 steps
 
 
 def family():
-    return list(tuned.candidate_plans(N, COMPUTES, N // 2).values())
+    return list(candidate_plans(N, COMPUTES, N // 2).values())
 
 
 def tune(fake, **kw):
@@ -166,7 +167,7 @@ def test_validation_chooses_among_the_top_k_and_records_both_splits(monkeypatch)
     score = info["scores"][info["top_k"][0]]
     assert score["fit"] < info["scores"][sched.meta["candidate"]]["fit"]
     assert score["validation"] > info["scores"][sched.meta["candidate"]]["validation"]
-    assert set(info["scores"]) >= set(tuned.candidate_plans(N, COMPUTES, N // 2))
+    assert set(info["scores"]) >= set(candidate_plans(N, COMPUTES, N // 2))
     # Without a choice (top 1) or without held-out samples, the fit score decides.
     assert tune(fake, refine=0, top_k=1).plans["*"] == lucky
     alone = tune(fake, refine=0, validation=0).meta["tuning"]  # all samples: lucky's bad half shows

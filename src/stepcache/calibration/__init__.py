@@ -12,6 +12,8 @@ their spread kept. Only the ``k`` most recent outputs of each component are held
 * :mod:`.recorder`: :func:`calibrate` and the interceptor that measures the changes;
 * :mod:`.pooled`: the statistics of one process, or pooled exactly over a process group;
 * :mod:`.weights`: :func:`sensitivity`, per-step, per-layer weights from perturbation replays;
+* :mod:`.response`: :func:`response`, the first-order effect of every step's outputs on the final
+  samples, from one differentiable generation (what the open loop ranks placements by);
 * :mod:`.guidance`: the two guidance branches calibrated apart (:class:`GuidanceCalibration`).
 
 The policies (:mod:`stepcache.policies`) turn a calibration into a :class:`~stepcache.Schedule`.
@@ -19,15 +21,18 @@ The policies (:mod:`stepcache.policies`) turn a calibration into a :class:`~step
 
 from .guidance import GuidanceCalibration, calibrate_guidance
 from .recorder import calibrate
+from .response import DEFAULT_PROJECTIONS, response
 from .value import DEFAULT_LOOKAHEAD, SECOND_ORDER, Calibration
 from .weights import sensitivity
 
 __all__ = [
     "DEFAULT_LOOKAHEAD",
+    "DEFAULT_PROJECTIONS",
     "SECOND_ORDER",
     "Calibration",
     "GuidanceCalibration",
     "calibrate",
     "calibrate_guidance",
+    "response",
     "sensitivity",
 ]

@@ -62,14 +62,15 @@ def intercepted(
     timestep_arg: str | None = None,
     installer: Installer | None = None,
     inspect: Callable[[tuple, dict], None] | None = None,
+    gradients: bool = False,
 ) -> Iterator[None]:
     """Every component of ``target`` routed through ``intercept`` (steps read by ``tracker``), without
-    gradients; removed exactly on exit. ``inspect`` sees each denoiser call's arguments;
-    ``installer`` attaches the hooks (torch hooks by default)."""
+    gradients unless ``gradients``; removed exactly on exit. ``inspect`` sees each denoiser call's
+    arguments; ``installer`` attaches the hooks (torch hooks by default)."""
     models = [m for _, m in denoisers_of(target)]
     session = Session(models, components, intercept, tracker, timestep_arg=timestep_arg, installer=installer)
     session.inspect = inspect
-    with session, torch.no_grad():
+    with session, torch.enable_grad() if gradients else torch.no_grad():
         yield
 
 

@@ -39,7 +39,9 @@ from .moments import nanmean as _nanmean
 __all__ = ["DEFAULT_LOOKAHEAD", "SECOND_ORDER", "Calibration"]
 
 _FORMAT = "stepcache.calibration"
-_FORMAT_VERSION = 2  # 2 adds second-order forecast errors; files without them are written as 1
+_FORMAT_VERSION = (
+    3  # 2 adds second-order forecast errors, 3 the output response; written as the lowest that fits
+)
 #: The lookahead ``k`` (longest reuse run measured) of :func:`~stepcache.calibrate`, the CLI and the shipped
 #: calibrations: the longest reuse run the optimal policy chooses at a compute fraction of 0.25 when it may
 #: choose up to 10 (measured on both reference models, 20-50 steps, type granularity: 5; docs/policies.md).
@@ -71,6 +73,12 @@ class Calibration(HubValue):
             relative L1 error of that method's forecast of step ``s`` from steps ``a = s-j``,
             ``b = a-m`` and ``c = b-p`` (:func:`stepcache.schedule.forecast_coefficients`); empty
             unless calibrated with ``second_order=True``.
+        response: type -> array ``(projections, num_steps, num_steps, samples)``:
+            ``response[r, s, j, i]`` is the inner product, summed over that type's layers, of the
+            output of step ``j`` with the gradient of a random projection ``r`` of sample ``i``'s final
+            sample with respect to the output of step ``s``; from :func:`stepcache.response` (empty if
+            not run). It predicts, to first order, what any placement of computations and forecasts
+            does to the final samples (:mod:`stepcache.policies._response`).
     """
 
     _what: ClassVar[str] = "calibration"
@@ -88,6 +96,7 @@ class Calibration(HubValue):
     forecast_errors: Mapping[str, np.ndarray] = field(default_factory=dict)
     weights: Mapping[str, np.ndarray] = field(default_factory=dict)
     forecast2_errors: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    response: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_sizes(self.num_steps, self.lookahead, self.num_samples)
@@ -138,6 +147,7 @@ class Calibration(HubValue):
                     (*shape, self.lookahead + 1, self.lookahead + 1),
                     finite=False,
                 )
+        _check_response(self.response, set(self.components.values()), self.num_steps)
         if not isinstance(self.macs, Mapping) or not set(self.macs) <= set(self.components):
             raise CalibrationError("calibration macs name components the calibration does not have.")
         for name, macs in self.macs.items():
@@ -263,6 +273,11 @@ class Calibration(HubValue):
                         f"cannot merge: calibration {i} differs from calibration 0 in {label}{shown}; merge "
                         "only calibrations of one model and setup."
                     )
+        if any(cal.response for cal in cals):
+            raise CalibrationError(
+                "cannot merge output responses (measured on one calibration's samples): merge "
+                "cal.replace(response={}) of each, then run stepcache.response() on the result."
+            )
         if any(cal.weights for cal in cals):
             raise CalibrationError(
                 "cannot merge sensitivity weights (they come from replays of one calibration): merge "
@@ -377,7 +392,11 @@ class Calibration(HubValue):
 
         out: dict[str, Any] = {
             "format": _FORMAT,
-            "format_version": _FORMAT_VERSION if self.forecast2_errors else 1,  # readable by older versions
+            "format_version": 3
+            if self.response
+            else 2
+            if self.forecast2_errors
+            else 1,  # the lowest that fits
             "stepcache_version": __version__,
             "num_steps": self.num_steps,
             "lookahead": self.lookahead,
@@ -401,6 +420,8 @@ class Calibration(HubValue):
         if not self.forecast2_errors:
             for c in out["components"].values():
                 del c["forecast2_errors"]
+        if self.response:
+            out["response"] = {kind: np.asarray(a, dtype=float).tolist() for kind, a in self.response.items()}
         return out
 
     @classmethod
@@ -478,6 +499,13 @@ class Calibration(HubValue):
                     forecast2.setdefault(method, {})[name] = _table(
                         table, (n, k, k + 1, k + 1), f"{where}.forecast2_errors.{method}", fail, missing=True
                     )
+        response = data.get("response", {})
+        if not isinstance(response, dict):
+            raise fail("'response'", f"must be an object (component type -> array), got {kind_of(response)}")
+        try:
+            response = {kind: np.asarray(a, dtype=float) for kind, a in response.items()}
+        except (TypeError, ValueError):
+            raise fail("'response'", "must hold rectangular arrays of numbers") from None
         try:
             return cls(
                 num_steps=n,
@@ -491,6 +519,7 @@ class Calibration(HubValue):
                 forecast_errors=forecast,
                 weights=weights,
                 forecast2_errors=forecast2,
+                response=response,
             )
         except CalibrationError as e:
             raise CalibrationError(f"{source}: {e}") from None
@@ -544,8 +573,28 @@ def check_sizes(num_steps: Any, lookahead: Any, num_samples: Any) -> None:
 
 
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "lookahead", "num_samples"}
-_FIELDS |= {"meta", "components"}
+_FIELDS |= {"meta", "components", "response"}
 _COMPONENT_FIELDS = {"type", "macs", "errors", "spread", "forecast_errors", "weights", "forecast2_errors"}
+
+
+def _check_response(response: Any, types: set[str], n: int) -> None:
+    """Type -> finite array ``(projections, n, n, samples)`` (:func:`stepcache.response`)."""
+    if not isinstance(response, Mapping):
+        raise CalibrationError("calibration response must map component types to arrays.")
+    shapes = set()
+    for kind, arr in response.items():
+        if kind not in types:
+            raise CalibrationError(f"calibration response names type {kind!r}, which no component has.")
+        values = np.asarray(arr, dtype=float)
+        if values.ndim != 4 or values.shape[1:3] != (n, n) or 0 in values.shape:
+            raise CalibrationError(
+                f"response of {kind} has shape {values.shape}, expected (projections, {n}, {n}, samples)."
+            )
+        if not np.all(np.isfinite(values)):
+            raise CalibrationError(f"response of {kind} must be finite numbers.")
+        shapes.add(values.shape)
+    if len(shapes) > 1:
+        raise CalibrationError(f"the response arrays of the types differ in shape: {sorted(shapes)}.")
 
 
 def _check_array(label: str, arr: Any, shape: tuple[int, ...], *, finite: bool) -> None:

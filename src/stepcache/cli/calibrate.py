@@ -10,6 +10,7 @@ import typer
 
 from ..calibration import DEFAULT_LOOKAHEAD
 from ..calibration import calibrate as run_calibration
+from ..calibration import response as measure_response
 from ..calibration import sensitivity as measure_sensitivity
 from ..distributed import is_main, launched
 from ..errors import StepCacheError
@@ -66,6 +67,14 @@ def calibrate(
     sensitivity_samples: Annotated[
         int, typer.Option(min=1, help="Generations replayed per sensitivity run (at most --samples).")
     ] = 2,
+    response: Annotated[
+        bool,
+        typer.Option(
+            help="Also record the output response (stepcache.response: one differentiable generation of "
+            "the first --batch samples and 2 backward passes), which the open loop and tune rank "
+            "placements by. Reference model only.",
+        ),
+    ] = False,
 ) -> None:
     """Run MODEL uncached and record per-step error curves of every component.
 
@@ -82,6 +91,11 @@ def calibrate(
         refuse_unused(ctx, ("sensitivity_samples",), "without --sensitivity N (N > 0)")
     elif sensitivity_samples > samples:
         fail(f"--sensitivity-samples {sensitivity_samples} exceeds --samples {samples}: it replays those.")
+    if response and model != "reference":
+        fail(
+            "--response differentiates through the sampler: the reference model's pipeline does; for other "
+            "models call stepcache.response(pipe, calibration, run) with a run that builds the graph."
+        )
     check_outputs((out, "calibration file (--out)"), (plot, "plot (--plot)"))
     if plot is not None:
         try:
@@ -110,6 +124,10 @@ def calibrate(
         if sensitivity:
             run = _targets.replay(target, inputs[:sensitivity_samples], seed, steps)
             cal = measure_sensitivity(target, cal, run, step_groups=sensitivity)
+        if response:
+            cal = measure_response(
+                target, cal, _targets.replay(target, inputs[:1], seed, steps, differentiable=True)
+            )
         with relay_warnings():
             cal.save(out)
         typer.echo(cal.summary())

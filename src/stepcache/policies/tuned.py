@@ -64,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -79,23 +78,20 @@ from ..runtime.introspect import final_samples
 from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
 from ._budget import fit_memory
 from ._cost import plan_cost
+from ._family import FAMILIES, candidate_schedules
 from ._plan import (
     budget_calls,
     check_fraction,
-    interval_plan,
-    offset_plan,
-    spaced_plan,
     split_computes,
-    warmup_plan,
 )
 from ._replay import DEFAULT_OBJECTIVE, db, objective_function, rows, split
 from ._replay import held_out as held_out_count
+from ._response import ranked_by_response
 from .optimal import optimal_schedule
 
 __all__ = ["DEFAULT_MAX_REPLAYS", "DEFAULT_OBJECTIVE", "objective_function", "tune"]
 
 _log = get_logger(__name__)
-FAMILIES = ("full", "classic")
 #: Calls of ``run`` ``tune`` makes at most unless told otherwise (the uncached one included).
 DEFAULT_MAX_REPLAYS = 24
 
@@ -112,62 +108,6 @@ def _moves(plans: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, tuple[int
                     moved = list(plan)
                     moved[s], moved[t] = fill, COMPUTE
                     yield {**plans, key: tuple(moved)}
-
-
-def _spend(plan: tuple[int, ...], computes: int) -> tuple[int, ...]:
-    """``plan`` with its unspent computations (below ``computes``) moved onto its last reused steps."""
-    out = list(plan)
-    left = computes - out.count(COMPUTE)
-    for s in range(len(out) - 1, -1, -1):
-        if left <= 0:
-            break
-        if out[s] != COMPUTE:
-            out[s], left = COMPUTE, left - 1
-    return tuple(out)
-
-
-def _warmups(computes: int, top: int) -> list[int]:
-    grid = [*range(1, 9), 10, 12, 15, 20, 25, 30, 40]
-    return [w for w in grid if w <= min(top, computes - 2)]
-
-
-def candidate_plans(n: int, computes: int, top: int, family: str = "full") -> dict[str, tuple[int, ...]]:
-    """The family's plans (label -> plan of one component type), distinct, each computing exactly
-    ``computes`` of ``n`` steps, with warm-ups up to ``top`` (see the module doc). A placement whose
-    interval leaves computations unspent computes its last steps with them: a budget is spent, not
-    left on the table."""
-    if family not in FAMILIES:
-        raise ScheduleError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {family!r}.")
-    out: dict[str, tuple[int, ...]] = {}
-    seen: set[tuple[int, ...]] = set()
-
-    def offer(label: str, build: Callable[[], tuple[int, ...]]) -> None:
-        with contextlib.suppress(ScheduleError):  # this variant does not fit the budget
-            plan = _spend(build(), computes)
-            if plan not in seen and plan.count(COMPUTE) == computes:
-                seen.add(plan)
-                out[label] = plan
-
-    warmups = _warmups(computes, top)
-    for w in warmups:
-        offer(f"warm-up {w}, even to the end, forecast", partial(warmup_plan, n, computes, w))
-        for phase in range(3):
-            offer(
-                f"warm-up {w}, every i-th (phase {phase}), forecast",
-                partial(interval_plan, n, computes, w, phase),
-            )
-    if family == "classic":
-        return out
-    for w in warmups:
-        offer(f"warm-up {w}, even, last 2 computed, forecast", partial(spaced_plan, n, computes, w, 2))
-        for offset in range(2):
-            for tail in range(3):
-                last = {0: "", 1: ", last computed", 2: ", last 2 computed"}[tail]
-                offer(
-                    f"warm-up {w}, first at +{offset} then every i-th{last}, forecast",
-                    partial(offset_plan, n, computes, w, offset, tail),
-                )
-    return out
 
 
 def tune(
@@ -261,14 +201,14 @@ def tune(
             Schedule(n, {"*": (COMPUTE,) * n}, meta={"rule": "tuned", "target_compute_fraction": fraction})
         )
     top = max_warmup if max_warmup is not None else max(2, n // 2)
-    families = {c: candidate_plans(n, c, top, family) for c in set(per_type.values())}
-    if len(families) == 1:  # one plan for every component (the common case)
-        candidates = {label: Schedule(n, {"*": plan}) for label, plan in families[computes].items()}
-    else:
+    candidates = candidate_schedules(n, per_type, layers, top, family)
+    if calibration is not None and calibration.response:
+        # the output response ranks them (the shortlist): second-order forecasts and copies join the
+        # race, the replays judge what the first-order prediction gets wrong
         candidates = {
-            label: Schedule(n, {t: families[c][label] for t, c in per_type.items()}, layers)
-            for label in families[computes]
-            if all(label in families[c] for c in per_type.values())
+            (label if f == "first-order" else label.replace(", forecast", f", {f}")): s.with_forecast(f)
+            for label, s in candidates.items()
+            for f in ("first-order", "taylor2", "copy")
         }
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
@@ -440,6 +380,10 @@ def _shortlist(
         return candidates
     labels = list(candidates)
     keep: list[str] = [k for k in labels if k.startswith("optimal")][:slots]
+    if calibration is not None and calibration.response:  # the output response's best, in its order
+        ranked = [k for k, _ in ranked_by_response(calibration, candidates) if k not in keep]
+        keep += ranked[: slots - len(keep)]
+        return {k: candidates[k] for k in labels if k in keep}
     if calibration is not None:
         predicted = {k: _predicted(candidates[k], calibration) for k in labels}
         by_prediction = sorted((k for k in labels if k not in keep), key=lambda k: predicted[k])
