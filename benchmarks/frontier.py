@@ -210,7 +210,7 @@ def stepcache_methods(
         (TUNED, tuned, (0.35,) if quick else every),
         (TUNED_FIT, lambda f: raced([tuned(f), *optimal_both(f)]), (0.35,) if quick else every),
         (TUNED_FIT_24, tuned_fit_24, (0.35,) if quick else every),
-        (OPEN_FIT_24, open_fit_24, every),
+        (OPEN_FIT_24, open_fit_24, (0.35,) if quick else every),
         (OPEN_LOOP_DEFAULT, lambda f: open_loop_schedule(calibration, f), every),
         (f"{sweep.STEPCACHE}/optimal (type)", lambda f: optimal_schedule(calibration, f), every),
         (f"{sweep.STEPCACHE}/optimal (layer)", lambda f: optimal_schedule(calibration, f, granularity="layer"), every),
@@ -244,10 +244,12 @@ def plan_size(
     dyn = sweep.dynamic_settings(n, depth, available, grid)
     bound = sum(sweep.dynamic_bound(d, TARGETS, grid) for d in dyn)
     skip = args.quick or getattr(args, "skip_unbudgeted", False)
-    ours = 4 * len(TARGETS) if not args.quick else 3 * len(TARGETS) + 1
+    ours = 8 * len(TARGETS) if not args.quick else 4 * len(TARGETS) + 4  # stepcache families x fractions
     if not skip:
         ours += len(TARGETS)
-    budgeted = 24 * (1 if args.quick else len(TARGETS))
+    # generations of the tuning images per fraction: tune 24, the raced fit ~55 more, 24 + 24 for the two
+    # 24-generation policies
+    budgeted = 127 * (1 if args.quick else len(TARGETS))
     unbudgeted = 0 if skip else len(TARGETS) * min(UNBUDGETED_REPLAYS, 3 * n)  # measured ~1.8-4 n
     replays = budgeted + (0 if skip else UNBUDGETED_REPLAYS * len(TARGETS))
     rows = 2 if g != 1.0 else 1

@@ -133,6 +133,15 @@ def test_diffusers_schedulers_by_name_or_object():
         ReferencePipeline(42)
 
 
+@pytest.mark.parametrize("sched", ["euler", "euler-a"])
+def test_euler_samplers_make_digits_not_saturated_noise(model, sched):
+    labels = torch.arange(10)
+    x = sample(model, labels, scheduler=sched, num_inference_steps=8, seed=0)
+    assert float((x.abs() >= 0.999).float().mean()) < 0.3  # was 0.99 with trailing spacing
+    classifier = reference.load_classifier()
+    assert float((classifier(x).argmax(1) == labels).float().mean()) >= 0.7
+
+
 @pytest.mark.parametrize("sched", ["ddim", "dpm"])
 def test_sample_reproducible(model, sched):
     labels = torch.tensor([0, 3, 7])

@@ -240,7 +240,7 @@ def make_scheduler(
     Args:
         name: for the DDPM model ``"ddim"`` (deterministic DDIM, eta=0), ``"dpm"`` (DPM-Solver++ 2M),
             ``"unipc"`` (UniPC multistep, order 2), ``"deis"`` (DEIS multistep, order 2), ``"euler"``
-            (Euler, Karras-style sigmas) or ``"euler-a"`` (Euler ancestral: stochastic, seeded by
+            (Euler, "leading" timestep spacing) or ``"euler-a"`` (Euler ancestral: stochastic, seeded by
             :func:`sample`); ``"flow-euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler``) for the
             flow model.
         num_inference_steps: number of denoising steps.
@@ -320,10 +320,13 @@ def make_scheduler(
             dynamic_thresholding_ratio=0.995,
             sample_max_value=1.0,
         )
-    elif key == "euler":
-        sched = EulerDiscreteScheduler(**common)
-    elif key == "euler-a":
-        sched = EulerAncestralDiscreteScheduler(**common)
+    elif key in ("euler", "euler-a"):
+        # "leading" spacing (steps_offset 1, as Stable Diffusion's Euler): with "trailing" the first sigma
+        # of this training schedule is ~20,000 (alpha_bar(999) ~ 0), Euler has no x0 clipping, and the
+        # samples came out saturated (99 % of pixels at +-1, class accuracy 0.65 at 10 and 30 steps).
+        # Leading: first sigma 6.5 (10 steps) / 15.6 (30), 6-16 % saturated pixels as DDIM, accuracy 0.9-1.0.
+        solver = EulerDiscreteScheduler if key == "euler" else EulerAncestralDiscreteScheduler
+        sched = solver(**{**common, "timestep_spacing": "leading", "steps_offset": 1})
     else:  # pragma: no cover - scheduler_key() admits nothing else
         raise StepCacheError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
     sched.set_timesteps(num_inference_steps)
