@@ -87,6 +87,19 @@ def test_stepcache_is_compared_at_no_more_compute_than_the_peer_point():
     assert row["stepcache"]["mean_db"] == 45.0 and row["goal_met"] is True
 
 
+def test_the_goal_is_judged_again_for_the_policies_within_24_generations():
+    from benchmarks.frontier_match import TUNED_FIT, TUNED_FIT_24
+
+    points = [
+        _point(TUNED_FIT, 0.5, 45.0, 40.0),  # ~79 generations: wins
+        _point(TUNED_FIT_24, 0.5, 41.5, 39.0),  # 24 generations: +0.5 dB only
+        _point("diffusers/TaylorSeer", 0.5, 41.0, 38.0),
+    ]
+    (row,) = match(points, [0.5])
+    assert row["goal_met"] is True and row["stepcache"]["family"] == TUNED_FIT
+    assert row["goal_met_24"] is False and row["stepcache_24"]["family"] == TUNED_FIT_24
+
+
 def test_a_baseline_placement_is_a_competitor():
     points = [_point(TUNED, 0.5, 40.0, 35.0), _point("baseline/FORA", 0.5, 41.0, 30.0)]
     (row,) = match(points, [0.5])
