@@ -275,3 +275,33 @@ def test_fit_forecasts_through_a_diffusers_pipeline():
     fitted = fit_forecasts(pipe, run, fora(6, 2), iterations=2, forecast="first-order", progress=False)
     assert len(fitted.meta["forecast_fit"]["scores"]) == 2 and fitted.gains is not None
     assert all(not p.requires_grad or p.grad is None for p in pipe.transformer.parameters())
+
+
+def test_the_output_response_through_a_diffusers_pipeline():
+    """stepcache.response on a pipeline (guided: [uncond; cond] rows map to their samples), then the
+    open loop ranks by it."""
+    import numpy as np
+
+    import stepcache
+    from stepcache.policies import open_loop_schedule
+    from tests._helpers.pipelines import pixart_pipeline
+
+    pipe = pixart_pipeline()
+    call = type(pipe).__call__.__wrapped__
+    kw = {"height": 16, "width": 16, "use_resolution_binning": False, "output_type": "latent"}
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        return call(
+            pipe, prompt=["a cat", "a dog"], num_inference_steps=6, generator=gen, guidance_scale=2.0, **kw
+        ).images
+
+    with torch.no_grad():
+        cal = stepcache.calibrate(pipe, run, num_inference_steps=6, progress=False)
+    flags = [p.requires_grad for p in pipe.transformer.parameters()]
+    measured = stepcache.response(pipe, cal, run)
+    assert measured.meta["response"]["samples"] == 2
+    assert all(a.shape == (2, 6, 6, 2) and np.isfinite(a).all() for a in measured.response.values())
+    assert [p.requires_grad for p in pipe.transformer.parameters()] == flags
+    chosen = open_loop_schedule(measured, 0.5)
+    assert chosen.meta["open_loop"]["rule"] == "output response"

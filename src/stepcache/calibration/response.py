@@ -91,7 +91,15 @@ class _Recorder:
                 zeros.append(z)
                 return t + z
 
-            shifted = shift(out) if isinstance(out, torch.Tensor) else type(out)(shift(t) for t in out)
+            if isinstance(out, torch.Tensor):
+                shifted = shift(out)
+            elif type(out) in (tuple, list):
+                shifted = type(out)(shift(t) for t in out)
+            else:
+                raise CalibrationError(
+                    f"{name} returns a {type(out).__name__}; the response handles components returning "
+                    "tensors or plain tuples of them."
+                )
             self.generations.add(self.tracker.generation)
             if zeros:
                 kept = [t.detach() for t in _tensors(out) if t.is_floating_point()]
