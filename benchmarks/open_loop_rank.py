@@ -11,7 +11,7 @@ measured PSNR, and how far below the best measured candidate the best of its top
 the open loop ranks). Writes ``results/open-loop-rank.{json,md}``.
 
     python benchmarks/open_loop_study.py --configs ... --out /tmp/ol.json   # the measured candidates
-    python benchmarks/open_loop_rank.py /tmp/ol.json
+    python benchmarks/open_loop_rank.py                      # the committed results/open-loop-study.json
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("study", type=Path)
+    p.add_argument("study", type=Path, nargs="?", default=HERE / "results" / "open-loop-study.json")
     p.add_argument("--out", type=Path, default=HERE / "results" / "open-loop-rank")
     args = p.parse_args()
     torch.set_num_threads(2)

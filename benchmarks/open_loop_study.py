@@ -8,6 +8,12 @@ writes is what the open-loop rule in ``stepcache.policies.auto`` was chosen from
 Refuses the second held-out set.
 
     python benchmarks/open_loop_study.py --configs dpm-20-g1 flow-euler-20-g4 --out /tmp/ol.json
+
+The committed ``results/open-loop-study.json`` (24 cells: flow-euler-12-g1, unipc-15-g1.5, dpm-12-g3,
+ddim-28-g1, flow-euler-30-g3, flow-euler-15-g2.5 from the spent first held-out set, dpm-20-g1 and
+flow-euler-20-g1 from the development set; warm-ups up to 6; about 25 min here) came from
+``--configs unipc-15-g1.5 dpm-12-g3 ddim-28-g1 flow-euler-30-g3 flow-euler-15-g2.5 dpm-20-g1
+flow-euler-20-g1`` after ``--configs flow-euler-12-g1``, into one file.
 """
 
 from __future__ import annotations
