@@ -73,6 +73,9 @@ def markdown(report: dict[str, Any]) -> str:
     met, judged = tally(configs, "goal_met")
     open_ok, open_judged = tally(configs, "open_loop_ok")
     met24, judged24 = tally(configs, "goal_met_24")
+    no_ours = sum(
+        1 for c in configs for m in c.get("matched", []) if m.get("peer") and not m.get("stepcache")
+    )
     tune_ok, tune_judged = tally(configs, "tune_within")
     cells = sum(len(c.get("matched", [])) for c in configs)
     lines = [
@@ -118,7 +121,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Summary",
         "",
         f"* **Goal met in {met} of {judged} cells** ({cells - judged} of {cells} cells lack a stepcache or a "
-        "peer point).",
+        f"peer point; in {no_ours} of them a peer has a point and stepcache none, which is a loss).",
         f"* Goal met by a policy within 24 generations of the tuning images (`tune`, `tuned+fit (24 "
         f"generations)`, `open loop+fit (24 generations)`, the open loop): {met24} of {judged24} cells.",
         f"* Open loop (best of `open loop`, `optimal (type)`, `optimal (layer)`, `SmoothCache by fraction`) at most "

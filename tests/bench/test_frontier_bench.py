@@ -87,6 +87,20 @@ def test_stepcache_is_compared_at_no_more_compute_than_the_peer_point():
     assert row["stepcache"]["mean_db"] == 45.0 and row["goal_met"] is True
 
 
+def test_equal_compute_asks_for_the_peer_points_exact_number_of_calls():
+    from benchmarks.frontier_match import equal_compute_fractions
+
+    # 10 of 28 steps with 12 components: 120 of 336 calls, stored as 0.3571 (120.0 - 0.01 calls)
+    points = [_point(TUNED, 0.3393, 40.0, 35.0), _point("diffusers/TaylorSeer", 0.3571, 45.0, 40.0)]
+    assert equal_compute_fractions(points, [0.35], 336) == {0.35: round(120 / 336, 6)}
+    points.append(_point(TUNED, 0.3571, 46.0, 41.0, "fraction=0.3571 (the best peer's)"))
+    assert equal_compute_fractions(points, [0.35], 336) == {}  # already compared at equal compute
+    # a dynamic point between whole numbers of calls: the largest count not above it
+    assert equal_compute_fractions([_point("cache-dit/DBCache", 0.3455, 45.0, 40.0)], [0.35], 336) == {
+        0.35: round(116 / 336, 6)
+    }
+
+
 def test_the_goal_is_judged_again_for_the_policies_within_24_generations():
     from benchmarks.frontier_match import TUNED_FIT, TUNED_FIT_24
 
