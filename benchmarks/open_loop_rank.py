@@ -113,7 +113,7 @@ def main() -> None:
         "cost and by the output response (8 images of the calibration seed, 2 projections). Gap: how far "
         "below the best measured candidate the best of the predictor's top k lies (dB; 0 = it found it).",
         "",
-        "| predictor | rank corr. (mean / worst) | top 1 | top 1, copies and first order only | top 3 | top 6 | top 10 |",
+        "| predictor | rank corr. (mean / worst) | top 1 | top 1, first-order forecasts only (what the open loop ranks) | top 3 | top 6 | top 10 |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():

@@ -23,9 +23,10 @@ forecasts that extrapolate far: second-order ones over long gaps). And the gradi
 uncached model, in which every later output responds to a changed trajectory, while in a cached run
 the reused outputs do not (neither within the step nor at later reused steps). So its values are not
 the errors themselves (on the reference models they came out 3-4 dB away, both ways), but it *ranks*
-placements well where the calibrated errors do not: rank correlation with the measured image error
-0.6-0.95 in most development cells, and the best measured placement of the family was among its ten
-best-ranked in nearly every one (docs/policies.md). Gradients through a model whose reused outputs are
+placements better than the calibrated errors: rank correlation with the measured image error 0.78 on
+average over 24 development cells (0.58 for the calibrated errors), and its ten best-ranked placements
+held one within 0.2 dB of the best measured on average, 1.9 dB at worst
+(benchmarks/results/open-loop-rank.md). Gradients through a model whose reused outputs are
 cut off (a detached variant) ranked worse. The open loop therefore ranks copies and first-order
 forecasts only, and ``tune`` replays its shortlist.
 

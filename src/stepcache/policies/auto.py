@@ -7,11 +7,11 @@ into a schedule through this one function, so the policy it uses is chosen in on
 of ``tune``'s structured family (warm-ups, intervals with phases, TaylorSeer's placement, the last
 steps computed or not; :mod:`._family`) at exactly the budget, each with copies and with first-order
 forecasts, and the optimal policy's schedule, are scored by their predicted final-sample error
-(:mod:`._response`), and the best is taken. No replay. On the development configurations of the
-reference models this placement was 3.0 dB (mean) below the best of the family measured on images,
-against 7.0 dB for the optimal policy (docs/policies.md). Second-order forecasts are left out: the
-first-order prediction is optimistic for them over long gaps (ranking them too cost 1.3 dB more on
-average and up to 15 dB in one configuration).
+(:mod:`._response`), and the best is taken. No replay. Over 24 development cells of the reference
+models the response's first-order pick was 2.75 dB (mean) below the best candidate measured on images,
+against 6.5 dB for the calibrated errors' pick (benchmarks/results/open-loop-rank.md). Second-order
+forecasts are left out: the first-order prediction is optimistic for them over long gaps (ranking them
+too cost 0.9 dB more on average and up to 15 dB in one cell).
 
 **Without one**: the optimal policy (:func:`~stepcache.policies.optimal_schedule`, its defaults), whose
 calibrated per-step errors do not see what an error does to the image.
