@@ -35,7 +35,7 @@ def _spend(plan: tuple[int, ...], computes: int) -> tuple[int, ...]:
 
 def _warmups(computes: int, top: int) -> list[int]:
     grid = [*range(1, 9), 10, 12, 15, 20, 25, 30, 40]
-    return [w for w in grid if w <= min(top, computes - 2)]
+    return [w for w in grid if w <= min(top, max(1, computes - 2))]  # 2 computations: warm-up 1 and one more
 
 
 def candidate_plans(n: int, computes: int, top: int, family: str = "full") -> dict[str, tuple[int, ...]]:
