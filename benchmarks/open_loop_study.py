@@ -34,9 +34,8 @@ from benchmarks.frontier import calibration_for, load_protocol, parse_config
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
 from stepcache.errors import ScheduleError
 from stepcache.policies import optimal_schedule
-from stepcache.policies._family import candidate_schedules
-from stepcache.policies._plan import budget_calls, split_computes
-from stepcache.policies.tuned import _predicted, _type_layers
+from stepcache.policies._family import candidate_schedules, computes_per_type, type_layers
+from stepcache.policies.tuned import _predicted
 from stepcache.reference import load_model
 from stepcache.runtime import cache
 
@@ -61,13 +60,13 @@ def main() -> None:
         model = load_model(model=model_name)
         cal, _ = calibration_for(model_name, scheduler, steps, guidance)
         base = generate(model, scheduler, steps, args.images, 50000, guidance)
-        layers = _type_layers(model, cal)
+        layers = type_layers(model, cal)
         for f in (float(x) for x in args.fractions.split(",")):
             key = f"{spec}@{f:g}"
             if key in out:
                 continue
             t0 = time.perf_counter()
-            per_type = split_computes(budget_calls(f, steps * sum(layers.values())), steps, layers, first=2)
+            per_type = computes_per_type(f, steps, layers)
             cands = candidate_schedules(steps, per_type, layers, min(args.max_warmup, steps // 2))
             rows = []
             for label, s in cands.items():

@@ -107,7 +107,7 @@ def test_the_open_loop_ranks_the_family_by_the_response(model, calibrated):
 
 
 def test_tune_shortlists_by_the_response(model, calibrated):
-    from stepcache.policies._family import candidate_schedules
+    from stepcache.policies._family import candidate_schedules, forecast_variants
     from stepcache.policies._response import ranked_by_response
 
     run = run_of(model, False)
@@ -117,10 +117,6 @@ def test_tune_shortlists_by_the_response(model, calibrated):
     # 8 calls: the uncached one, the copy variant, the optimal schedule and the response's 5 best of
     # the family, each with first-order and second-order forecasts and copies
     family = candidate_schedules(STEPS, {"*": STEPS // 2}, {"*": 1}, STEPS // 2)
-    variants = {
-        (k if f == "first-order" else k.replace(", forecast", f", {f}")): s.with_forecast(f)
-        for k, s in family.items()
-        for f in ("first-order", "taylor2", "copy")
-    }
+    variants = forecast_variants(family, ("first-order", "taylor2", "copy"))
     best = [k for k, _ in ranked_by_response(calibrated, variants)][:5]
     assert set(best) <= set(scored) and len(scored) <= 6

@@ -11,14 +11,54 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
-from ..errors import ScheduleError
+from ..calibration import Calibration
+from ..discovery import discover
+from ..errors import ScheduleError, StepCacheError
 from ..schedule import COMPUTE, Schedule
-from ._plan import interval_plan, offset_plan, spaced_plan, warmup_plan
+from ._plan import budget_calls, interval_plan, offset_plan, spaced_plan, split_computes, warmup_plan
 
-__all__ = ["FAMILIES", "candidate_plans", "candidate_schedules"]
+__all__ = [
+    "FAMILIES",
+    "candidate_plans",
+    "candidate_schedules",
+    "computes_per_type",
+    "forecast_variants",
+    "type_layers",
+]
 
 FAMILIES = ("full", "classic")
+
+
+def type_layers(target: Any, calibration: Calibration | None = None) -> dict[str, int]:
+    """Component type -> layers, in the order types are found (the calibration's, else the model's);
+    ``{"*": 1}`` when neither tells (then every component follows one plan)."""
+    if calibration is not None:
+        names = list(calibration.components.values())
+    else:
+        try:
+            names = [c.type for c in discover(target)]
+        except StepCacheError:
+            return {"*": 1}
+    return {t: names.count(t) for t in dict.fromkeys(names)} or {"*": 1}
+
+
+def computes_per_type(fraction: float, n: int, layers: Mapping[str, int]) -> dict[str, int]:
+    """Computations per component type that ``fraction`` of ``n`` steps buys: the one rounding rule
+    (:func:`~._plan.budget_calls`) met per type; when the calls do not split into a whole number of
+    computations per type, some types compute once more than others."""
+    return split_computes(budget_calls(fraction, n * sum(layers.values())), n, dict(layers), first=2)
+
+
+def forecast_variants(candidates: Mapping[str, Schedule], forecasts: tuple[str, ...]) -> dict[str, Schedule]:
+    """Every candidate with each of ``forecasts`` on its reused steps; the first-order one keeps its
+    label, the others name their forecast in place of "forecast" (``..., taylor2``, ``..., copy``)."""
+    return {
+        (label if f == "first-order" else label.replace(", forecast", f", {f}")): s.with_forecast(f)
+        for label, s in candidates.items()
+        for f in forecasts
+    }
 
 
 def _spend(plan: tuple[int, ...], computes: int) -> tuple[int, ...]:

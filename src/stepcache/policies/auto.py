@@ -25,8 +25,8 @@ from typing import Any
 from ..calibration import Calibration
 from ..errors import ScheduleError
 from ..schedule import COMPUTE, Schedule
-from ._family import candidate_schedules
-from ._plan import budget_calls, check_fraction, split_computes
+from ._family import candidate_schedules, computes_per_type, forecast_variants, type_layers
+from ._plan import check_fraction
 from ._response import ranked_by_response
 from .optimal import optimal_schedule
 
@@ -47,17 +47,14 @@ def open_loop_schedule(calibration: Calibration, fraction: float) -> Schedule:
         return optimal_schedule(calibration, fraction)
     check_fraction(fraction)
     n = calibration.num_steps
-    names = list(calibration.components.values())
-    layers = {t: names.count(t) for t in dict.fromkeys(names)}
-    per_type = split_computes(budget_calls(fraction, n * sum(layers.values())), n, layers, first=2)
+    layers = type_layers(None, calibration)
+    per_type = computes_per_type(fraction, n, layers)
     if min(per_type.values()) >= n:
         return Schedule(
             n, {"*": (COMPUTE,) * n}, meta={"rule": "open-loop", "target_compute_fraction": fraction}
         )
     family = candidate_schedules(n, per_type, layers, max(2, n // 2))
-    candidates = {
-        f"{label} [{f}]": s.with_forecast(f) for label, s in family.items() for f in OPEN_LOOP_FORECASTS
-    }
+    candidates = forecast_variants(family, OPEN_LOOP_FORECASTS)
     with contextlib.suppress(ScheduleError):
         candidates["optimal (type)"] = optimal_schedule(calibration, fraction)
     if not candidates:

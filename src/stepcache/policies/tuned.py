@@ -71,18 +71,15 @@ import torch
 
 from .._logging import get_logger
 from ..calibration import Calibration
-from ..discovery import discover
-from ..errors import ScheduleError, StepCacheError
+from ..errors import ScheduleError
 from ..runtime import cache
 from ..runtime.introspect import final_samples
 from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
 from ._budget import fit_memory
 from ._cost import plan_cost
-from ._family import FAMILIES, candidate_schedules
+from ._family import FAMILIES, candidate_schedules, computes_per_type, forecast_variants, type_layers
 from ._plan import (
-    budget_calls,
     check_fraction,
-    split_computes,
 )
 from ._replay import DEFAULT_OBJECTIVE, db, objective_function, rows, split
 from ._replay import held_out as held_out_count
@@ -190,11 +187,8 @@ def tune(
     if not isinstance(n, int) or n < 3:
         raise ScheduleError("tune needs num_steps >= 3 (or a calibration).")
     check_fraction(fraction)
-    # The one rounding rule (budget_calls), met per component type: when the calls do not split into a
-    # whole number of computations per type, some types compute once more than others.
-    layers = _type_layers(target, calibration)
-    budget = budget_calls(fraction, n * sum(layers.values()))
-    per_type = split_computes(budget, n, layers, first=2)
+    layers = type_layers(target, calibration)
+    per_type = computes_per_type(fraction, n, layers)
     computes = min(per_type.values())
     if computes >= n:
         return fit(
@@ -205,11 +199,7 @@ def tune(
     if calibration is not None and calibration.response:
         # the output response ranks them (the shortlist): second-order forecasts and copies join the
         # race, the replays judge what the first-order prediction gets wrong
-        candidates = {
-            (label if f == "first-order" else label.replace(", forecast", f", {f}")): s.with_forecast(f)
-            for label, s in candidates.items()
-            for f in ("first-order", "taylor2", "copy")
-        }
+        candidates = forecast_variants(candidates, ("first-order", "taylor2", "copy"))
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
             candidates["optimal (type)"] = optimal_schedule(calibration, fraction)
@@ -355,19 +345,6 @@ def tune(
 
 def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-
-
-def _type_layers(target: Any, calibration: Calibration | None) -> dict[str, int]:
-    """Component type -> layers, in the order types are found (the calibration's, else the model's);
-    ``{"*": 1}`` when neither tells (then every component follows one plan)."""
-    if calibration is not None:
-        names = list(calibration.components.values())
-    else:
-        try:
-            names = [c.type for c in discover(target)]
-        except StepCacheError:
-            return {"*": 1}
-    return {t: names.count(t) for t in dict.fromkeys(names)} or {"*": 1}
 
 
 def _shortlist(
