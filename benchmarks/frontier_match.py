@@ -104,14 +104,26 @@ def r2(x: float) -> float:
     return round(float(x), 2)
 
 
+def window(
+    points: Sequence[dict[str, Any]], target: float
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The points within the tolerance of ``target`` and the best competitor point among them."""
+    near = [p for p in ok_points(points) if within(p, target)]
+    return near, best(p for p in near if is_competitor(p["family"]))
+
+
+def goal_met(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """At least ``GOAL_DB`` above the competitor's mean, and its p5 not below the competitor's."""
+    return bool(ours["mean_db"] >= theirs["mean_db"] + GOAL_DB and ours["p5_db"] >= theirs["p5_db"])
+
+
 def match(points: Sequence[dict[str, Any]], targets: Sequence[float] = TARGETS) -> list[dict[str, Any]]:
     """Per target: every family's best point within the tolerance (or ``None``), the best stepcache,
     competitor and open-loop points, the margins and the three checks (module doc)."""
     rows = []
     for t in targets:
         fams = best_per_family(points, t)
-        near = [p for p in ok_points(points) if within(p, t)]
-        theirs = best(p for p in near if is_competitor(p["family"]))
+        near, theirs = window(points, t)
         # at no more compute than the competitor's point (all of the window when there is none)
         cap = theirs["compute_fraction"] + EPS if theirs else float("inf")
         ours = best(p for p in near if is_stepcache(p["family"]) and p["compute_fraction"] <= cap)
@@ -126,19 +138,12 @@ def match(points: Sequence[dict[str, Any]], targets: Sequence[float] = TARGETS) 
         if ours and theirs:
             row["margin_mean_db"] = r2(ours["mean_db"] - theirs["mean_db"])
             row["margin_p5_db"] = r2(ours["p5_db"] - theirs["p5_db"])
-            row["goal_met"] = bool(
-                ours["mean_db"] >= theirs["mean_db"] + GOAL_DB and ours["p5_db"] >= theirs["p5_db"]
-            )
+            row["goal_met"] = goal_met(ours, theirs)
         else:
             row["margin_mean_db"] = row["margin_p5_db"] = row["goal_met"] = None
         ours24 = best(p for p in near if p["family"] in WITHIN_24 and p["compute_fraction"] <= cap)
         row["stepcache_24"] = ours24
-        if ours24 and theirs:
-            row["goal_met_24"] = bool(
-                ours24["mean_db"] >= theirs["mean_db"] + GOAL_DB and ours24["p5_db"] >= theirs["p5_db"]
-            )
-        else:
-            row["goal_met_24"] = None
+        row["goal_met_24"] = goal_met(ours24, theirs) if ours24 and theirs else None
         if row["open_loop"] and theirs:
             row["open_loop_margin_db"] = r2(row["open_loop"]["mean_db"] - theirs["mean_db"])
             row["open_loop_ok"] = bool(row["open_loop_margin_db"] >= -OPEN_LOOP_DB)
@@ -163,8 +168,7 @@ def equal_compute_fractions(
     target. Targets without a competitor point, or already matched, are left out."""
     out: dict[float, float] = {}
     for t in targets:
-        near = [p for p in ok_points(points) if within(p, t)]
-        theirs = best(p for p in near if is_competitor(p["family"]))
+        near, theirs = window(points, t)
         if theirs is None:
             continue
         # counted fractions are stored rounded to 4 decimals: a point that spent a whole number of calls

@@ -39,9 +39,8 @@ from .moments import nanmean as _nanmean
 __all__ = ["DEFAULT_LOOKAHEAD", "SECOND_ORDER", "Calibration"]
 
 _FORMAT = "stepcache.calibration"
-_FORMAT_VERSION = (
-    3  # 2 adds second-order forecast errors, 3 the output response; written as the lowest that fits
-)
+#: 2 adds second-order forecast errors, 3 the output response; a file is written as the lowest that fits
+_FORMAT_VERSION = 3
 #: The lookahead ``k`` (longest reuse run measured) of :func:`~stepcache.calibrate`, the CLI and the shipped
 #: calibrations: the longest reuse run the optimal policy chooses at a compute fraction of 0.25 when it may
 #: choose up to 10 (measured on both reference models, 20-50 steps, type granularity: 5; docs/policies.md).
@@ -392,11 +391,7 @@ class Calibration(HubValue):
 
         out: dict[str, Any] = {
             "format": _FORMAT,
-            "format_version": 3
-            if self.response
-            else 2
-            if self.forecast2_errors
-            else 1,  # the lowest that fits
+            "format_version": 3 if self.response else 2 if self.forecast2_errors else 1,
             "stepcache_version": __version__,
             "num_steps": self.num_steps,
             "lookahead": self.lookahead,
