@@ -23,7 +23,7 @@ to run without ``--final``.
 
     python benchmarks/frontier.py --plan                          # the size of the development run; runs nothing
     python benchmarks/frontier.py                                 # the development set (resumable: --resume)
-    python benchmarks/frontier.py --set heldout --final           # the held-out set, once
+    python benchmarks/frontier.py --set heldout3 --final          # the unspent held-out set, once
     python benchmarks/frontier.py --quick                         # 1 configuration, 8 images, thin sweeps
     python benchmarks/frontier.py --configs dpm-20-g4 --samples 16 --out /tmp/frontier
 """
@@ -65,7 +65,9 @@ from benchmarks.harness.perimage import generate, per_image_psnr, summary
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROTOCOL = HERE / "configs" / "heldout.json"
-SETS = ("development", "heldout", "heldout2")
+SETS = ("development", "heldout", "heldout2", "heldout3")
+#: The sets run once each, at the end (the last is the one not yet run).
+HELDOUT_SETS = ("heldout", "heldout2", "heldout3")
 TARGETS = sweep.TARGETS
 QUICK_CONFIG = "dpm-20-g1"
 CALIBRATION_SAMPLES, MAGCACHE_IMAGES, MAGCACHE_SEED = 8, 10, 10_000
@@ -137,9 +139,9 @@ def set_configs(protocol: dict[str, Any], name: str) -> list[str]:
 
 
 def heldout_configs(protocol: dict[str, Any]) -> set[str]:
-    """The held-out configurations not yet run: the second set's (the first set is spent: its one run is
-    committed, and its configurations may be used for development like the development set's)."""
-    return set(set_configs(protocol, "heldout2"))
+    """The held-out configurations not yet run: the third set's (the first two are spent: their one runs
+    are committed, and their configurations may be used for development like the development set's)."""
+    return set(set_configs(protocol, HELDOUT_SETS[-1]))
 
 
 def guard_heldout(
@@ -151,7 +153,7 @@ def guard_heldout(
     if held and (quick or not final):
         raise SystemExit(
             f"refusing to run held-out configuration(s) {', '.join(held)}: the held-out set "
-            f"({PROTOCOL.relative_to(HERE.parent)}) is run once, at the end, with --set heldout --final "
+            f"({PROTOCOL.relative_to(HERE.parent)}) is run once, at the end, with --set heldout3 --final "
             "(never --quick). Develop on --set development."
         )
 
@@ -625,10 +627,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     specs = list(args.configs) if args.configs is not None else set_configs(protocol, set_name)
     if args.quick and set_name == "development":
         specs = [QUICK_CONFIG]
-    if (set_name in ("heldout", "heldout2") or args.configs is not None) and not args.plan:
-        guard_heldout(
-            specs, protocol, final=args.final, quick=args.quick, whole_set=set_name in ("heldout", "heldout2")
-        )
+    if (set_name in HELDOUT_SETS or args.configs is not None) and not args.plan:
+        guard_heldout(specs, protocol, final=args.final, quick=args.quick, whole_set=set_name in HELDOUT_SETS)
     if args.samples is None:
         args.samples = 8 if args.quick else int(protocol["seeds"]["evaluation_images"])
     if args.quick:
@@ -663,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings: dict[str, Any] = {
         "command": command,
         "set": set_name,
-        "final": bool(args.final and set_name in ("heldout", "heldout2")),
+        "final": bool(args.final and set_name in HELDOUT_SETS),
         "protocol": (
             f"the {set_name} set of benchmarks/configs/heldout.json"
             if set_name

@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.frontier import calibration_for, load_protocol, parse_config
+from benchmarks.frontier import calibration_for, heldout_configs, load_protocol, parse_config
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
 from stepcache.errors import ScheduleError
 from stepcache.policies import optimal_schedule
@@ -48,11 +48,9 @@ def main() -> None:
     p.add_argument("--max-warmup", type=int, default=6)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    held = set(load_protocol()["heldout2"]["configs"])
+    held = heldout_configs(load_protocol())
     if held & set(args.configs):
-        p.error(
-            f"{sorted(held & set(args.configs))}: the second held-out set is run once, by frontier.py --final"
-        )
+        p.error(f"{sorted(held & set(args.configs))}: the held-out set is run once, by frontier.py --final")
     torch.set_num_threads(2)
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for spec in args.configs:

@@ -281,12 +281,13 @@ def test_config_specs():
         with pytest.raises(SystemExit, match="bad configuration"):
             frontier.parse_config(bad)
     protocol = frontier.load_protocol()
-    second = frontier.set_configs(protocol, "heldout2")
-    for spec in protocol["development"] + protocol["heldout"] + second:
+    sets = [set(protocol["development"])] + [
+        set(frontier.set_configs(protocol, n)) for n in frontier.HELDOUT_SETS
+    ]
+    for spec in set().union(*sets):
         frontier.parse_config(spec)
-    sets = [set(protocol["development"]), set(protocol["heldout"]), set(second)]
     assert all(not a & b for i, a in enumerate(sets) for b in sets[i + 1 :])  # disjoint
-    assert frontier.heldout_configs(protocol) == sets[2]  # the first set is spent
+    assert frontier.heldout_configs(protocol) == sets[-1]  # the earlier sets are spent
     assert protocol["fractions"] == list(frontier_sweep.TARGETS)
 
 
@@ -295,10 +296,11 @@ def test_config_specs():
     [
         ["--set", "heldout"],
         ["--set", "heldout2"],
-        ["--configs", "dpm-20-g1", "ddim-8-g1.5"],
-        ["--configs", "deis-28-g1"],
+        ["--configs", "dpm-20-g1", "dpm-10-g1"],
+        ["--set", "heldout3"],
+        ["--configs", "flow-euler-24-g1.5"],
         ["--set", "heldout", "--final", "--quick"],
-        ["--configs", "flow-euler-14-g3.5", "--quick", "--final"],
+        ["--configs", "deis-18-g3", "--quick", "--final"],
     ],
 )
 def test_the_heldout_set_refuses_to_run_without_final(argv, tmp_path, monkeypatch):
