@@ -5,8 +5,8 @@ A :class:`Schedule` is a plain, versioned, serialisable value: the data that flo
 to a per-step plan of :class:`PlanValue` s (``1`` = compute and store, ``0`` = reuse the stored
 output, ``2`` = forecast it from the last two computed outputs by first-order extrapolation, ``3`` =
 forecast it from the last three by second-order (quadratic) extrapolation, ``4`` = forecast it along
-the tangent of a second-order backward difference (BDF2-style); :func:`forecast_coefficients` gives
-the weights). A selector is one of
+the tangent of a second-order backward difference (BDF2-style), ``5`` = forecast it by TaylorSeer's
+second-order Taylor series; :func:`forecast_coefficients` gives the weights). A selector is one of
 
 * a component type (``attn``, ``cross_attn``, ``ff``, ``block``): every component of that type;
 * a qualified component name (``transformer_blocks.3.ff``): that component only;
@@ -52,6 +52,7 @@ __all__ = [
     "FORECASTS",
     "METHODS",
     "REUSE",
+    "TAYLORSEER2",
     "PlanValue",
     "Schedule",
     "forecast_coefficients",
@@ -68,21 +69,23 @@ class PlanValue(enum.IntEnum):
     FORECAST = 2  # extrapolate (first order) from the last two kept outputs
     FORECAST2 = 3  # extrapolate (second order, Lagrange/Newton) from the last three kept outputs
     BDF2 = 4  # step along the BDF2 (three-point backward difference) derivative at the last output
+    TAYLORSEER2 = 5  # second-order Taylor series with backward-difference derivatives (TaylorSeer's order 2)
 
 
 COMPUTE, REUSE, FORECAST = int(PlanValue.COMPUTE), int(PlanValue.REUSE), int(PlanValue.FORECAST)
 FORECAST2, BDF2 = int(PlanValue.FORECAST2), int(PlanValue.BDF2)
-FORECASTS = (FORECAST, FORECAST2, BDF2)  # the plan values that extrapolate
+TAYLORSEER2 = int(PlanValue.TAYLORSEER2)
+FORECASTS = (FORECAST, FORECAST2, BDF2, TAYLORSEER2)  # the plan values that extrapolate
 # Forecast method names (calibration tables, with_forecast, meta) -> plan value.
-METHODS = {"first-order": FORECAST, "taylor2": FORECAST2, "bdf2": BDF2}
+METHODS = {"first-order": FORECAST, "taylor2": FORECAST2, "bdf2": BDF2, "taylorseer2": TAYLORSEER2}
 _VALUES = (REUSE, COMPUTE, *FORECASTS)
-_SYMBOLS = {COMPUTE: "#", REUSE: ".", FORECAST: "~", FORECAST2: "^", BDF2: "b"}
+_SYMBOLS = {COMPUTE: "#", REUSE: ".", FORECAST: "~", FORECAST2: "^", BDF2: "b", TAYLORSEER2: "t"}
 
 
 def reads(value: int) -> int:
     """How many earlier computed outputs a step with plan value ``value`` reads beyond the last one
     (``-1`` for a compute, 0 for a copy, 1 for a first-order forecast, 2 for the second-order ones)."""
-    return {COMPUTE: -1, REUSE: 0, FORECAST: 1, FORECAST2: 2, BDF2: 2}[value]
+    return {COMPUTE: -1, REUSE: 0, FORECAST: 1, FORECAST2: 2, BDF2: 2, TAYLORSEER2: 2}[value]
 
 
 def liveness(plan: tuple[int, ...]) -> tuple[list[int], int]:
@@ -91,7 +94,7 @@ def liveness(plan: tuple[int, ...]) -> tuple[list[int], int]:
     ``held[s]`` (for a computing step ``s``): how many outputs the component's store holds after it,
     0 to 3: the one just computed and the most recent earlier ones, as many as some later step
     still reads. A copy (plan value 0) reads the last computed output, a first-order forecast (2)
-    the last two, a second-order one (3, 4) the last three; an output is kept from its computation
+    the last two, a second-order one (3, 4, 5) the last three; an output is kept from its computation
     until the computation after the last interval that reads it. So an output nothing reads is never
     stored, an all-compute step stores nothing, and a plan of copies keeps one output, of first-order
     forecasts two, of second-order forecasts three. For a reusing step, ``held[s]`` is what a
@@ -135,6 +138,13 @@ def forecast_coefficients(
       difference of BDF2 (``(3 o_a - 4 o_b + o_c) / 2h`` for equal gaps ``h``):
       ``o_a + (s-a) (D1 + (a-b) D2)``. Exact for lines, not for parabolas: it keeps the curvature
       term of the derivative but not the ``(s-a)^2`` one, a damped second-order forecast.
+    * ``TAYLORSEER2``: the Taylor series ``o_a + k D1 + k^2 D2 / 2`` (``k = s - a``) with TaylorSeer's
+      backward-difference derivatives, ``D1 = (o_a - o_b) / h1`` and ``D2 = (D1 - (o_b - o_c) / h2) / h1``
+      (``h1 = a - b``, ``h2 = b - c``): ``alpha = k / h1 + k^2 / (2 h1^2)``, ``beta = -k^2 / (2 h1 h2)``.
+      Not exact on parabolas (its ``D1`` is the slope at ``a - h1/2``, not at ``a``): between first
+      order and the Lagrange parabola, it is what diffusers' ``TaylorSeerCacheConfig(max_order=2)``
+      computes, so a stepcache placement with it reproduces TaylorSeer order 2 exactly; and it is
+      often the better forecast when computations are two or more steps apart (docs/policies.md).
 
     Missing history degrades: a second-order value without ``c`` is first order, any forecast
     without ``b`` is a copy (``(0, 0)``), as the runtime does at the start of a generation.
@@ -151,6 +161,9 @@ def forecast_coefficients(
         return w_a - 1.0, -w_c
     if value == BDF2:
         return (s - a) * (2 * h1 + h2) / (h1 * (h1 + h2)), -(s - a) * h1 / (h2 * (h1 + h2))
+    if value == TAYLORSEER2:
+        k = s - a
+        return k / h1 + k * k / (2 * h1 * h1), -k * k / (2 * h1 * h2)
     raise ScheduleError(f"{value!r} is not a plan value.")
 
 
@@ -190,8 +203,8 @@ class Schedule(HubValue):
     Attributes:
         num_steps: denoising steps the plans cover.
         plans: selector -> tuple of plan values, one per step: ``1`` compute, ``0`` reuse, ``2``
-            first-order forecast, ``3`` second-order forecast, ``4`` BDF2-style forecast
-            (:class:`PlanValue`).
+            first-order forecast, ``3`` second-order forecast, ``4`` BDF2-style forecast, ``5``
+            TaylorSeer-style second-order forecast (:class:`PlanValue`).
         counts: selector -> number of components it stood for when it was made; weights
             :attr:`compute_fraction`. Missing selectors count once.
         meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
@@ -261,7 +274,8 @@ class Schedule(HubValue):
         """The same compute steps, with every step that does not compute forecast by ``method``.
 
         ``method``: ``"first-order"`` (plan value 2, the default), ``"taylor2"`` (3: second-order
-        extrapolation from the last three computed outputs), ``"bdf2"`` (4) or ``"copy"`` (0: reuse the
+        extrapolation from the last three computed outputs), ``"bdf2"`` (4), ``"taylorseer2"`` (5:
+        TaylorSeer's order 2, see :func:`forecast_coefficients`) or ``"copy"`` (0: reuse the
         last output, no forecast). Steps that already forecast are converted too, so
         ``tuned.with_forecast("taylor2")`` is the tuned placement with second-order forecasts
         everywhere. Where fewer outputs have been computed yet, the runtime falls back to a lower
@@ -319,7 +333,7 @@ class Schedule(HubValue):
     # ---------------------------------------------------------------- text
     def render(self) -> str:
         """One line per selector: ``#`` computes, ``.`` reuses (copies), ``~`` forecasts (first order),
-        ``^`` forecasts (second order), ``b`` forecasts (BDF2-style); step numbers on top."""
+        ``^`` forecasts (second order), ``b`` forecasts (BDF2-style), ``t`` forecasts (TaylorSeer-style); step numbers on top."""
         width = max(len(k) for k in self.plans)
         ruler = "".join(str((s // 10) % 10) if s % 10 == 0 else " " for s in range(self.num_steps))
         lines = [f"{'step':<{width}}  {ruler}"]
@@ -503,13 +517,13 @@ def match_keys(keys: Iterable[str], components: Iterable[Component]) -> dict[str
 def _check_plan(key: str, plan: Any, num_steps: int) -> tuple[int, ...]:
     """A plan as a tuple of plain ints, or a ScheduleError saying what is wrong with it."""
     if isinstance(plan, (str, bytes, Mapping, set, frozenset)) or not isinstance(plan, Iterable):
-        raise ScheduleError(f"plan for {key!r} must be a list of plan values 0-4, got {kind_of(plan)}.")
+        raise ScheduleError(f"plan for {key!r} must be a list of plan values 0-5, got {kind_of(plan)}.")
     values = tuple(plan)
     for step, v in enumerate(values):
         if not is_int(v) or v not in _VALUES:
             raise ScheduleError(
                 f"plan for {key!r} may hold only 1 (compute), 0 (reuse), 2 (first-order forecast), 3 "
-                f"(second-order forecast) and 4 (BDF2-style forecast), as integers; step {step} is "
+                f"(second-order forecast), 4 (BDF2-style forecast) and 5 (TaylorSeer-style forecast), as integers; step {step} is "
                 f"{kind_of(v) if not is_int(v) else v}."
             )
     if len(values) != num_steps:

@@ -350,3 +350,33 @@ def test_quick_run_end_to_end_and_resume(tmp_path, monkeypatch):
     key = lambda p: (p["family"], p["knob"], p.get("compute_fraction"), p.get("mean_db"))  # noqa: E731
     assert [key(p) for p in resumed["configs"][0]["points"]] == [key(p) for p in config["points"]]
     assert len(resumed["settings"]["commands"]) == 2
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylorseer_is_a_stepcache_placement_with_its_forecast(order):
+    """diffusers' TaylorSeer at any (interval, warm-up) is stepcache's schedule of the same mask with
+    first-order (order 1) or ``taylorseer2`` (order 2) forecasts: the same images, to float rounding."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    from stepcache import reference
+    from stepcache.runtime import cache
+    from stepcache.schedule import Schedule
+
+    model, n = reference.load_model(), 9
+    labels = torch.arange(3)
+
+    def run():
+        return reference.sample(model, labels, num_inference_steps=n, seed=7)
+
+    mask = frontier_sweep.taylorseer_mask(n, 2, 1)
+    with peers.apply_peer(peers.taylorseer(2, 1, order), model, num_inference_steps=n):
+        theirs = run()
+    schedule = Schedule(n, {"*": mask}).with_forecast("first-order" if order == 1 else "taylorseer2")
+    with cache(model, schedule):
+        ours = run()
+    with cache(model, Schedule(n, {"*": mask}).with_forecast("taylor2")):
+        lagrange = run()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    if order == 2:  # and it is not the Lagrange parabola stepcache's "taylor2" extrapolates along
+        assert (lagrange - theirs).abs().max() > 1e-3

@@ -16,7 +16,16 @@ from stepcache.memory import holdings, output_bytes, predict_peak
 from stepcache.policies import fora, optimal_schedule
 from stepcache.policies._budget import fit_memory
 from stepcache.policies.optimal import cost_curve, plan_cost
-from stepcache.schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, forecast_coefficients, liveness
+from stepcache.schedule import (
+    BDF2,
+    COMPUTE,
+    FORECAST,
+    FORECAST2,
+    REUSE,
+    TAYLORSEER2,
+    forecast_coefficients,
+    liveness,
+)
 from tests._helpers.plain_models import PlainDiT, modulate, sample, timesteps
 
 N = 12
@@ -418,3 +427,34 @@ def test_compiled_second_order_equals_eager_bit_for_bit(plain_dit, per_layer):
         breaks == 0 and unique <= 8
     )  # first call of a generation, then one graph: not per step or plan value
     assert handle.stats.generations == 2
+
+
+def test_taylorseer2_is_the_taylor_series_with_backward_difference_derivatives():
+    """Plan value 5: ``o_a + k D1 + k^2 D2 / 2`` with ``D1 = (o_a - o_b) / h1`` and ``D2 = (D1 - (o_b -
+    o_c) / h2) / h1``, as TaylorSeer updates its factors; exact on lines, damped on parabolas (between
+    first order and the Lagrange parabola at equal gaps)."""
+    o = {7: 0.3, 4: -1.2, 2: 2.5}
+    for s, (a, b, c) in ((8, (7, 4, 2)), (10, (7, 4, 2))):
+        k, h1, h2 = s - a, a - b, b - c
+        d1, d1b = (o[a] - o[b]) / h1, (o[b] - o[c]) / h2
+        want = o[a] + k * d1 + k * k * ((d1 - d1b) / h1) / 2
+        alpha, beta = forecast_coefficients(TAYLORSEER2, s, a, b, c)
+        assert o[a] + alpha * (o[a] - o[b]) + beta * (o[b] - o[c]) == pytest.approx(want)
+    line = [3.0 - 0.5 * x for x in (6, 4, 1)]
+    alpha, beta = forecast_coefficients(TAYLORSEER2, 9, 6, 4, 1)
+    assert line[0] + alpha * (line[0] - line[1]) + beta * (line[1] - line[2]) == pytest.approx(3 - 4.5)
+    first, lagrange = (
+        forecast_coefficients(FORECAST, 5, 4, 2, 0),
+        forecast_coefficients(FORECAST2, 5, 4, 2, 0),
+    )
+    alpha, beta = forecast_coefficients(TAYLORSEER2, 5, 4, 2, 0)
+    assert first[0] < alpha < lagrange[0] and lagrange[1] < beta < 0
+    assert forecast_coefficients(TAYLORSEER2, 5, 3, 1) == forecast_coefficients(FORECAST, 5, 3, 1)
+    assert Schedule(6, {"*": (1, 1, 0, 1, 0, 0)}).with_forecast("taylorseer2").plans["*"] == (
+        1,
+        1,
+        5,
+        1,
+        5,
+        5,
+    )

@@ -16,7 +16,7 @@ Shared parts: :mod:`._plan` (plan builders, checks, error tables), :mod:`._cost`
 of a plan), :mod:`._budget` (fitting a schedule to a memory budget), :mod:`._replay` (scoring replays).
 """
 
-from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, PlanValue
+from ..schedule import BDF2, COMPUTE, FORECAST, FORECAST2, REUSE, TAYLORSEER2, PlanValue
 from ._plan import check_alpha, check_fraction, fora_plan, interval_plan, uniform_plan, warmup_plan
 from .auto import open_loop_schedule
 from .fitted import fit_forecasts
@@ -32,6 +32,7 @@ __all__ = [
     "FORECAST",
     "FORECAST2",
     "REUSE",
+    "TAYLORSEER2",
     "PlanValue",
     "check_alpha",
     "check_fraction",
