@@ -9,6 +9,7 @@ import torch
 import stepcache
 from stepcache import Schedule, ScheduleError, reference
 from stepcache.policies import FORECAST, fit_forecasts
+from stepcache.policies.fitted import AUTO_ORDERS, first_order_gains
 from tests._helpers.model_state import model_state
 
 STEPS = 8
@@ -37,7 +38,10 @@ def test_fit_lowers_the_error_on_its_samples_and_the_runtime_applies_the_gains(m
     fit = fitted.meta["forecast_fit"]
     assert fitted.gains is not None and len(fitted.gains) == STEPS
     assert [p == 1 for p in fitted.plans["*"]] == [p == 1 for p in PLAN]  # the placement is kept
-    assert fit["forecast"] in ("first-order", "taylor2") and len(fit["scores"]) == 4
+    # it replays first order and bdf2 and fits from the better, as bdf2's plan (from first order with
+    # gains that make it first order: both handles either way)
+    assert fit["forecast"] == "bdf2" and fit["start"] in AUTO_ORDERS and len(fit["scores"]) == 4
+    assert fit["scores"][0] == pytest.approx(min(fit["start_scores"].values()), abs=1e-3)
     assert min(fit["scores"]) == fit["scores"][fit["chosen"]] <= fit["scores"][0]
     assert fit["generations"] == 4 * 3 + 2 + 1
     # The model is as it was: its flags restored, no gradients left on it.
@@ -52,8 +56,11 @@ def test_fit_lowers_the_error_on_its_samples_and_the_runtime_applies_the_gains(m
         return float((10 * torch.log10((out - reference_samples).pow(2).flatten(1).mean(1))).mean())
 
     assert error(fitted) == pytest.approx(min(fit["scores"]), abs=1e-3)
-    unfitted = Schedule(STEPS, fitted.plans)
-    assert error(unfitted) == pytest.approx(fit["scores"][0], abs=1e-3)
+    start = Schedule(STEPS, fitted.plans)
+    gains = first_order_gains(start)
+    if fit["start"] == "first-order" and gains is not None:
+        start = Schedule(STEPS, fitted.plans, gains=gains.tolist())
+    assert error(start) == pytest.approx(fit["scores"][0], abs=1e-3)
     # Files keep the gains (format 3); all-zero gains forecast nothing: the copy schedule's samples.
     path = fitted.save(tmp_path / "fitted.json")
     again = Schedule.load(path)
@@ -128,3 +135,22 @@ def test_forecasts_without_history_are_refused_up_front(model):
     early = Schedule(STEPS, {"*": (1, FORECAST, 1, 1, 1, 1, 1, 1)})
     with pytest.raises(ScheduleError, match="two computed outputs"):
         fit_forecasts(model, run_of(model), early, iterations=2, forecast="first-order", progress=False)
+
+
+def test_first_order_gains_turn_a_second_order_plan_into_first_order(model):
+    """The fit's first-order start: a bdf2 (or taylor2, taylorseer2) plan with these gains makes the
+    first-order images; steps with fewer than three computed outputs keep gain 1."""
+    run = run_of(model, False)
+    first = Schedule(STEPS, {"*": PLAN})
+    with stepcache.cache(model, first):
+        want = run()
+    for method in ("bdf2", "taylor2", "taylorseer2"):
+        second = first.with_forecast(method)
+        gains = first_order_gains(second)
+        assert gains is not None and gains[:5].eq(1).all() and gains[5, 1] == 0  # step 5 is the first with three outputs
+        with stepcache.cache(model, Schedule(STEPS, second.plans, gains=gains.tolist())):
+            got = run()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # plans that differ share no per-step gains: none (the fit then starts from the first-order plan)
+    mixed = Schedule(STEPS, {"attn": PLAN, "ff": (1,) * STEPS}).with_forecast("bdf2")
+    assert first_order_gains(mixed) is None

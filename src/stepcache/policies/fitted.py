@@ -43,14 +43,20 @@ from ..discovery import denoisers_of
 from ..errors import ScheduleError
 from ..runtime import cache
 from ..runtime.introspect import final_samples
-from ..schedule import COMPUTE, FORECASTS, METHODS, Schedule
+from ..schedule import COMPUTE, FORECAST, FORECASTS, METHODS, Schedule, forecast_coefficients
 from ._replay import rows
 
-__all__ = ["DEFAULT_FIT_ITERATIONS", "FIT_CALL_COST", "fit_forecasts"]
+__all__ = ["AUTO_ORDERS", "DEFAULT_FIT_ITERATIONS", "FIT_CALL_COST", "first_order_gains", "fit_forecasts"]
 
 _log = get_logger(__name__)
 
 DEFAULT_FIT_ITERATIONS = 8
+#: the forecasts ``forecast="auto"`` replays, the fit starting from the better: first order and the
+#: damped second order (``bdf2``). Measured at TaylorSeer's placements (intervals 2-5, warm-ups 1-3) on
+#: 7 development configurations of both reference models, the better of these two is 0.03 dB (mean)
+#: below the best of all four forecasts; the better of first order and the Lagrange parabola
+#: (``taylor2``, the choice before) 0.20 dB, up to 1.4 (docs/policies.md, "Issue 21, third round").
+AUTO_ORDERS = ("first-order", "bdf2")
 #: what one fitting call of ``run`` costs, in generations of its samples: the forward pass and the
 #: backward pass, which costs about twice as much
 FIT_CALL_COST = 3
@@ -66,9 +72,12 @@ _NOT_DIFFERENTIABLE = (
 class _Fit:
     """One placement's gains, their optimiser and their scores (mean dB of the per-sample MSE)."""
 
-    def __init__(self, schedule: Schedule, lr: float, start_scores: list[float]) -> None:
+    def __init__(
+        self, schedule: Schedule, lr: float, start_scores: dict[str, float], gains: torch.Tensor | None = None
+    ) -> None:
         self.schedule, self.start_scores = schedule, start_scores
-        self.gains = torch.ones(schedule.num_steps, 2, dtype=torch.float64, requires_grad=True)
+        start = torch.ones(schedule.num_steps, 2, dtype=torch.float64) if gains is None else gains
+        self.gains = start.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.gains], lr=lr)
         self.scores: list[float] = []
         self.best_score, self.best = math.inf, self.gains.detach().clone()
@@ -97,7 +106,11 @@ class _Fit:
     def record(self) -> dict[str, Any]:
         return {
             "forecast": self.schedule.meta.get("forecast"),
-            "start_scores": dict(zip(("first-order", "taylor2"), self.start_scores, strict=False)),
+            "start_scores": self.start_scores,
+            # the forecast the fit started from (first order: as the second-order plan's gains)
+            "start": min(self.start_scores, key=self.start_scores.__getitem__)
+            if self.start_scores
+            else self.schedule.meta.get("forecast"),
             "scores": self.scores,
             "calls": len(self.scores),
         }
@@ -129,10 +142,13 @@ def fit_forecasts(
             kept, the plain weights (all gains 1) being the first.
         lr: Adam's step size on the gains.
         forecast: the forecast every non-computing step uses: ``"auto"`` (default) replays each
-            placement once with first-order and once with second-order forecasts (``"taylor2"``) and
-            fits from the better (second order gives the fit two handles per step, but extrapolates
-            badly over long gaps: -4 to -5 dB at 0.25 of 20 steps on the flow model); or one of
-            ``"first-order"``, ``"taylor2"``, ``"bdf2"``; or None to keep the schedule's values.
+            placement once with first-order and once with the damped second-order forecast
+            (``"bdf2"``, :data:`AUTO_ORDERS`) and fits from the better; from first order, as the
+            second-order plan with gains that make it first order (:func:`first_order_gains`), so
+            the fit has two handles per step either way (where every component follows one plan;
+            else it fits the first-order plan); or one of :data:`~stepcache.schedule.METHODS`
+            (``"first-order"``, ``"taylor2"``, ``"bdf2"``, ``"taylorseer2"``); or None to keep the
+            schedule's values.
         reference: the uncached final samples of ``run`` when already at hand (saves one call).
         progress: show a progress bar.
 
@@ -162,7 +178,7 @@ def fit_forecasts(
         raise ScheduleError(f"lr must be a positive number, got {lr!r}.")
     if forecast is not None and forecast != "auto" and forecast not in METHODS:
         raise ScheduleError(f"forecast must be 'auto', one of {sorted(METHODS)} or None, got {forecast!r}.")
-    orders = ["first-order", "taylor2"] if forecast == "auto" else [forecast]
+    orders = list(AUTO_ORDERS) if forecast == "auto" else [forecast]
     variants = [[s if o is None else s.with_forecast(o) for o in orders] for s in schedules]
     for vs in variants:
         if not any(v in FORECASTS for plan in vs[0].plans.values() for v in plan):
@@ -200,7 +216,17 @@ def fit_forecasts(
                     with cache(target, candidate, count_macs=False):
                         out = rows(final_samples(run(), ScheduleError))
                     scores.append(round(float(_score(out, reference)), 4))
-            fits.append(_Fit(vs[scores.index(min(scores))] if scores else vs[0], float(lr), scores))
+            if not scores:
+                fits.append(_Fit(vs[0], float(lr), {}))
+                continue
+            best = scores.index(min(scores))
+            started = {str(o): x for o, x in zip(orders, scores, strict=True)}
+            gains = first_order_gains(vs[1]) if orders[best] == "first-order" else None
+            if gains is not None:  # the same images, as the second-order plan with its beta gains
+                # at 0: the fit keeps both handles whichever forecast it starts from
+                fits.append(_Fit(vs[1], float(lr), started, gains))
+            else:
+                fits.append(_Fit(vs[best], float(lr), started))
     weights = [p for _, m in denoisers_of(target) for p in m.parameters()]
     frozen = [p.requires_grad for p in weights]
     from tqdm.auto import tqdm
@@ -230,6 +256,7 @@ def fit_forecasts(
             "samples": int(reference.shape[0]),
             "forecast": chosen.meta.get("forecast"),
             "start_scores": leader.record()["start_scores"],
+            "start": leader.record()["start"],
             "scores": leader.scores,
             "chosen": leader.scores.index(round(leader.best_score, 4)),
             "placements": [f.record() for f in fits],
@@ -241,6 +268,28 @@ def fit_forecasts(
     }
     fitted = tuple((float(a), float(b)) for a, b in leader.best.tolist())
     return Schedule(chosen.num_steps, chosen.plans, chosen.counts, meta, fitted)
+
+
+def first_order_gains(schedule: Schedule) -> torch.Tensor | None:
+    """Per-step gains ``(n, 2)`` under which ``schedule``'s second-order forecasts give exactly the
+    first-order ones: ``g_alpha = alpha_1 / alpha_2``, ``g_beta = 0`` (1 where a step does not
+    forecast from three outputs). Gains are per step, shared by every selector: None when the plans
+    differ (then no gains make them all first order)."""
+    plans = set(schedule.plans.values())
+    if len(plans) != 1:
+        return None
+    gains = torch.ones(schedule.num_steps, 2, dtype=torch.float64)
+    a: int | None = None
+    b: int | None = None
+    c: int | None = None
+    for s, v in enumerate(plans.pop()):
+        if v == COMPUTE:
+            a, b, c = s, a, b
+        elif v in FORECASTS and a is not None and b is not None and c is not None:
+            alpha2 = forecast_coefficients(v, s, a, b, c)[0]
+            alpha1 = forecast_coefficients(FORECAST, s, a, b, c)[0]
+            gains[s, 0], gains[s, 1] = (alpha1 / alpha2 if alpha2 else 1.0), 0.0
+    return gains
 
 
 def _score(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

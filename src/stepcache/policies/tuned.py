@@ -197,9 +197,10 @@ def tune(
     top = max_warmup if max_warmup is not None else max(2, n // 2)
     candidates = candidate_schedules(n, per_type, layers, top, family)
     if calibration is not None and calibration.response:
-        # the output response ranks them (the shortlist): second-order forecasts and copies join the
+        # the output response ranks them (the shortlist): damped second-order forecasts (bdf2, see
+        # fitted.AUTO_ORDERS) and copies join the
         # race, the replays judge what the first-order prediction gets wrong
-        candidates = forecast_variants(candidates, ("first-order", "taylor2", "copy"))
+        candidates = forecast_variants(candidates, ("first-order", "bdf2", "copy"))
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
             candidates["optimal (type)"] = optimal_schedule(calibration, fraction)
