@@ -47,6 +47,11 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--max-warmup", type=int, default=6)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--orders",
+        default="first-order,taylor2",
+        help="the forecasts every placement is replayed with (comma-separated: copy and schedule.METHODS)",
+    )
     args = p.parse_args()
     held = heldout_configs(load_protocol())
     if held & set(args.configs):
@@ -68,7 +73,7 @@ def main() -> None:
             cands = candidate_schedules(steps, per_type, layers, min(args.max_warmup, steps // 2))
             rows = []
             for label, s in cands.items():
-                for order in ("first-order", "taylor2"):
+                for order in args.orders.split(","):
                     rows.append((f"{label} [{order}]", s.with_forecast(order)))
             for g in ("type", "layer"):
                 with contextlib.suppress(ScheduleError):

@@ -147,7 +147,8 @@ def test_first_order_gains_turn_a_second_order_plan_into_first_order(model):
     for method in ("bdf2", "taylor2", "taylorseer2"):
         second = first.with_forecast(method)
         gains = first_order_gains(second)
-        assert gains is not None and gains[:5].eq(1).all() and gains[5, 1] == 0  # step 5 is the first with three outputs
+        # step 5 is the first with three outputs
+        assert gains is not None and gains[:5].eq(1).all() and gains[5, 1] == 0
         with stepcache.cache(model, Schedule(STEPS, second.plans, gains=gains.tolist())):
             got = run()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

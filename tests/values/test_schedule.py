@@ -118,7 +118,7 @@ def test_compute_fraction_and_render():
 @pytest.mark.parametrize(
     "plans, match",
     [
-        ({"attn": (1, 0, 5)}, "only 1"),
+        ({"attn": (1, 0, 6)}, "only 1"),
         ({"attn": (1, 0)}, "2 steps"),
         ({"attn": (0, 1, 1)}, "reuses at step 0"),
         ({}, "at least one"),

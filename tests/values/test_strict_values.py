@@ -85,7 +85,7 @@ def edited(base: dict, path: tuple, value=None, *, drop: bool = False) -> dict:
         (("plans", "attn", 1), 1.9, "step 1 is a number 1.9"),
         (("plans", "attn", 1), 0.5, "step 1 is a number 0.5"),
         (("plans", "attn", 1), True, "step 1 is a boolean"),
-        (("plans", "attn", 1), 5, "step 1 is 5"),
+        (("plans", "attn", 1), 6, "step 1 is 6"),
         (("plans", "attn", 1), -1, "step 1 is -1"),
         (("plans", "attn"), "1021", "must be a list"),
         (("plans", "attn"), [1, 0, 1], "has 3 steps, the schedule 4"),
