@@ -155,3 +155,20 @@ def test_first_order_gains_turn_a_second_order_plan_into_first_order(model):
     # plans that differ share no per-step gains: none (the fit then starts from the first-order plan)
     mixed = Schedule(STEPS, {"attn": PLAN, "ff": (1,) * STEPS}).with_forecast("bdf2")
     assert first_order_gains(mixed) is None
+
+
+def test_a_step_that_scores_worse_is_taken_back_half_way(model):
+    from stepcache.policies._replay import rows
+    from stepcache.policies.fitted import _Fit
+    from stepcache.runtime.introspect import final_samples
+
+    with torch.no_grad():
+        want = rows(final_samples(run_of(model, False)(), ScheduleError)).float()
+    fit = _Fit(Schedule(STEPS, {"*": PLAN}).with_forecast("bdf2"), 5.0, {})  # a step far too long
+    fit.call(model, run_of(model), want, step=True)
+    first = fit.gains.detach().clone()
+    fit.call(model, run_of(model), want, step=True)
+    assert fit.scores[1] > fit.scores[0] and fit.best.eq(1).all()  # worse: the start stays the best
+    torch.testing.assert_close(fit.gains.detach(), 1 + (first - 1) / 2)  # half-way back
+    fit.call(model, run_of(model), want, step=False)
+    assert len(fit.scores) == 3 and round(fit.best_score, 4) == min(fit.scores)

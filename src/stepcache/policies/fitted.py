@@ -154,7 +154,7 @@ def fit_forecasts(
             taken back half-way from the best gains (no backward pass for it).
         lr: Adam's step size on the gains (its first step moves every gain by about ``lr``). 0.1:
             at TaylorSeer's placement at 0.5 of flow-euler-14-g3.5 and flow-euler-28-g1 (development
-            data), 8 calls at 0.1 beat 0.2 on 48 evaluation images by 0.0-0.1 dB mean, 0.2 dB p5;
+            data), 8 calls at 0.1 beat 0.2 on 48 evaluation images by 0.0-0.1 dB mean, 0.0-0.2 dB p5;
             without the step back, 0.2 lost 0.7 dB where its first step overshot.
         forecast: the forecast every non-computing step uses: ``"auto"`` (default) replays each
             placement once with first-order and once with the damped second-order forecast
