@@ -23,7 +23,7 @@ to run without ``--final``.
 
     python benchmarks/frontier.py --plan                          # the size of the development run; runs nothing
     python benchmarks/frontier.py                                 # the development set (resumable: --resume)
-    python benchmarks/frontier.py --set heldout3 --final          # the unspent held-out set, once
+    python benchmarks/frontier.py --set heldout4 --final          # the unspent held-out set, once
     python benchmarks/frontier.py --quick                         # 1 configuration, 8 images, thin sweeps
     python benchmarks/frontier.py --configs dpm-20-g4 --samples 16 --out /tmp/frontier
 """
@@ -65,9 +65,9 @@ from benchmarks.harness.perimage import generate, per_image_psnr, summary
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROTOCOL = HERE / "configs" / "heldout.json"
-SETS = ("development", "heldout", "heldout2", "heldout3")
+SETS = ("development", "heldout", "heldout2", "heldout3", "heldout4")
 #: The sets run once each, at the end (the last is the one not yet run).
-HELDOUT_SETS = ("heldout", "heldout2", "heldout3")
+HELDOUT_SETS = ("heldout", "heldout2", "heldout3", "heldout4")
 TARGETS = sweep.TARGETS
 QUICK_CONFIG = "dpm-20-g1"
 CALIBRATION_SAMPLES, MAGCACHE_IMAGES, MAGCACHE_SEED = 8, 10, 10_000
@@ -139,7 +139,7 @@ def set_configs(protocol: dict[str, Any], name: str) -> list[str]:
 
 
 def heldout_configs(protocol: dict[str, Any]) -> set[str]:
-    """The held-out configurations not yet run: the third set's (the first two are spent: their one runs
+    """The held-out configurations not yet run: the last set's (the earlier ones are spent: their one runs
     are committed, and their configurations may be used for development like the development set's)."""
     return set(set_configs(protocol, HELDOUT_SETS[-1]))
 
@@ -153,8 +153,8 @@ def guard_heldout(
     if held and (quick or not final):
         raise SystemExit(
             f"refusing to run held-out configuration(s) {', '.join(held)}: the held-out set "
-            f"({PROTOCOL.relative_to(HERE.parent)}) is run once, at the end, with --set heldout3 --final "
-            "(never --quick). Develop on --set development."
+            f"({PROTOCOL.relative_to(HERE.parent)}) is run once, at the end, with --set {HELDOUT_SETS[-1]} "
+            "--final (never --quick). Develop on --set development or a spent held-out set."
         )
 
 

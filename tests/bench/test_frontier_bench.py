@@ -296,11 +296,11 @@ def test_config_specs():
     [
         ["--set", "heldout"],
         ["--set", "heldout2"],
-        ["--configs", "dpm-20-g1", "dpm-10-g1"],
-        ["--set", "heldout3"],
-        ["--configs", "flow-euler-24-g1.5"],
+        ["--configs", "dpm-20-g1", "unipc-12-g1"],
+        ["--set", "heldout4"],
+        ["--configs", "flow-euler-36-g1"],
         ["--set", "heldout", "--final", "--quick"],
-        ["--configs", "deis-18-g3", "--quick", "--final"],
+        ["--configs", "ddim-40-g2", "--quick", "--final"],
     ],
 )
 def test_the_heldout_set_refuses_to_run_without_final(argv, tmp_path, monkeypatch):
