@@ -25,7 +25,7 @@ import itertools
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +56,7 @@ __all__ = [
     "PlanValue",
     "Schedule",
     "forecast_coefficients",
+    "forecast_sources",
     "liveness",
     "reads",
 ]
@@ -165,6 +166,21 @@ def forecast_coefficients(
         k = s - a
         return k / h1 + k * k / (2 * h1 * h1), -k * k / (2 * h1 * h2)
     raise ScheduleError(f"{value!r} is not a plan value.")
+
+
+def forecast_sources(plan: Sequence[int]) -> Iterator[tuple[int, int, int, int | None, int | None]]:
+    """``(s, value, a, b, c)`` for every step ``s`` of ``plan`` that does not compute, once some step
+    before it has: its last three computed steps ``a > b > c`` (``b``, ``c`` None where fewer), what
+    :func:`forecast_coefficients` extrapolates from. The one walk the runtime's slots, the response's
+    prediction and the fit's first-order gains share."""
+    a: int | None = None
+    b: int | None = None
+    c: int | None = None
+    for s, v in enumerate(plan):
+        if v == COMPUTE:
+            a, b, c = s, a, b
+        elif a is not None:
+            yield s, v, a, b, c
 
 
 def _check_gains(gains: Any, num_steps: int) -> tuple[tuple[float, float], ...] | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..calibration import Calibration
 from ..errors import ScheduleError
-from ..schedule import COMPUTE, Schedule, forecast_coefficients
+from ..schedule import Schedule, forecast_coefficients, forecast_sources
 
 __all__ = ["predicted_error_db", "ranked_by_response"]
 
@@ -43,16 +43,7 @@ def predicted_error_db(schedule: Schedule, response: Mapping[str, np.ndarray], s
 def _change(plan: tuple[int, ...], m: np.ndarray, gains: Sequence[Sequence[float]] | None) -> np.ndarray:
     """``(projections, samples)``: the first-order change of each projection from this type's plan."""
     out = np.zeros((m.shape[0], m.shape[3]))
-    computed: list[int] = []
-    for s, v in enumerate(plan):
-        if v == COMPUTE:
-            computed.append(s)
-            continue
-        if not computed:
-            continue
-        a = computed[-1]
-        b = computed[-2] if len(computed) > 1 else None
-        c = computed[-3] if len(computed) > 2 else None
+    for s, v, a, b, c in forecast_sources(plan):
         alpha, beta = forecast_coefficients(v, s, a, b, c)
         if gains is not None:
             alpha, beta = alpha * gains[s][0], beta * gains[s][1]

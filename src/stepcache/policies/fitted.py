@@ -43,7 +43,14 @@ from ..discovery import denoisers_of
 from ..errors import ScheduleError
 from ..runtime import cache
 from ..runtime.introspect import final_samples
-from ..schedule import COMPUTE, FORECAST, FORECASTS, METHODS, Schedule, forecast_coefficients
+from ..schedule import (
+    FORECAST,
+    FORECASTS,
+    METHODS,
+    Schedule,
+    forecast_coefficients,
+    forecast_sources,
+)
 from ._replay import rows
 
 __all__ = ["AUTO_ORDERS", "DEFAULT_FIT_ITERATIONS", "FIT_CALL_COST", "first_order_gains", "fit_forecasts"]
@@ -262,16 +269,16 @@ def fit_forecasts(
         bar.close()
         for p, flag in zip(weights, frozen, strict=True):
             p.requires_grad_(flag)
-    chosen = leader.schedule
+    chosen, record = leader.schedule, leader.record()
     meta = {
         **chosen.meta,
         "forecast_fit": {
             "iterations": iterations,
             "lr": float(lr),
             "samples": int(reference.shape[0]),
-            "forecast": chosen.meta.get("forecast"),
-            "start_scores": leader.record()["start_scores"],
-            "start": leader.record()["start"],
+            "forecast": record["forecast"],
+            "start_scores": record["start_scores"],
+            "start": record["start"],
             "scores": leader.scores,
             "chosen": leader.scores.index(round(leader.best_score, 4)),
             "placements": [f.record() for f in fits],
@@ -294,13 +301,8 @@ def first_order_gains(schedule: Schedule) -> torch.Tensor | None:
     if len(plans) != 1:
         return None
     gains = torch.ones(schedule.num_steps, 2, dtype=torch.float64)
-    a: int | None = None
-    b: int | None = None
-    c: int | None = None
-    for s, v in enumerate(plans.pop()):
-        if v == COMPUTE:
-            a, b, c = s, a, b
-        elif v in FORECASTS and a is not None and b is not None and c is not None:
+    for s, v, a, b, c in forecast_sources(plans.pop()):
+        if v in FORECASTS and b is not None and c is not None:
             alpha2 = forecast_coefficients(v, s, a, b, c)[0]
             alpha1 = forecast_coefficients(FORECAST, s, a, b, c)[0]
             gains[s, 0], gains[s, 1] = (alpha1 / alpha2 if alpha2 else 1.0), 0.0
@@ -314,10 +316,8 @@ def _score(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def _movable(schedule: Schedule) -> bool:
     """Whether some forecast step has two computed steps before it (an extrapolation, not a copy)."""
-    for plan in schedule.plans.values():
-        computed = 0
-        for v in plan:
-            if v in FORECASTS and computed >= 2:
-                return True
-            computed += v == COMPUTE
-    return False
+    return any(
+        v in FORECASTS and b is not None
+        for plan in schedule.plans.values()
+        for _, v, _, b, _ in forecast_sources(plan)
+    )

@@ -78,12 +78,11 @@ from ..schedule import COMPUTE, FORECAST, REUSE, Schedule
 from ._budget import fit_memory
 from ._cost import plan_cost
 from ._family import FAMILIES, candidate_schedules, computes_per_type, forecast_variants, type_layers
-from ._plan import (
-    check_fraction,
-)
+from ._plan import check_fraction
 from ._replay import DEFAULT_OBJECTIVE, db, objective_function, rows, split
 from ._replay import held_out as held_out_count
 from ._response import ranked_by_response
+from .fitted import AUTO_ORDERS
 from .optimal import optimal_schedule
 
 __all__ = ["DEFAULT_MAX_REPLAYS", "DEFAULT_OBJECTIVE", "objective_function", "tune"]
@@ -197,10 +196,10 @@ def tune(
     top = max_warmup if max_warmup is not None else max(2, n // 2)
     candidates = candidate_schedules(n, per_type, layers, top, family)
     if calibration is not None and calibration.response:
-        # the output response ranks them (the shortlist): damped second-order forecasts (bdf2, see
-        # fitted.AUTO_ORDERS) and copies join the
-        # race, the replays judge what the first-order prediction gets wrong
-        candidates = forecast_variants(candidates, ("first-order", "bdf2", "copy"))
+        # the output response ranks them (the shortlist): the forecasts the fit tries (first order and
+        # the damped second order, fitted.AUTO_ORDERS) and copies join the race, the replays judge what
+        # the first-order prediction gets wrong
+        candidates = forecast_variants(candidates, (*AUTO_ORDERS, "copy"))
     if calibration is not None:
         with contextlib.suppress(ScheduleError):
             candidates["optimal (type)"] = optimal_schedule(calibration, fraction)

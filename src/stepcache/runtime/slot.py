@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..discovery import Component
-from ..schedule import COMPUTE, FORECASTS, REUSE, forecast_coefficients, liveness
+from ..schedule import COMPUTE, FORECASTS, REUSE, forecast_coefficients, forecast_sources, liveness
 from .compiled import Traced
 from .extrapolate import extrapolate, extrapolate2
 from .guided import Guide
@@ -122,11 +122,8 @@ class Slot:
         # the plan's own (coefs), and first order (coefs1, when a store lacks the oldest output).
         self.coefs = [(0.0, 0.0)] * len(plan)
         self.coefs1 = [0.0] * len(plan)
-        a = b = c = None
-        for s, v in enumerate(plan):
-            if v == COMPUTE:
-                a, b, c = s, a, b
-            elif v in FORECASTS and a is not None:
+        for s, v, a, b, c in forecast_sources(plan):
+            if v in FORECASTS:
                 alpha, beta = forecast_coefficients(v, s, a, b, c)
                 alpha1 = forecast_coefficients(REUSE if b is None else 2, s, a, b)[0]
                 if gains is not None:
