@@ -1,12 +1,12 @@
-"""Forecast gains per step, per component type or per component (issue 21, a lead for the next round).
+"""Forecast gains per step or per component (issue 21): ``fit_forecasts(per="step")`` against
+``fit_forecasts(per="component")``, the default.
 
-``fit_forecasts`` chooses one pair of gains ``(g_alpha, g_beta)`` per step, shared by every component.
-This study fits the same gains (same start, 8 calls, lr 0.1, the step back) at three granularities on
-development configurations, at TaylorSeer's placement with bdf2 forecasts (started as first order where
-first order replays better), and scores each on 48 evaluation images (seed 50000) against uncached.
-The per-type and per-component gains are set on the running cache's slots directly (a study, not an
-API: ``Schedule.gains`` holds per-step gains only). Writes ``results/fit-granularity.{json,md}`` (about
-10 min here).
+Both fit the same way (start from the better of first order and bdf2, 8 calls, lr 0.1, the step back) on
+12 tuning images (seed 20000) of development configurations, at TaylorSeer's placement, and are scored
+on 48 evaluation images (seed 50000) against uncached, next to TaylorSeer order 2 at that placement.
+(The first version of this study, at commit c19bf10, fitted per type too, with its own copy of the loop:
+mixed; its per-step and per-component numbers are the ones this API run reproduces.) Writes
+``results/fit-granularity.{json,md}`` (about 8 min here).
 
     python benchmarks/fit_granularity.py
 """
@@ -14,96 +14,35 @@ API: ``Schedule.gains`` holds per-step gains only). Writes ``results/fit-granula
 from __future__ import annotations
 
 import json
-import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stepcache.policies.fitted as F
 from benchmarks.frontier import heldout_configs, load_protocol, parse_config
 from benchmarks.frontier_sweep import taylorseer_mask
 from benchmarks.harness.perimage import generate, per_image_psnr, summary
-from stepcache.errors import ScheduleError
-from stepcache.policies._replay import rows
+from stepcache.policies import fit_forecasts
 from stepcache.reference import load_model
 from stepcache.runtime import cache
-from stepcache.runtime.introspect import final_samples
 from stepcache.schedule import Schedule
 
 HERE = Path(__file__).resolve().parent
 #: (configuration, TaylorSeer interval, warm-up): development data only
-CELLS = (("flow-euler-14-g3.5", 2, 1), ("flow-euler-28-g1", 2, 1), ("dpm-20-g2", 3, 1))
-
-
-def fit(
-    model: torch.nn.Module,
-    tr: Callable[[], torch.Tensor],
-    sched: Schedule,
-    gains0: torch.Tensor,
-    group: Callable[[Any], Any],
-    iters: int = 8,
-    lr: float = 0.1,
-) -> tuple[torch.Tensor, list[int]]:
-    """``fit_forecasts``' loop (Adam, the step back, the best gains kept) with one pair of gains per step
-    and per group of slots: returns the best gains ``(n, groups, 2)`` and each slot's group."""
-    with torch.no_grad():
-        ref = rows(final_samples(tr(), ScheduleError)).float()
-    with cache(model, sched, count_macs=False) as h:
-        keys = [group(slot) for slot in h._slots.values()]
-    uniq = sorted(set(keys), key=str)
-    idx = [uniq.index(k) for k in keys]
-    g = gains0[:, None, :].repeat(1, len(uniq), 1).clone().requires_grad_(True)
-    opt = torch.optim.Adam([g], lr=lr)
-    best, best_score, delta = g.detach().clone(), math.inf, None
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        for it in range(iters):
-            with cache(model, sched, count_macs=False) as h, torch.enable_grad():
-                for slot, k in zip(h._slots.values(), idx, strict=True):
-                    slot.set_plan(slot.plan, g[:, k].float())
-                out = rows(final_samples(tr(), ScheduleError, detach=False))
-            loss = F._score(out, ref)
-            score = float(loss.detach())
-            improved = score < best_score
-            if improved:
-                best_score, best = score, g.detach().clone()
-            if it + 1 == iters:
-                break
-            if improved or delta is None:
-                (grad,) = torch.autograd.grad(loss, [g], allow_unused=True)
-                g.grad = grad
-                opt.step()
-                delta = g.detach() - best
-            else:
-                delta = delta / 2
-                with torch.no_grad():
-                    g.copy_(best + delta)
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-    return best, idx
-
-
-def evaluate(
-    model: torch.nn.Module,
-    ev: Callable[[], torch.Tensor],
-    base: torch.Tensor,
-    sched: Schedule,
-    best: torch.Tensor,
-    idx: list[int],
-) -> dict[str, float]:
-    with torch.no_grad(), cache(model, sched, count_macs=False) as h:
-        for slot, k in zip(h._slots.values(), idx, strict=True):
-            slot.set_plan(slot.plan, best[:, k].float())
-        return summary(per_image_psnr(ev(), base))
+CELLS = (
+    ("flow-euler-14-g3.5", 2, 1),
+    ("flow-euler-28-g1", 2, 1),
+    ("dpm-20-g2", 3, 1),
+    ("flow-euler-24-g1.5", 2, 1),
+    ("flow-euler-10-g2", 2, 1),
+    ("unipc-24-g2.5", 3, 1),
+    ("deis-18-g3", 3, 1),
+    ("dpm-10-g1", 3, 1),
+)
+PERS = ("step", "component", "step-then-component")
 
 
 def main() -> None:
@@ -124,36 +63,27 @@ def main() -> None:
 
         with torch.no_grad():
             base = ev()
-        mask = taylorseer_mask(n, i, w)
-        plain = Schedule(n, {"*": mask})
-        sched = plain.with_forecast("bdf2")
-        with torch.no_grad():
-            ref12 = rows(final_samples(tr(), ScheduleError)).float()
-            start = {}
-            for name, cand in (("first-order", plain.with_forecast("first-order")), ("bdf2", sched)):
-                with cache(model, cand):
-                    start[name] = float(F._score(rows(final_samples(tr(), ScheduleError)).float(), ref12))
-            with cache(model, plain.with_forecast("taylorseer2")):
-                taylorseer = summary(per_image_psnr(ev(), base))
-        g0 = F.first_order_gains(sched) if start["first-order"] < start["bdf2"] else None
-        if g0 is None:
-            g0 = torch.ones(n, 2, dtype=torch.float64)
-        row = {"config": spec, "interval": i, "warm_up": w, "start": min(start, key=start.__getitem__),
-               "taylorseer2 (TaylorSeer order 2)": taylorseer}  # fmt: skip
-        for gname, group in (("per step", lambda sl: 0), ("per type", lambda sl: sl.type), ("per component", lambda sl: sl.name)):  # fmt: skip
-            best, idx = fit(model, tr, sched, g0, group)
-            row[gname] = evaluate(model, ev, base, sched, best, idx)
-            print(spec, gname, row[gname], flush=True)
+        plain = Schedule(n, {"*": taylorseer_mask(n, i, w)})
+        with torch.no_grad(), cache(model, plain.with_forecast("taylorseer2")):
+            taylorseer = summary(per_image_psnr(ev(), base))
+        row = {"config": spec, "interval": i, "warm_up": w, "taylorseer2 (TaylorSeer order 2)": taylorseer}
+        for per in PERS:
+            fitted = fit_forecasts(model, tr, plain, iterations=8, per=per, progress=False)
+            row["start"] = fitted.meta["forecast_fit"]["start"]
+            with torch.no_grad(), cache(model, fitted):
+                row[f"per {per}"] = summary(per_image_psnr(ev(), base))
+            print(spec, per, row[f"per {per}"], flush=True)
         results.append(row)
     out = HERE / "results" / "fit-granularity"
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    cols = ("taylorseer2 (TaylorSeer order 2)", "per step", "per type", "per component")
+    cols = ("taylorseer2 (TaylorSeer order 2)", *(f"per {p}" for p in PERS))
     lines = [
-        "# Forecast gains per step, per type, per component",
+        "# Forecast gains per step or per component",
         "",
-        "`python benchmarks/fit_granularity.py`: at TaylorSeer's placement (bdf2 forecasts, or first order "
-        "where it replays better), 8 fitting calls on 12 tuning images (seed 20000), lr 0.1; mean / p5 dB of 48 "
-        "evaluation images (seed 50000) against uncached. Development configurations only.",
+        "`python benchmarks/fit_granularity.py`: `fit_forecasts(per=...)` at TaylorSeer's placement (bdf2 "
+        "forecasts, started as first order where it replays better), 8 fitting calls on 12 tuning images "
+        "(seed 20000), lr 0.1; mean / p5 dB of 48 evaluation images (seed 50000) against uncached. "
+        "Development configurations only.",
         "",
         "| configuration | placement | " + " | ".join(cols) + " |",
         "|---|---|" + "---|" * len(cols),

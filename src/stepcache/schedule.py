@@ -183,10 +183,30 @@ def forecast_sources(plan: Sequence[int]) -> Iterator[tuple[int, int, int, int |
             yield s, v, a, b, c
 
 
-def _check_gains(gains: Any, num_steps: int) -> tuple[tuple[float, float], ...] | None:
-    """``gains`` as a tuple of ``num_steps`` pairs of finite floats (None stays None)."""
+Gains = tuple[tuple[float, float], ...]
+
+
+def _check_gains(gains: Any, num_steps: int) -> Gains | dict[str, Gains] | None:
+    """``gains`` as ``num_steps`` pairs of finite floats, or a mapping selector -> such pairs (None
+    stays None)."""
     if gains is None:
         return None
+    if isinstance(gains, Mapping):
+        if not gains:
+            raise ScheduleError("gains by selector need at least one selector (or pass gains=None).")
+        out: dict[str, Gains] = {}
+        for key, rows in gains.items():
+            if not isinstance(key, str) or not key:
+                raise ScheduleError(f"gains keys must be non-empty strings (selectors), got {key!r}.")
+            try:
+                out[key] = _check_gain_rows(rows, num_steps)
+            except ScheduleError as e:
+                raise ScheduleError(f"gains[{key!r}]: {e}") from None
+        return out
+    return _check_gain_rows(gains, num_steps)
+
+
+def _check_gain_rows(gains: Any, num_steps: int) -> Gains:
     want = f"gains must be {num_steps} pairs (g_alpha, g_beta) of finite numbers, one per step"
     if isinstance(gains, (str, bytes, Mapping)) or not isinstance(gains, Iterable):
         raise ScheduleError(f"{want}; got {kind_of(gains)}.")
@@ -204,7 +224,8 @@ def _check_gains(gains: Any, num_steps: int) -> tuple[tuple[float, float], ...] 
 
 
 _FORMAT = "stepcache.schedule"
-_FORMAT_VERSION = 3  # 2: plans may hold second-order forecasts (3, 4); 3: forecast gains. Older files: 1
+# 2: plans may hold second-order forecasts (3, 4); 3: forecast gains per step; 4: gains per selector
+_FORMAT_VERSION = 4
 _FIELDS = {"format", "format_version", "stepcache_version", "num_steps", "plans", "counts", "meta", "gains"}
 # Keys of the original SmoothCache package: child names, optionally with a block index ("attn1-3").
 _SMOOTHCACHE_KEY = re.compile(r"^(?P<child>[A-Za-z_][A-Za-z0-9_]*)(?:-(?P<index>\d+))?$")
@@ -225,9 +246,12 @@ class Schedule(HubValue):
             :attr:`compute_fraction`. Missing selectors count once.
         meta: provenance (rule, alpha, granularity, calibration fingerprint, model class, ...).
         gains: per step, ``(g_alpha, g_beta)`` multiplying the forecast weights ``(alpha, beta)`` of
-            :func:`forecast_coefficients` at that step, for every component (``None``: all 1). Chosen
-            on final samples by :func:`stepcache.fit_forecasts`; the fixed Taylor/Lagrange weights
-            predict features, not what a forecast does to the image (docs/policies.md).
+            :func:`forecast_coefficients` at that step, for every component; or a mapping selector
+            (component name, glob pattern or type, as in ``plans``) -> such per-step pairs, for the
+            components it selects (components no selector names keep the plain weights). ``None``:
+            all 1. Chosen on final samples by :func:`stepcache.fit_forecasts`; the fixed
+            Taylor/Lagrange weights predict features, not what a forecast does to the image
+            (docs/policies.md).
     """
 
     _what: ClassVar[str] = "schedule"
@@ -238,7 +262,7 @@ class Schedule(HubValue):
     plans: Mapping[str, tuple[int, ...]]
     counts: Mapping[str, int] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
-    gains: Sequence[Sequence[float]] | None = None
+    gains: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]] | None = None
 
     def __post_init__(self) -> None:
         if not is_int(self.num_steps) or self.num_steps < 1:
@@ -332,6 +356,7 @@ class Schedule(HubValue):
             ScheduleError: a selector matches no component, or a component matches two patterns.
         """
         components = list(components)
+        self.gains_of(components)  # gains selectors must match too
         keys = match_keys(self.plans, components)
         out = {name: self.plans[key] for name, key in keys.items()}
         used = set(keys.values())
@@ -345,6 +370,30 @@ class Schedule(HubValue):
                 "For files of the original SmoothCache package use Schedule.from_smoothcache()."
             )
         return out
+
+    def gains_of(self, components: Iterable[Component]) -> dict[str, Gains | None]:
+        """Component name -> its per-step gains (None: the plain weights), for ``components``.
+
+        Raises:
+            ScheduleError: a gains selector matches no component, or a component matches two.
+        """
+        components = list(components)
+        if not isinstance(self.gains, Mapping):
+            return {c.name: self.gains for c in components}  # type: ignore[misc]
+        keys = match_keys(self.gains, components)
+        unused = sorted(set(self.gains) - set(keys.values()))
+        if unused:
+            raise ScheduleError(
+                f"gains selector(s) {unused} match no component of this model (gains are keyed like plans: "
+                "component names, glob patterns or types)."
+            )
+        gains: dict[str, Gains] = self.gains  # type: ignore[assignment]  # checked in __post_init__
+        return {c.name: gains.get(keys[c.name]) if c.name in keys else None for c in components}
+
+    @property
+    def gains_per_selector(self) -> bool:
+        """Whether :attr:`gains` are per selector (component) rather than one pair per step for all."""
+        return isinstance(self.gains, Mapping)
 
     # ---------------------------------------------------------------- text
     def render(self) -> str:
@@ -374,7 +423,9 @@ class Schedule(HubValue):
         return {
             "format": _FORMAT,
             # Files older readers can read stay version 1; second-order values make them say "upgrade".
-            "format_version": 3
+            "format_version": 4
+            if isinstance(self.gains, Mapping)
+            else 3
             if self.gains is not None
             else 2
             if any(max(p) > FORECAST for p in self.plans.values())
@@ -384,7 +435,7 @@ class Schedule(HubValue):
             "plans": {k: list(v) for k, v in self.plans.items()},
             "counts": dict(self.counts),
             "meta": dict(self.meta),
-            **({} if self.gains is None else {"gains": [list(g) for g in self.gains]}),
+            **({} if self.gains is None else {"gains": _gains_json(self.gains)}),
         }
 
     @classmethod
@@ -415,8 +466,10 @@ class Schedule(HubValue):
                 raise ScheduleError(f"{source}: field {name!r} must be {want}, got {kind_of(data[name])}.")
         try:
             gains = data.get("gains")
-            if gains is not None and not isinstance(gains, list):
-                raise ScheduleError(f"field 'gains' must be a JSON array, got {kind_of(gains)}.")
+            if gains is not None and not isinstance(gains, (list, dict)):
+                raise ScheduleError(
+                    f"field 'gains' must be a JSON array (per step) or object (per selector), got {kind_of(gains)}."
+                )
             return cls(data["num_steps"], data["plans"], data.get("counts", {}), data.get("meta", {}), gains)
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None
@@ -528,6 +581,12 @@ def match_keys(keys: Iterable[str], components: Iterable[Component]) -> dict[str
         if key:
             out[comp.name] = key
     return out
+
+
+def _gains_json(gains: Any) -> Any:
+    if isinstance(gains, Mapping):
+        return {k: [list(g) for g in rows] for k, rows in gains.items()}
+    return [list(g) for g in gains]
 
 
 def _check_plan(key: str, plan: Any, num_steps: int) -> tuple[int, ...]:

@@ -131,9 +131,13 @@ def test_tune_with_fitted_forecasts(tmp_path):
     ]
     result = runner.invoke(app, [*args, "--max-replays", "4", "--fit", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "forecast gains fitted" in result.output
+    assert "forecast gains fitted" in result.output and "per component" in result.output
     sched = Schedule.load(out)
-    assert sched.gains is not None and sched.meta["forecast_fit"]["iterations"] == 2
+    assert sched.gains_per_selector and sched.meta["forecast_fit"]["iterations"] == 2
+    result = runner.invoke(
+        app, [*args, "--max-replays", "4", "--fit", "1", "--fit-per", "layer", "-o", str(out)]
+    )
+    assert result.exit_code != 0 and "must be one of component, step" in result.output
 
 
 def test_plan_memory_table(tmp_path):

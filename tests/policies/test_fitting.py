@@ -36,7 +36,12 @@ def test_fit_lowers_the_error_on_its_samples_and_the_runtime_applies_the_gains(m
     plain = Schedule(STEPS, {"*": PLAN})
     fitted = fit_forecasts(model, run, plain, iterations=4, progress=False)
     fit = fitted.meta["forecast_fit"]
-    assert fitted.gains is not None and len(fitted.gains) == STEPS
+    # per component (the default): one pair per step for each cached component, by name
+    with stepcache.cache(model, plain) as handle:
+        names = list(handle._slots)
+    assert fitted.gains_per_selector and list(fitted.gains) == names
+    assert all(len(rows) == STEPS for rows in fitted.gains.values()) and fit["per"] == "component"
+    assert len({rows for rows in fitted.gains.values()}) > 1  # they differ between components
     assert [p == 1 for p in fitted.plans["*"]] == [p == 1 for p in PLAN]  # the placement is kept
     # it replays first order and bdf2 and fits from the better, as bdf2's plan (from first order with
     # gains that make it first order: both handles either way)
@@ -61,10 +66,11 @@ def test_fit_lowers_the_error_on_its_samples_and_the_runtime_applies_the_gains(m
     if fit["start"] == "first-order" and gains is not None:
         start = Schedule(STEPS, fitted.plans, gains=gains.tolist())
     assert error(start) == pytest.approx(fit["scores"][0], abs=1e-3)
-    # Files keep the gains (format 3); all-zero gains forecast nothing: the copy schedule's samples.
+    # Files keep the gains (format 4: by component); all-zero gains forecast nothing: the copy
+    # schedule's samples.
     path = fitted.save(tmp_path / "fitted.json")
     again = Schedule.load(path)
-    assert again.gains == fitted.gains and again.to_dict()["format_version"] == 3
+    assert again.gains == fitted.gains and again.to_dict()["format_version"] == 4
     zero = Schedule(STEPS, fitted.plans, gains=[(0.0, 0.0)] * STEPS)
     with stepcache.cache(model, zero):
         a = run_of(model, False)()
@@ -96,6 +102,49 @@ def test_bad_gains_are_refused(gains, match):
         Schedule(STEPS, {"*": PLAN}, gains=gains)
 
 
+def test_gains_by_selector_apply_to_the_components_they_select(model):
+    """Gains keyed like plans: "*" equals per-step gains; a type's gains leave the other types on the
+    plain weights; a selector that matches nothing, or bad rows under a key, are refused by name."""
+    run = run_of(model, False)
+    rows = [(1.0, 1.0), (1.0, 1.0), (0.5, 1.0), (1.5, 1.0), (1.0, 1.0), (0.7, 1.0), (1.2, 1.0), (1.0, 1.0)]
+    plan = {"*": PLAN}
+
+    def sample(**kw):
+        with stepcache.cache(model, Schedule(STEPS, plan, **kw)):
+            return run()
+
+    torch.testing.assert_close(sample(gains={"*": rows}), sample(gains=rows))
+    plain, attn_only = sample(), sample(gains={"attn": rows})
+    assert not torch.equal(attn_only, plain) and not torch.equal(attn_only, sample(gains=rows))
+    with stepcache.cache(model, Schedule(STEPS, plan, gains={"attn": rows})) as handle:
+        per = {n: r for n, r in handle._gains.items() if r is not None}
+    assert per and all(n.endswith("attn1") for n in per)
+    with pytest.raises(ScheduleError, match="match no component"):
+        stepcache.cache(model, Schedule(STEPS, plan, gains={"nothing.here": rows})).open()
+    with pytest.raises(ScheduleError, match="gains\\['ff'\\]"):
+        Schedule(STEPS, plan, gains={"ff": rows[:3]})
+    with pytest.raises(ScheduleError, match="at least one selector"):
+        Schedule(STEPS, plan, gains={})
+
+
+def test_per_component_first_order_start_works_where_plans_differ(model):
+    """Per component, the first-order start is each component's own plan's gains: plans that differ
+    (which share no per-step gains) still give exactly the first-order images as bdf2 plans."""
+    from stepcache.policies.fitted import _component_plans, _first_order_rows
+
+    run = run_of(model, False)
+    mixed = Schedule(STEPS, {"attn": PLAN, "ff": (1, 1, FORECAST, 1, FORECAST, FORECAST, 1, 1)})
+    with stepcache.cache(model, mixed):
+        want = run()
+    second = mixed.with_forecast("bdf2")
+    plans = _component_plans(model, second)
+    gains = {name: _first_order_rows(plan).tolist() for name, plan in plans.items()}
+    assert len(set(plans.values())) == 2 and first_order_gains(second) is None
+    with stepcache.cache(model, Schedule(STEPS, second.plans, gains=gains)):
+        got = run()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_arguments_are_refused(model):
     run = run_of(model)
     copy = Schedule(STEPS, {"*": PLAN}).with_forecast("copy")
@@ -103,6 +152,7 @@ def test_bad_arguments_are_refused(model):
         ({"iterations": 0}, "iterations"),
         ({"lr": -1.0}, "lr"),
         ({"forecast": "cubic"}, "forecast"),
+        ({"per": "layer"}, "per must be"),
     ]:
         with pytest.raises(ScheduleError, match=match):
             fit_forecasts(model, run, copy, progress=False, **kwargs)
@@ -113,8 +163,12 @@ def test_bad_arguments_are_refused(model):
 def test_several_placements_race_and_the_leader_continues(model):
     other = (1, FORECAST, 1, FORECAST, FORECAST, 1, FORECAST, 1)
     a, b = Schedule(STEPS, {"*": PLAN}), Schedule(STEPS, {"*": other})
-    fitted = fit_forecasts(model, run_of(model), [a, b], iterations=4, forecast="first-order", progress=False)
+    fitted = fit_forecasts(
+        model, run_of(model), [a, b], iterations=4, forecast="first-order", per="step", progress=False
+    )
     fit = fitted.meta["forecast_fit"]
+    assert len(fitted.gains) == STEPS and not fitted.gains_per_selector and fit["per"] == "step"
+    assert fitted.to_dict()["format_version"] == 3
     first, second = fit["placements"]
     assert first["calls"] + second["calls"] == 2 + 2 + 2  # half each, then the leader the rest
     leader = fit["placements"][fit["placement"]]

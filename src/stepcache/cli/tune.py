@@ -13,6 +13,7 @@ from ..calibration import Calibration
 from ..errors import StepCacheError
 from ..memory import output_bytes
 from ..policies import check_fraction, fit_forecasts
+from ..policies.fitted import PER
 from ..policies.tuned import DEFAULT_MAX_REPLAYS, objective_function
 from ..policies.tuned import tune as run_tune
 from . import _targets
@@ -111,6 +112,13 @@ def tune(
             "gradients (about 3 generations each; 0: none). MODEL=reference only (docs/policies.md).",
         ),
     ] = 0,
+    fit_per: Annotated[
+        str,
+        typer.Option(
+            help="With --fit: a pair of gains per step for each component, or per step shared by all.",
+            callback=checked(choice(*PER)),
+        ),
+    ] = "component",
 ) -> None:
     """Closed-loop: try candidate schedules on a few generations, keep the one closest to uncached
     (by --objective over the samples, chosen among the top candidates on held-out samples)."""
@@ -159,12 +167,12 @@ def tune(
                     "the graph (docs/policies.md)."
                 )
             grads = _targets.replay(target, inputs, seed, steps, differentiable=True)
-            sched = fit_forecasts(target, grads, sched, iterations=fit)
+            sched = fit_forecasts(target, grads, sched, iterations=fit, per=fit_per)
         typer.echo(sched.render())
         if "forecast_fit" in sched.meta:
             f = sched.meta["forecast_fit"]
             typer.echo(
-                f"forecast gains fitted ({f['forecast']}): {f['scores'][0]} -> {min(f['scores'])} dB mean "
+                f"forecast gains fitted ({f['forecast']}, per {f['per']}): {f['scores'][0]} -> {min(f['scores'])} dB mean "
                 f"error on the samples, about {f['generations']} generations"
             )
         if "memory" in sched.meta:

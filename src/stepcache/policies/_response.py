@@ -26,13 +26,16 @@ __all__ = ["predicted_error_db", "ranked_by_response"]
 
 def predicted_error_db(schedule: Schedule, response: Mapping[str, np.ndarray], sample_size: int) -> float:
     """The schedule's predicted mean per-sample error in dB (module doc); ``inf`` when a type's plan
-    is not one plan for all its layers (layer-granularity schedules are not predicted)."""
+    is not one plan for all its layers (layer-granularity schedules are not predicted), or its gains
+    are per component (the response is per type)."""
+    if schedule.gains_per_selector:
+        return float("inf")
     delta: np.ndarray | None = None
     for kind, m in response.items():
         plan = schedule.plans.get(kind, schedule.plans.get("*"))
         if plan is None:
             return float("inf")
-        d = _change(plan, np.asarray(m), schedule.gains)
+        d = _change(plan, np.asarray(m), schedule.gains)  # type: ignore[arg-type]  # per step here
         delta = d if delta is None else delta + d
     if delta is None:
         return float("inf")

@@ -7,13 +7,15 @@ features fails (a probe on the flow reference model: 5-20 % less feature error, 
 images on held-out seeds), because a forecast's error is not equally harmful at every step and the
 sampler partly corrects some errors and amplifies others.
 
-So this policy keeps a schedule's placement and chooses one pair of gains per step,
-``(g_alpha, g_beta)``, shared by every component, that multiply the fixed weights, by gradient descent
-on the final samples: ``run`` is differentiated through the sampler with autograd, the model's
-weights frozen, only ``2 x num_steps`` scalars moving. Few parameters and many pixels per sample keep
-it from fitting noise: on the development configurations the gains chosen on 12 tuning images raised
-the mean PSNR of 48 evaluation images of other seeds by 0.6-2.7 dB over the fixed weights at the same
-placement (docs/policies.md).
+So this policy keeps a schedule's placement and chooses, for every cached component, one pair of
+gains per step, ``(g_alpha, g_beta)``, that multiply the fixed weights, by gradient descent on the
+final samples: ``run`` is differentiated through the sampler with autograd, the model's weights frozen,
+only ``2 x num_steps x components`` scalars moving (``per="step"``: one pair per step shared by every
+component, ``2 x num_steps``). Many pixels per sample keep it from fitting noise: on the development
+configurations per-step gains chosen on 12 tuning images raised the mean PSNR of 48 evaluation images
+of other seeds by 0.6-2.7 dB over the fixed weights at the same placement, and per-component gains
+another 0.3-0.8 dB mean and 0.3-3.2 dB p5 (docs/policies.md). A forecast's error is not equally
+harmful in every layer: per component, the fit damps the forecasts that hurt and keeps those that help.
 
 **Several placements, raced.** Which placement is best is the larger question, and the fit changes
 the answer (a placement that loses with fixed weights can win with fitted ones). Given several
@@ -53,11 +55,20 @@ from ..schedule import (
 )
 from ._replay import rows
 
-__all__ = ["AUTO_ORDERS", "DEFAULT_FIT_ITERATIONS", "FIT_CALL_COST", "first_order_gains", "fit_forecasts"]
+__all__ = [
+    "AUTO_ORDERS",
+    "DEFAULT_FIT_ITERATIONS",
+    "FIT_CALL_COST",
+    "PER",
+    "first_order_gains",
+    "fit_forecasts",
+]
 
 _log = get_logger(__name__)
 
 DEFAULT_FIT_ITERATIONS = 8
+#: what ``per`` may be: one pair of gains per step for each component, or for all
+PER = ("component", "step", "step-then-component")
 #: the forecasts ``forecast="auto"`` replays, the fit starting from the better: first order and the
 #: damped second order (``bdf2``). Measured at TaylorSeer's placements (intervals 2-5, warm-ups 1-3) on
 #: 7 development configurations of both reference models, the better of these two is 0.03 dB (mean)
@@ -77,25 +88,52 @@ _NOT_DIFFERENTIABLE = (
 
 
 class _Fit:
-    """One placement's gains, their optimiser and their scores (mean dB of the per-sample MSE)."""
+    """One placement's gains, their optimiser and their scores (mean dB of the per-sample MSE).
+
+    ``groups``: None for one pair of gains per step shared by every component (gains ``(n, 2)``), or
+    the component names, one pair per step each (gains ``(n, len(groups), 2)``)."""
 
     def __init__(
-        self, schedule: Schedule, lr: float, start_scores: dict[str, float], gains: torch.Tensor | None = None
+        self,
+        schedule: Schedule,
+        lr: float,
+        start_scores: dict[str, float],
+        gains: torch.Tensor | None = None,
+        groups: list[str] | None = None,
     ) -> None:
-        self.schedule, self.start_scores = schedule, start_scores
-        start = torch.ones(schedule.num_steps, 2, dtype=torch.float64) if gains is None else gains
+        self.schedule, self.start_scores, self.groups = schedule, start_scores, groups
+        shape = (schedule.num_steps, 2) if groups is None else (schedule.num_steps, len(groups), 2)
+        start = torch.ones(shape, dtype=torch.float64) if gains is None else gains
+        if tuple(start.shape) != shape:
+            raise ValueError(f"start gains of shape {tuple(start.shape)}, want {shape}")
         self.gains = start.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.gains], lr=lr)
         self.scores: list[float] = []
         self.best_score, self.best = math.inf, self.gains.detach().clone()
         self.delta: torch.Tensor | None = None  # the last step taken from the best gains
 
+    def _gains(self, gains: torch.Tensor) -> Any:
+        """What the cache handle takes: per-step rows, or component name -> rows."""
+        if self.groups is None:
+            return gains.float()
+        return {name: gains[:, k].float() for k, name in enumerate(self.groups)}
+
+    def stored(self) -> Any:
+        """The best gains as the schedule stores them."""
+        best = self.best.tolist()
+        if self.groups is None:
+            return tuple((float(a), float(b)) for a, b in best)
+        return {
+            name: tuple((float(row[k][0]), float(row[k][1])) for row in best)
+            for k, name in enumerate(self.groups)
+        }
+
     def call(self, target: Any, run: Callable[[], Any], reference: torch.Tensor, step: bool) -> None:
         """Score the current gains on ``run``; with ``step``, one Adam step along their gradient from
         the best gains so far when these are the best, else back half-way along the last step (a step
         that made the samples worse was too long: Adam's first steps move every gain by ``lr``)."""
         with cache(target, self.schedule, count_macs=False) as handle, torch.enable_grad():
-            handle.set_forecast_gains(self.gains.float())
+            handle.set_forecast_gains(self._gains(self.gains))
             out = rows(final_samples(run(), ScheduleError, detach=False))
         if out.shape != reference.shape:
             raise ScheduleError("`run` returned differently shaped samples on a second call.")
@@ -121,6 +159,14 @@ class _Fit:
             with torch.no_grad():
                 self.gains.copy_(self.best + self.delta)
 
+    def per_component(self, plans: dict[str, tuple[int, ...]], lr: float) -> _Fit:
+        """A fit per component that starts from this per-step fit's best gains (its scores kept)."""
+        assert self.groups is None
+        start = self.best[:, None, :].repeat(1, len(plans), 1)
+        fit = _Fit(self.schedule, lr, self.start_scores, start, list(plans))
+        fit.scores, fit.best_score = list(self.scores), self.best_score
+        return fit
+
     def record(self) -> dict[str, Any]:
         return {
             "forecast": self.schedule.meta.get("forecast"),
@@ -143,9 +189,10 @@ def fit_forecasts(
     lr: float = 0.1,
     forecast: str | None = "auto",
     reference: torch.Tensor | None = None,
+    per: str = "component",
     progress: bool = True,
 ) -> Schedule:
-    """``schedule`` with per-step forecast gains chosen on the final samples of ``run``; given several
+    """``schedule`` with forecast gains chosen on the final samples of ``run``; given several
     schedules, the one whose fitted gains score best (module doc).
 
     Args:
@@ -172,6 +219,11 @@ def fit_forecasts(
             (``"first-order"``, ``"taylor2"``, ``"bdf2"``, ``"taylorseer2"``); or None to keep the
             schedule's values.
         reference: the uncached final samples of ``run`` when already at hand (saves one call).
+        per: ``"component"`` (default): one pair of gains per step for each cached component, stored
+            by component name; ``"step"``: one pair per step shared by every component. The cost is
+            the same (one backward pass either way). Per component: at TaylorSeer's placement on three
+            development configurations it beat per step by 0.3-0.8 dB mean and 0.3-3.2 dB p5 on 48
+            evaluation images (benchmarks/results/fit-granularity.md).
         progress: show a progress bar.
 
     Returns:
@@ -200,6 +252,8 @@ def fit_forecasts(
         raise ScheduleError(f"lr must be a positive number, got {lr!r}.")
     if forecast is not None and forecast != "auto" and forecast not in METHODS:
         raise ScheduleError(f"forecast must be 'auto', one of {sorted(METHODS)} or None, got {forecast!r}.")
+    if per not in PER:
+        raise ScheduleError(f"per must be one of {list(PER)}, got {per!r}.")
     orders = list(AUTO_ORDERS) if forecast == "auto" else [forecast]
     variants = [[s if o is None else s.with_forecast(o) for o in orders] for s in schedules]
     for vs in variants:
@@ -213,7 +267,8 @@ def fit_forecasts(
                 "no forecast step of the schedule has two computed outputs before it: each extrapolates "
                 "from one output, a copy, which no weight changes. Compute more of the early steps."
             )
-    half = iterations // 2 if len(schedules) > 1 else iterations
+    coarse = per == "step-then-component"  # per step for the race (or half the calls), then per component
+    half = iterations // 2 if len(schedules) > 1 or coarse else iterations
     rest = iterations - half  # the leader's calls after the race
     calls = len(schedules) * half + rest
     plain = len(schedules) * (len(orders) if len(orders) > 1 else 0) + (reference is None)
@@ -232,6 +287,9 @@ def fit_forecasts(
         reference = reference.detach().float()
         fits = []
         for vs in variants:
+            # per component: each component's plan (the same placement in every variant)
+            plans = _component_plans(target, vs[-1]) if per == "component" else None
+            groups = None if plans is None else list(plans)
             scores = []
             if len(vs) > 1:  # one plain replay per order: the fit starts from the better one
                 for candidate in vs:
@@ -239,16 +297,21 @@ def fit_forecasts(
                         out = rows(final_samples(run(), ScheduleError))
                     scores.append(round(float(_score(out, reference)), 4))
             if not scores:
-                fits.append(_Fit(vs[0], float(lr), {}))
+                fits.append(_Fit(vs[0], float(lr), {}, groups=groups))
                 continue
             best = scores.index(min(scores))
             started = {str(o): x for o, x in zip(orders, scores, strict=True)}
-            gains = first_order_gains(vs[1]) if orders[best] == "first-order" else None
+            gains = None
+            if orders[best] == "first-order":
+                if plans is None:
+                    gains = first_order_gains(vs[1])
+                else:  # per component: each from its own plan, so plans that differ are no obstacle
+                    gains = torch.stack([_first_order_rows(p) for p in plans.values()], dim=1)
             if gains is not None:  # the same images, as the second-order plan with its beta gains
                 # at 0: the fit keeps both handles whichever forecast it starts from
-                fits.append(_Fit(vs[1], float(lr), started, gains))
+                fits.append(_Fit(vs[1], float(lr), started, gains, groups))
             else:
-                fits.append(_Fit(vs[best], float(lr), started))
+                fits.append(_Fit(vs[best], float(lr), started, groups=groups))
     weights = [p for _, m in denoisers_of(target) for p in m.parameters()]
     frozen = [p.requires_grad for p in weights]
     from tqdm.auto import tqdm
@@ -259,9 +322,12 @@ def fit_forecasts(
             p.requires_grad_(False)
         for fit in fits:  # the race: half the calls each (the last call of a lone fit only scores)
             for i in range(half):
-                fit.call(target, run, reference, step=bool(rest) or i + 1 < half)
+                fit.call(target, run, reference, step=(bool(rest) and not coarse) or i + 1 < half)
                 bar.update(1)
         leader = min(fits, key=lambda f: f.best_score)
+        if coarse and rest:
+            leader = leader.per_component(_component_plans(target, leader.schedule), float(lr))
+            fits[fits.index(min(fits, key=lambda f: f.best_score))] = leader
         for i in range(rest):  # the leader, on from where its race ended
             leader.call(target, run, reference, step=i + 1 < rest)
             bar.update(1)
@@ -277,6 +343,7 @@ def fit_forecasts(
             "lr": float(lr),
             "samples": int(reference.shape[0]),
             "forecast": record["forecast"],
+            "per": per,
             "start_scores": record["start_scores"],
             "start": record["start"],
             "scores": leader.scores,
@@ -288,8 +355,7 @@ def fit_forecasts(
             "seconds": round(time.perf_counter() - start, 2),
         },
     }
-    fitted = tuple((float(a), float(b)) for a, b in leader.best.tolist())
-    return Schedule(chosen.num_steps, chosen.plans, chosen.counts, meta, fitted)
+    return Schedule(chosen.num_steps, chosen.plans, chosen.counts, meta, leader.stored())
 
 
 def first_order_gains(schedule: Schedule) -> torch.Tensor | None:
@@ -300,13 +366,25 @@ def first_order_gains(schedule: Schedule) -> torch.Tensor | None:
     plans = set(schedule.plans.values())
     if len(plans) != 1:
         return None
-    gains = torch.ones(schedule.num_steps, 2, dtype=torch.float64)
-    for s, v, a, b, c in forecast_sources(plans.pop()):
+    return _first_order_rows(plans.pop())
+
+
+def _first_order_rows(plan: tuple[int, ...]) -> torch.Tensor:
+    """:func:`first_order_gains` of one plan, ``(len(plan), 2)``."""
+    gains = torch.ones(len(plan), 2, dtype=torch.float64)
+    for s, v, a, b, c in forecast_sources(plan):
         if v in FORECASTS and b is not None and c is not None:
             alpha2 = forecast_coefficients(v, s, a, b, c)[0]
             alpha1 = forecast_coefficients(FORECAST, s, a, b, c)[0]
             gains[s, 0], gains[s, 1] = (alpha1 / alpha2 if alpha2 else 1.0), 0.0
     return gains
+
+
+def _component_plans(target: Any, schedule: Schedule) -> dict[str, tuple[int, ...]]:
+    """Component name -> its plan, for the components a cache of ``schedule`` on ``target`` runs
+    (in call order: the order the gains of :class:`_Fit` follow)."""
+    with cache(target, schedule, count_macs=False) as handle:
+        return {name: slot.plan for name, slot in handle._slots.items()}
 
 
 def _score(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

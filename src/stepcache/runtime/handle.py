@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -127,6 +127,7 @@ class CacheHandle:
         self._guides = guided_steps(config.guidance, schedule.num_steps, self.components)
         self.schedule = schedule  # always the schedule given: resampling never replaces it
         self._running = schedule  # the one the current generation follows (resampled if need be)
+        self._gains = schedule.gains_of(self.components)  # per component: its forecast gains
         self._pipeline = None if isinstance(target, nn.Module) else target
         self.tracker = StepTracker(num_steps=None if planner else schedule.num_steps)
         self._boundary = SchedulerWatch(self._pipeline, self._relocate, guard=self.tracker.check_free)
@@ -183,7 +184,7 @@ class CacheHandle:
             self._bytes_all,
             storage=self._storage,
             guide=guide,
-            gains=self._running.gains,
+            gains=self._gains.get(comp.name),
         )
         self._slots[comp.name] = slot
         return slot.forward
@@ -326,17 +327,26 @@ class CacheHandle:
 
     def set_forecast_gains(self, gains: Any) -> None:
         """Scale every forecast weight of the running plans by per-step ``gains`` (``num_steps`` rows of
-        ``(g_alpha, g_beta)``; None: the schedule's own). A tensor may carry gradients: this is how
-        :func:`stepcache.fit_forecasts` differentiates the final samples with respect to the gains
-        (eager calls only; compiled graphs read the weights as plain numbers)."""
+        ``(g_alpha, g_beta)``), or by per-component gains (a mapping component name -> such rows;
+        components it leaves out keep the plain weights); None: the schedule's own. Tensors may carry
+        gradients: this is how :func:`stepcache.fit_forecasts` differentiates the final samples with
+        respect to the gains (eager calls only; compiled graphs read the weights as plain numbers)."""
+        n = self._running.num_steps
         if gains is None:
-            gains = self._running.gains
-        elif len(gains) != self._running.num_steps:
-            raise ScheduleError(
-                f"gains has {len(gains)} rows but the running schedule has {self._running.num_steps} steps."
-            )
-        for slot in self._slots.values():
-            slot.set_plan(slot.plan, gains)
+            per = self._running.gains_of(self.components)
+        elif isinstance(gains, Mapping):
+            unknown = sorted(set(gains) - set(self._slots))
+            if unknown:
+                raise ScheduleError(f"gains name component(s) {unknown[:3]} that this cache does not run.")
+            per = {name: gains.get(name) for name in self._slots}
+        else:
+            per = {name: gains for name in self._slots}
+        for rows in per.values():
+            if rows is not None and len(rows) != n:
+                raise ScheduleError(f"gains have {len(rows)} rows but the running schedule has {n} steps.")
+        self._gains = per
+        for name, slot in self._slots.items():
+            slot.set_plan(slot.plan, per.get(name))
 
     # ---------------------------------------------------------------- stats
     @property
@@ -393,9 +403,10 @@ class CacheHandle:
             return
         self._running = schedule
         plans = schedule.resolve(self.components)
+        self._gains = schedule.gains_of(self.components)
         everything = (1,) * schedule.num_steps
         for name, slot in self._slots.items():
-            slot.set_plan(plans.get(name, everything), schedule.gains)
+            slot.set_plan(plans.get(name, everything), self._gains.get(name))
 
     def _on_generation(self) -> None:
         self._clear()
@@ -433,8 +444,9 @@ class CacheHandle:
             self._running = self.schedule.resample(want)
             self.tracker.num_steps = want
             plans = self._running.resolve(self.components)
+            self._gains = self._running.gains_of(self.components)
             for name, slot in self._slots.items():
-                slot.set_plan(plans[name], self._running.gains)
+                slot.set_plan(plans[name], self._gains.get(name))
         if self._offloader is not None:
             self._offloader.set_plans([s.plan for s in self._offloader.slots])
             self._offloader.reset()
