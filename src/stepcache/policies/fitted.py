@@ -68,7 +68,7 @@ _log = get_logger(__name__)
 
 DEFAULT_FIT_ITERATIONS = 8
 #: what ``per`` may be: one pair of gains per step for each component, or for all
-PER = ("component", "step", "step-then-component")
+PER = ("component", "step")
 #: the forecasts ``forecast="auto"`` replays, the fit starting from the better: first order and the
 #: damped second order (``bdf2``). Measured at TaylorSeer's placements (intervals 2-5, warm-ups 1-3) on
 #: 7 development configurations of both reference models, the better of these two is 0.03 dB (mean)
@@ -158,14 +158,6 @@ class _Fit:
             self.delta = self.delta / 2
             with torch.no_grad():
                 self.gains.copy_(self.best + self.delta)
-
-    def per_component(self, plans: dict[str, tuple[int, ...]], lr: float) -> _Fit:
-        """A fit per component that starts from this per-step fit's best gains (its scores kept)."""
-        assert self.groups is None
-        start = self.best[:, None, :].repeat(1, len(plans), 1)
-        fit = _Fit(self.schedule, lr, self.start_scores, start, list(plans))
-        fit.scores, fit.best_score = list(self.scores), self.best_score
-        return fit
 
     def record(self) -> dict[str, Any]:
         return {
@@ -267,8 +259,7 @@ def fit_forecasts(
                 "no forecast step of the schedule has two computed outputs before it: each extrapolates "
                 "from one output, a copy, which no weight changes. Compute more of the early steps."
             )
-    coarse = per == "step-then-component"  # per step for the race (or half the calls), then per component
-    half = iterations // 2 if len(schedules) > 1 or coarse else iterations
+    half = iterations // 2 if len(schedules) > 1 else iterations
     rest = iterations - half  # the leader's calls after the race
     calls = len(schedules) * half + rest
     plain = len(schedules) * (len(orders) if len(orders) > 1 else 0) + (reference is None)
@@ -322,12 +313,9 @@ def fit_forecasts(
             p.requires_grad_(False)
         for fit in fits:  # the race: half the calls each (the last call of a lone fit only scores)
             for i in range(half):
-                fit.call(target, run, reference, step=(bool(rest) and not coarse) or i + 1 < half)
+                fit.call(target, run, reference, step=bool(rest) or i + 1 < half)
                 bar.update(1)
         leader = min(fits, key=lambda f: f.best_score)
-        if coarse and rest:
-            leader = leader.per_component(_component_plans(target, leader.schedule), float(lr))
-            fits[fits.index(min(fits, key=lambda f: f.best_score))] = leader
         for i in range(rest):  # the leader, on from where its race ended
             leader.call(target, run, reference, step=i + 1 < rest)
             bar.update(1)
